@@ -1,0 +1,167 @@
+"""The adaptive model contract shared by exporters/ (which writes it) and agent/ (which reads it).
+
+One .onnx file carries everything: tensor names below, and JSON documents under the
+`tta.*` keys of `metadata_props`. Reading needs onnx and numpy only, never torch.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+IMAGE = "image"
+ADAPT = "adapt"  # float[1]: 1 adapts (mixes and updates components), 0 runs on source statistics
+LOGITS = "logits"
+FEATURES = "features"
+SHIFT = "shift"  # float[1, L]: per-layer KL(frame statistics || source statistics)
+
+KEY_FORMAT = "tta.format_version"
+KEY_LABELS = "tta.labels"
+KEY_PREPROCESS = "tta.preprocess"
+KEY_ADAPTATION = "tta.adaptation"
+KEY_CALIBRATION = "tta.calibration"
+
+
+class ContractError(ValueError):
+    """The file is not an adaptive model this agent can run; the message says what is missing."""
+
+
+def state_input(layer: str, tensor: str) -> str:
+    return f"state.{layer}.{tensor}"
+
+
+def state_output(layer: str, tensor: str) -> str:
+    return f"state_out.{layer}.{tensor}"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    name: str
+    channels: int
+    eps: float
+    source_mean: str  # initializer names of the source statistics inside the file
+    source_var: str
+
+
+@dataclass(frozen=True)
+class AdaptationSpec:
+    mode: str
+    components: int  # K
+    momentum: float
+    temperature: float
+    layers: tuple[LayerSpec, ...]
+    state_tensors: tuple[str, ...] = ("means", "vars")
+    options: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        doc = {
+            "mode": self.mode,
+            "components": self.components,
+            "momentum": self.momentum,
+            "temperature": self.temperature,
+            "state_tensors": list(self.state_tensors),
+            "options": self.options,
+            "layers": [vars(layer) for layer in self.layers],
+        }
+        return json.dumps(doc)
+
+    @classmethod
+    def from_json(cls, text: str) -> AdaptationSpec:
+        doc = json.loads(text)
+        layers = tuple(LayerSpec(**layer) for layer in doc.pop("layers"))
+        doc["state_tensors"] = tuple(doc["state_tensors"])
+        return cls(layers=layers, **doc)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    size: tuple[int, int]  # (height, width) of the network input
+    channel_order: str  # "RGB", "BGR" or "GRAY"
+    mean: tuple[float, ...]  # on 0..255 pixel values, per channel
+    std: tuple[float, ...]
+    resize: str = "shorter_side"  # "shorter_side" (then crop) or "stretch"
+    resize_to: int | None = None  # shorter side before the crop; None = crop size
+    crop: str = "center"  # "center" or "none"
+    padding: str = "symmetric"  # informational: how the network pads ("tf_same" for TF-trained weights)
+
+    @classmethod
+    def from_json(cls, text: str) -> Preprocess:
+        doc = json.loads(text)
+        doc["size"] = tuple(doc["size"])
+        doc["mean"] = tuple(doc["mean"])
+        doc["std"] = tuple(doc["std"])
+        return cls(**doc)
+
+    def to_json(self) -> str:
+        return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()})
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the agent learns from an adaptive .onnx file before it opens a session."""
+
+    path: Path
+    labels: tuple[str, ...]
+    preprocess: Preprocess
+    adaptation: AdaptationSpec
+    source_stats: dict[str, tuple[np.ndarray, np.ndarray]]  # layer -> (mean, var)
+    calibration: dict
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.adaptation.layers]
+
+
+def read_model_info(path: str | Path) -> ModelInfo:
+    """Load and check the contract of an adaptive model; raise ContractError naming what is wrong."""
+    import onnx
+    from onnx import numpy_helper
+
+    path = Path(path)
+    if not path.is_file():
+        raise ContractError(f"model file {path} does not exist")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError and friends
+        raise ContractError(f"model file {path} is not a readable ONNX file: {exc}") from exc
+    meta = {p.key: p.value for p in model.metadata_props}
+    missing = [k for k in (KEY_FORMAT, KEY_LABELS, KEY_PREPROCESS, KEY_ADAPTATION) if k not in meta]
+    if missing:
+        raise ContractError(
+            f"{path} is not an adaptive tta-agent model: metadata {', '.join(missing)} missing "
+            "(export it with tta-export)"
+        )
+    if meta[KEY_FORMAT] != str(FORMAT_VERSION):
+        raise ContractError(f"{path} has model format {meta[KEY_FORMAT]}, this agent reads {FORMAT_VERSION}")
+    try:
+        labels = tuple(json.loads(meta[KEY_LABELS]))
+        preprocess = Preprocess.from_json(meta[KEY_PREPROCESS])
+        adaptation = AdaptationSpec.from_json(meta[KEY_ADAPTATION])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ContractError(f"{path}: malformed tta.* metadata: {exc}") from exc
+
+    inits = {t.name: t for t in model.graph.initializer}
+    inputs = {i.name for i in model.graph.input}
+    outputs = {o.name for o in model.graph.output}
+    expected_in = {IMAGE, ADAPT}
+    expected_out = {LOGITS, FEATURES, SHIFT}
+    stats = {}
+    for layer in adaptation.layers:
+        for tensor in adaptation.state_tensors:
+            expected_in.add(state_input(layer.name, tensor))
+            expected_out.add(state_output(layer.name, tensor))
+        try:
+            mean = numpy_helper.to_array(inits[layer.source_mean]).astype(np.float32)
+            var = numpy_helper.to_array(inits[layer.source_var]).astype(np.float32)
+        except KeyError as exc:
+            raise ContractError(f"{path}: source statistics {exc} of layer {layer.name} not in the file") from exc
+        stats[layer.name] = (mean, var)
+    if expected_in - inputs or expected_out - outputs:
+        absent = sorted((expected_in - inputs) | (expected_out - outputs))
+        raise ContractError(f"{path}: graph lacks the contract's tensors {absent[:5]}{'...' if len(absent) > 5 else ''}")
+    calibration = json.loads(meta.get(KEY_CALIBRATION, "{}"))
+    return ModelInfo(path, labels, preprocess, adaptation, stats, calibration)

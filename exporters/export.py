@@ -1,0 +1,136 @@
+"""torch classifier with BatchNorm -> one self-describing adaptive FP32 .onnx file."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from agent import contract
+from agent.contract import AdaptationSpec, LayerSpec, Preprocess
+
+from .graph import make_adaptive
+from .unmix import K_DEFAULT, MOMENTUM_BATCH1, TEMPERATURE, batchnorm_layers
+
+log = logging.getLogger(__name__)
+OPSET = 21
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported; the message names the reason."""
+
+
+class _WithFeatures(nn.Module):
+    """Returns (logits, input of the final nn.Linear) so LAME gets the penultimate features."""
+
+    def __init__(self, model: nn.Module, classifier: nn.Linear):
+        super().__init__()
+        self.model = model
+        self._features = None
+        classifier.register_forward_pre_hook(self._keep)
+
+    def _keep(self, _module, args):
+        self._features = args[0]
+
+    def forward(self, image):
+        logits = self.model(image)
+        return logits, torch.flatten(self._features, 1)
+
+
+def _classifier(model: nn.Module) -> nn.Linear:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ExportError("the model has no nn.Linear classifier: the penultimate features cannot be found")
+    return linears[-1]
+
+
+def adaptation_spec(model: nn.Module, mode: str = "faithful", components: int = K_DEFAULT,
+                    momentum: float = MOMENTUM_BATCH1, temperature: float = TEMPERATURE,
+                    layers: list[str] | None = None) -> AdaptationSpec:
+    bns = batchnorm_layers(model)
+    if not bns:
+        raise ExportError("the model has no BatchNorm2d layer: there is nothing for UnMix-TNS to adapt")
+    names = list(bns) if layers is None else layers
+    unknown = [n for n in names if n not in bns]
+    if unknown:
+        raise ExportError(f"layers {unknown} are not BatchNorm2d layers of the model")
+    specs = tuple(
+        LayerSpec(name=n, channels=bns[n].num_features, eps=float(bns[n].eps),
+                  source_mean=f"{n}.running_mean", source_var=f"{n}.running_var")
+        for n in names
+    )
+    return AdaptationSpec(mode=mode, components=components, momentum=momentum, temperature=temperature,
+                          layers=specs)
+
+
+def export_plain(model: nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelProto:
+    """Export with BatchNormalization nodes kept (optimize=False stops the Conv+BN fusion)."""
+    wrapped = _WithFeatures(model.eval(), _classifier(model))
+    with torch.no_grad():
+        program = torch.onnx.export(wrapped, (torch.zeros(input_shape),), dynamo=True, optimize=False,
+                                    opset_version=OPSET, input_names=[contract.IMAGE],
+                                    output_names=[contract.LOGITS, contract.FEATURES], verbose=False)
+    return _strip_prefix(program.model_proto, "model.")
+
+
+def _strip_prefix(model: onnx.ModelProto, prefix: str) -> onnx.ModelProto:
+    """Give parameters the user's own names (the wrapper put them under 'model.')."""
+    renamed = {t.name: t.name.removeprefix(prefix) for t in model.graph.initializer if t.name.startswith(prefix)}
+    for tensor in model.graph.initializer:
+        tensor.name = renamed.get(tensor.name, tensor.name)
+    for node in model.graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+    return model
+
+
+def build_adaptive(model: nn.Module, input_shape: tuple[int, ...], spec: AdaptationSpec,
+                   labels: list[str], preprocess: Preprocess) -> onnx.ModelProto:
+    import onnxscript.optimizer
+
+    if len(labels) != _classifier(model).out_features:
+        raise ExportError(f"{len(labels)} labels for a classifier with {_classifier(model).out_features} outputs")
+    adaptive = make_adaptive(export_plain(model, input_shape), spec)
+    adaptive = onnxscript.optimizer.optimize(adaptive)
+    onnx.checker.check_model(adaptive, full_check=True)
+    set_metadata(adaptive, {
+        contract.KEY_FORMAT: str(contract.FORMAT_VERSION),
+        contract.KEY_LABELS: json.dumps(list(labels)),
+        contract.KEY_PREPROCESS: preprocess.to_json(),
+        contract.KEY_ADAPTATION: spec.to_json(),
+    })
+    adaptive.producer_name = "tta-export"
+    return adaptive
+
+
+def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
+    kept = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+
+
+def save_atomic(model: onnx.ModelProto, path: str | Path) -> Path:
+    """One file, no external data, and never a half-written model at `path`."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ExportError(f"output folder {path.parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise ExportError(f"cannot write to {path.parent}: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

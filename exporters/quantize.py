@@ -1,0 +1,129 @@
+"""INT8 (QDQ, per-channel weights) quantization of an adaptive model with onnxruntime.quantization.
+
+Only convolutions and the classifier are quantized; every normalization and mixing op,
+and the cosine-similarity MatMuls that take state inputs, stay float. Calibration runs
+the float graph frame by frame so the components evolve as they will at run time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from tqdm import tqdm
+
+from agent import contract
+from agent.contract import ModelInfo
+from agent.preprocess import FrameError, Preprocessor
+from agent.runtime import AdaptiveSession
+
+from .export import ExportError, save_atomic, set_metadata
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
+QUANTIZED_OPS = ["Conv", "Gemm"]
+
+
+def read_frames(source: str | Path, limit: int | None = None) -> list[np.ndarray]:
+    """Frames from a folder of images or a video file; raises ExportError naming the problem."""
+    source = Path(source)
+    frames = []
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ExportError(f"calibration folder {source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        for path in files[:limit]:
+            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if image is None:
+                raise ExportError(f"calibration image {path} cannot be decoded")
+            frames.append(image)
+    elif source.is_file():
+        capture = cv2.VideoCapture(str(source))
+        try:
+            while limit is None or len(frames) < limit:
+                ok, frame = capture.read()
+                if not ok:
+                    break
+                frames.append(frame)
+        finally:
+            capture.release()
+        if not frames:
+            raise ExportError(f"calibration video {source} has no readable frames")
+    else:
+        raise ExportError(f"calibration source {source} is neither a folder of images nor a video file")
+    return frames
+
+
+def _feeds_through_float_graph(path: Path, info: ModelInfo, frames: list[np.ndarray]) -> list[dict]:
+    """Each frame's session inputs, with the components the float graph evolved up to it."""
+    session = AdaptiveSession(path, info=info)
+    preprocess = Preprocessor(info.preprocess)
+    adapt = np.ones(1, np.float32)
+    feeds = []
+    for frame in tqdm(frames, desc="calibrating", unit="frame"):
+        image = preprocess(frame)
+        feeds.append({contract.IMAGE: image, contract.ADAPT: adapt, **session.state_feeds})
+        session.step(image)
+    return feeds
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, feeds: list[dict]):
+        self.feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+
+def _usable(frames: list[np.ndarray], preprocess: Preprocessor) -> list[np.ndarray]:
+    kept = []
+    for frame in frames:
+        try:
+            preprocess(frame)
+            kept.append(frame)
+        except FrameError as exc:
+            log.warning("calibration frame skipped: %s", exc)
+    return kept
+
+
+def quantize(fp32_path: Path, out_path: Path, info: ModelInfo, calib: list[np.ndarray], holdout: list[np.ndarray],
+             method: str = "percentile") -> dict:
+    """Write the INT8 model to out_path atomically; returns the calibration report stored in its metadata."""
+    preprocess = Preprocessor(info.preprocess)
+    calib, holdout = _usable(calib, preprocess), _usable(holdout, preprocess)
+    if not calib or not holdout:
+        raise ExportError(f"need calibration and held-out frames, got {len(calib)} and {len(holdout)} usable")
+    feeds = _feeds_through_float_graph(fp32_path, info, calib)
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    options = {"ActivationSymmetric": False, "WeightSymmetric": True, "CalibMovingAverage": True}
+    if method == "percentile":
+        options["CalibPercentile"] = 99.999
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_out = Path(tmp) / "int8.onnx"
+        quantize_static(str(fp32_path), str(tmp_out), _Reader(feeds), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=QUANTIZED_OPS, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=methods[method], extra_options=options)
+        model = onnx.load(str(tmp_out))
+        agreement = top1_agreement(fp32_path, tmp_out, info, holdout)
+        report = {"method": method, "calibration_frames": len(calib), "heldout_frames": len(holdout),
+                  "top1_agreement_vs_fp32": agreement, "quantized_ops": QUANTIZED_OPS}
+        set_metadata(model, {contract.KEY_CALIBRATION: json.dumps(report)})
+        save_atomic(model, out_path)
+    return report
+
+
+def top1_agreement(fp32_path: Path, int8_path: Path, info: ModelInfo, frames: list[np.ndarray]) -> float:
+    """Share of frames where both models, each carrying its own components, pick the same class."""
+    preprocess = Preprocessor(info.preprocess)
+    fp32, int8 = AdaptiveSession(fp32_path, info=info), AdaptiveSession(int8_path, info=info)
+    same = []
+    for frame in frames:
+        image = preprocess(frame)
+        same.append(np.argmax(fp32.step(image).logits) == np.argmax(int8.step(image).logits))
+    return float(np.mean(same))

@@ -1,0 +1,208 @@
+"""The adaptive model exporter: real weights, real photos, the real exported graphs."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from agent import contract
+from agent.contract import read_model_info
+from agent.preprocess import Preprocessor
+from agent.runtime import AdaptiveSession
+from agent.samples import photo, photo_stream
+from agent.state import StateError, initial_state, load_state, save_state
+from exporters.cli import main as export_main
+from exporters.models import efficientnet_lite as eff
+from exporters.models import fashion_mnist as fm
+from exporters.unmix import replace_batchnorm
+
+CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+COFFEE_CLASSES = (967, 968)  # espresso, cup
+
+
+def test_import_agent_does_not_import_torch():
+    code = ("import sys, agent, agent.contract, agent.state, agent.preprocess, agent.runtime; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.mark.parametrize("name, classes", [("chelsea", CAT_CLASSES), ("coffee", COFFEE_CLASSES)])
+def test_efficientnet_weights_and_preprocessing_see_the_photo(name, classes):
+    """TF 'same' padding and x/127.5-1 are right only if the real photos come out right."""
+    model = eff.pretrained()
+    image = Preprocessor(contract.Preprocess.from_json(json.dumps(eff.PREPROCESS)))(photo(name))
+    with torch.no_grad():
+        top = int(model(torch.from_numpy(image)).argmax())
+    assert top in classes, eff.imagenet_labels()[top]
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+@pytest.mark.parametrize("name, classes", [("chelsea", CAT_CLASSES), ("coffee", COFFEE_CLASSES)])
+def test_exported_model_on_source_statistics_sees_the_photo(effnet, kind, name, classes):
+    session = AdaptiveSession(effnet[kind])
+    image = Preprocessor(session.info.preprocess)(photo(name))
+    top = int(np.argmax(session.step(image, adapt=False).logits))
+    assert top in classes, session.info.labels[top]
+
+
+def test_adapt_off_is_the_plain_batchnorm_model_and_keeps_the_state(effnet):
+    session = AdaptiveSession(effnet["fp32"])
+    before = session.state_feeds
+    image = Preprocessor(session.info.preprocess)(photo("astronaut"))
+    logits = session.step(image, adapt=False).logits
+    with torch.no_grad():
+        expected = eff.pretrained()(torch.from_numpy(image))[0].numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    for name, value in session.state_feeds.items():
+        np.testing.assert_array_equal(value, before[name])
+
+
+def _parity(model_path, reference: torch.nn.Module, frames, seed=0):
+    """Run the exported graph and the stateful torch reference side by side, frame by frame."""
+    session = AdaptiveSession(model_path, seed=seed)
+    layers = replace_batchnorm(reference, initial_state(session.info.adaptation, session.info.source_stats, seed))
+    preprocess = Preprocessor(session.info.preprocess)
+    worst = {"logits": 0.0, "components": 0.0}
+    same_top1 = 0
+    for frame in frames:
+        image = preprocess(frame)
+        out = session.step(image)
+        with torch.no_grad():
+            expected = reference(torch.from_numpy(image))[0].numpy()
+        np.testing.assert_allclose(out.logits, expected, rtol=1e-4, atol=1e-4)
+        worst["logits"] = max(worst["logits"], float(np.abs(out.logits - expected).max()))
+        same_top1 += int(np.argmax(out.logits) == np.argmax(expected))
+        for name, layer in layers.items():
+            for tensor, value in layer.get_state().items():
+                np.testing.assert_allclose(session.state[name][tensor], value, rtol=1e-4, atol=1e-4,
+                                           err_msg=f"{name}.{tensor}")
+    return same_top1, worst
+
+
+def test_efficientnet_fp32_graph_matches_torch_reference_frame_by_frame(effnet):
+    frames = [f for _, f in photo_stream(6, names=("chelsea", "coffee", "rocket", "camera", "astronaut",
+                                                     "horse", "coins", "moon", "page"))]
+    assert len(frames) >= 50
+    same_top1, _ = _parity(effnet["fp32"], eff.pretrained(), frames)
+    assert same_top1 == len(frames)
+
+
+def test_fashion_mnist_fp32_graph_matches_torch_reference_frame_by_frame(fmnist):
+    images, _ = fm.load_split("t10k")
+    same_top1, _ = _parity(fmnist["fp32"], fm.pretrained(), list(images[:200]), seed=3)
+    assert same_top1 == 200
+
+
+def test_metadata_describes_the_model(effnet):
+    info = read_model_info(effnet["int8"])
+    assert len(info.labels) == 1000 and info.labels[281].startswith("tabby")
+    assert info.preprocess.size == (224, 224)
+    assert info.preprocess.mean == (127.5, 127.5, 127.5) and info.preprocess.padding == "tf_same"
+    spec = info.adaptation
+    assert spec.mode == "faithful" and spec.components == 16 and spec.temperature == 0.07
+    assert spec.momentum == pytest.approx(1 - 0.9 ** (1 / 64))
+    assert len(spec.layers) == 49
+    first = spec.layers[0]
+    assert (first.name, first.channels, first.eps) == ("_bn0", 32, pytest.approx(1e-3))
+    source_mean, _ = info.source_stats["_bn0"]
+    np.testing.assert_allclose(source_mean, eff.pretrained()._bn0.running_mean.numpy())
+
+
+def test_int8_is_smaller_has_the_same_interface_and_reports_agreement(effnet, fmnist):
+    for paths in (effnet, fmnist):
+        fp32, int8 = onnx.load(str(paths["fp32"])), onnx.load(str(paths["int8"]))
+        assert paths["int8"].stat().st_size < 0.5 * paths["fp32"].stat().st_size
+
+        def signature(m):
+            return [(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in (*m.graph.input,
+                                                                                           *m.graph.output)]
+        assert signature(int8) == signature(fp32)
+        consumers = {i: n.op_type for n in int8.graph.node for i in n.input}
+        quantized = {n.op_type for n in int8.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
+                     and consumers.get(n.input[0]) and any(p.output[0] == n.input[1] and p.op_type == "DequantizeLinear"
+                                                         for p in int8.graph.node)}
+        assert quantized == {"Conv", "Gemm"}
+        # the cosine-similarity MatMuls read state inputs directly, in float
+        matmuls = [n for n in int8.graph.node if n.op_type == "MatMul"]
+        assert matmuls and all(n.input[0].startswith("state.") for n in matmuls)
+        report = read_model_info(paths["int8"]).calibration
+        assert report["heldout_frames"] > 0 and 0.0 <= report["top1_agreement_vs_fp32"] <= 1.0
+    assert read_model_info(fmnist["int8"]).calibration["top1_agreement_vs_fp32"] >= 0.95
+
+
+def test_state_file_round_trip_and_seeded_init(effnet, tmp_path):
+    info = read_model_info(effnet["fp32"])
+    a = initial_state(info.adaptation, info.source_stats, seed=7)
+    b = initial_state(info.adaptation, info.source_stats, seed=7)
+    c = initial_state(info.adaptation, info.source_stats, seed=8)
+    np.testing.assert_array_equal(a["_bn0"]["means"], b["_bn0"]["means"])
+    assert not np.array_equal(a["_bn0"]["means"], c["_bn0"]["means"])
+    assert a["_bn0"]["means"].shape == (16, 32)
+    save_state(tmp_path / "s.npz", a, info.adaptation, frames=12)
+    loaded, meta = load_state(tmp_path / "s.npz", info.adaptation)
+    assert meta["frames"] == 12 and meta["mode"] == "faithful"
+    np.testing.assert_array_equal(loaded["_blocks.3._bn1"]["vars"], a["_blocks.3._bn1"]["vars"])
+    exported, _ = load_state(effnet["state"], info.adaptation)
+    np.testing.assert_array_equal(exported["_bn0"]["means"], initial_state(info.adaptation, info.source_stats, 0)
+                                  ["_bn0"]["means"])
+    a["_bn0"]["means"] = a["_bn0"]["means"][:, :5]
+    save_state(tmp_path / "bad.npz", a, info.adaptation)
+    with pytest.raises(StateError, match=r"_bn0/means has shape \(16, 5\)"):
+        load_state(tmp_path / "bad.npz", info.adaptation)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(StateError, match="unreadable"):
+        load_state(tmp_path / "junk.npz", info.adaptation)
+
+
+def _custom(tmp_path, *args):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\nc\n")
+    calib = tmp_path / "calib"
+    calib.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        cv2.imwrite(str(calib / f"{i}.png"), rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    base = ["custom", "--labels", str(labels), "--input-size", "32", "32", "--calib", str(calib)]
+    return export_main(base + list(args))
+
+
+def test_custom_model_exports(tmp_path):
+    out = tmp_path / "tiny.onnx"
+    assert _custom(tmp_path, "--model", "tiny_models:with_batchnorm", "--out", str(out)) == 0
+    info = read_model_info(out)
+    assert [layer.name for layer in info.adaptation.layers] == ["1", "4"]
+    assert info.labels == ("a", "b", "c")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "tiny_models:without_batchnorm"], "no BatchNorm2d layer"),
+    (["--model", "tiny_models:with_batchnorm", "--weights", "/nonexistent/w.pt"], "weights file .* not found"),
+    (["--model", "tiny_models:with_batchnorm", "--weights", "WRONG"], "does not match the model: missing keys"),
+    (["--model", "tiny_models:with_batchnorm", "--calib", "/nonexistent/frames"], "neither a folder"),
+    (["--model", "tiny_models:with_batchnorm", "--calib", "EMPTY"], "holds no images"),
+    (["--model", "tiny_models:nope"], "has no attribute 'nope'"),
+])
+def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, capsys, args, message):
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, wrong)
+    (tmp_path / "empty").mkdir()
+    args = [str(wrong) if a == "WRONG" else str(tmp_path / "empty") if a == "EMPTY" else a for a in args]
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    assert _custom(tmp_path, *args, "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tta-export: error:")
+    assert re.search(message, err), err
+    assert list(out.parent.iterdir()) == []
+
+
+def test_unwritable_output_fails_before_work(tmp_path, capsys):
+    assert _custom(tmp_path, "--model", "tiny_models:with_batchnorm", "--out", "/nonexistent/dir/m.onnx") == 2
+    assert "output folder /nonexistent/dir does not exist" in capsys.readouterr().err
