@@ -1,4 +1,10 @@
-"""One adaptive model in an onnxruntime session, with its UnMix-TNS components carried frame to frame."""
+"""One adaptive model in an onnxruntime session, with its UnMix-TNS components carried frame to frame.
+
+The components live in two preallocated sets of arrays bound with IOBinding: each frame
+reads one set and writes the other, then they swap, so nothing is allocated or copied
+per frame. When the accelerator fails mid-run the session is rebuilt on the CPU with the
+same components and the reason is kept for status reports.
+"""
 from __future__ import annotations
 
 import logging
@@ -14,12 +20,36 @@ from .state import initial_state, load_state, save_state
 
 log = logging.getLogger(__name__)
 
+CPU = "CPUExecutionProvider"
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+DEVICES = ("auto", "cpu", "cuda")
+
 
 @dataclass
 class StepOutput:
     logits: np.ndarray  # (classes,)
     features: np.ndarray  # (D,)
     shift: np.ndarray  # (layers,)
+
+
+@dataclass
+class ProviderChoice:
+    providers: list[str]
+    reason: str  # why this choice, in words for logs and status
+
+
+def choose_providers(device: str, available: list[str] | None = None) -> ProviderChoice:
+    """`auto` and `cuda` take a GPU provider when this onnxruntime offers one, else the CPU, saying why."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    available = ort.get_available_providers() if available is None else available
+    if device == "cpu":
+        return ProviderChoice([CPU], "cpu requested")
+    gpu = [p for p in GPU_PROVIDERS if p in available]
+    if not gpu:
+        return ProviderChoice([CPU], f"{device} requested but this onnxruntime offers no GPU provider "
+                                     f"(available: {', '.join(available)}); running on the CPU")
+    return ProviderChoice(gpu + [CPU], f"{device} requested; trying {gpu[0]}")
 
 
 class AdaptiveSession:
@@ -30,52 +60,109 @@ class AdaptiveSession:
     (frozen adaptation).
     """
 
-    def __init__(self, path: str | Path, providers: list | None = None, threads: int | None = None,
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None,
                  seed: int = 0, info: ModelInfo | None = None):
+        self.path = Path(path)
         self.info = info or read_model_info(path)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+        self.threads = threads
         self.seed = seed
+        self.fallback_reason: str | None = None
+        self.fallbacks = 0
         spec = self.info.adaptation
-        self._state_pairs = [(contract.state_input(layer.name, t), contract.state_output(layer.name, t))
-                             for layer in spec.layers for t in spec.state_tensors]
-        self._outputs = [contract.LOGITS, contract.FEATURES, contract.SHIFT] + [o for _, o in self._state_pairs]
-        self._on = np.ones(1, np.float32)
-        self._off = np.zeros(1, np.float32)
+        self._pairs = [(contract.state_input(layer.name, t), contract.state_output(layer.name, t))
+                       for layer in spec.layers for t in spec.state_tensors]
+        choice = choose_providers(device)
+        self.session = self._open(choice.providers)
+        self.provider_reason = choice.reason
+        if choice.providers[0] != CPU and self.provider != choice.providers[0]:
+            # onnxruntime only warns when a provider fails to load; say so plainly
+            self.provider_reason = f"{choice.providers[0]} failed to initialise (no usable GPU); running on {self.provider}"
+        log.info("model %s on %s (%s)", self.path.name, self.provider, self.provider_reason)
+        self._adapt = {True: np.ones(1, np.float32), False: np.zeros(1, np.float32)}
+        self._outputs = {name: np.empty(shape, np.float32) for name, shape in self._output_shapes().items()}
         self.frames = 0
         self.reset()
 
+    def _open(self, providers: list[str]) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+        return ort.InferenceSession(str(self.path), options, providers=providers)
+
+    def _output_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {o.name: tuple(o.shape) for o in self.session.get_outputs()}
+        wanted = (contract.LOGITS, contract.FEATURES, contract.SHIFT)
+        if not all(isinstance(d, int) for name in wanted for d in shapes[name]):
+            raise contract.ContractError(f"{self.path}: outputs {wanted} must have static shapes")
+        return {name: shapes[name] for name in wanted}
+
     @property
-    def providers(self) -> list[str]:
-        return self.session.get_providers()
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
 
     def reset(self) -> None:
         """Back to the initial components (from the source statistics and the seed)."""
-        self._feeds = self._flatten(initial_state(self.info.adaptation, self.info.source_stats, self.seed))
+        self._set_state(initial_state(self.info.adaptation, self.info.source_stats, self.seed))
         self.frames = 0
 
+    def _set_state(self, state: dict) -> None:
+        self._current = {i: np.array(state[layer][t], np.float32, order="C")
+                         for (i, _), (layer, t) in zip(self._pairs, self._state_keys())}
+        self._spare = {i: np.empty_like(a) for i, a in self._current.items()}
+        self._scratch = {i: np.empty_like(a) for i, a in self._current.items()}
+
+    def _state_keys(self):
+        spec = self.info.adaptation
+        return [(layer.name, t) for layer in spec.layers for t in spec.state_tensors]
+
     def step(self, image: np.ndarray, adapt: bool = True, update: bool = True) -> StepOutput:
-        feeds = {contract.IMAGE: image, contract.ADAPT: self._on if adapt else self._off, **self._feeds}
-        logits, features, shift, *states = self.session.run(self._outputs, feeds)
-        if adapt and update:
-            self._feeds = {name: value for (name, _), value in zip(self._state_pairs, states)}
+        commit = adapt and update
+        target = self._spare if commit else self._scratch
+        try:
+            self._run(image, adapt, target)
+        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
+            if self.provider == CPU:
+                raise
+            self._fall_back(exc)
+            self._run(image, adapt, target)
+        if commit:
+            self._current, self._spare = self._spare, self._current
             self.frames += 1
-        return StepOutput(logits[0], features[0], shift[0])
+        out = self._outputs
+        return StepOutput(out[contract.LOGITS][0].copy(), out[contract.FEATURES][0].copy(),
+                          out[contract.SHIFT][0].copy())
+
+    def _run(self, image: np.ndarray, adapt: bool, target: dict) -> None:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(contract.IMAGE, np.ascontiguousarray(image, np.float32))
+        binding.bind_cpu_input(contract.ADAPT, self._adapt[adapt])
+        for (name_in, name_out) in self._pairs:
+            binding.bind_cpu_input(name_in, self._current[name_in])
+            _bind_output(binding, name_out, target[name_in])
+        for name, array in self._outputs.items():
+            _bind_output(binding, name, array)
+        self.session.run_with_iobinding(binding)
+
+    def _fall_back(self, exc: Exception) -> None:
+        """The accelerator failed: carry on with the CPU and the same components."""
+        failed = self.provider
+        self.fallback_reason = f"{failed} failed ({type(exc).__name__}: {str(exc)[:200]}); switched to the CPU"
+        self.fallbacks += 1
+        log.error("%s", self.fallback_reason)
+        self.session = self._open([CPU])
+        self.provider_reason = self.fallback_reason
 
     @property
     def state_feeds(self) -> dict[str, np.ndarray]:
-        """The components as the next step's session inputs."""
-        return dict(self._feeds)
+        """The components as the next step's session inputs (copies)."""
+        return {name: a.copy() for name, a in self._current.items()}
 
     @property
     def state(self) -> dict[str, dict[str, np.ndarray]]:
         nested: dict[str, dict[str, np.ndarray]] = {}
-        spec = self.info.adaptation
-        for layer in spec.layers:
-            nested[layer.name] = {t: self._feeds[contract.state_input(layer.name, t)] for t in spec.state_tensors}
+        for (name_in, _), (layer, t) in zip(self._pairs, self._state_keys()):
+            nested.setdefault(layer, {})[t] = self._current[name_in].copy()
         return nested
 
     def save(self, path: str | Path) -> None:
@@ -83,10 +170,9 @@ class AdaptiveSession:
 
     def load(self, path: str | Path) -> None:
         state, meta = load_state(path, self.info.adaptation)
-        self._feeds = self._flatten(state)
+        self._set_state(state)
         self.frames = int(meta.get("frames", 0))
 
-    @staticmethod
-    def _flatten(state: dict) -> dict[str, np.ndarray]:
-        return {contract.state_input(layer, t): np.ascontiguousarray(a, np.float32)
-                for layer, tensors in state.items() for t, a in tensors.items()}
+
+def _bind_output(binding, name: str, array: np.ndarray) -> None:
+    binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)

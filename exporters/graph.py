@@ -1,7 +1,7 @@
 """Rewrite the BatchNormalization nodes of an exported ONNX graph into UnMix-TNS.
 
-Each adapted layer becomes a handful of ops on the large activation (two global
-average pools for the frame statistics and one BatchNormalization that takes the
+Each adapted layer becomes a handful of ops on the large activation (two spatial
+means for the frame statistics and one BatchNormalization that takes the
 mixed statistics as inputs) and small (K, C) ops for the mixing and the update. The
 components enter as graph inputs and leave as graph outputs, so nothing is hidden.
 """
@@ -51,9 +51,11 @@ def _faithful_layer(b: _Builder, x: str, y: str, bn: onnx.NodeProto, layer: Laye
     axis0 = b.const([0], np.int64)
     axis1 = b.const([1], np.int64)
 
-    mu4 = b.op("GlobalAveragePool", x, prefix=pre)
+    # ReduceMean, not GlobalAveragePool: its pairwise sums keep near-constant frames accurate
+    spatial = b.const([2, 3], np.int64)
+    mu4 = b.op("ReduceMean", x, spatial, prefix=pre, keepdims=1)
     centred = b.op("Sub", x, mu4, prefix=pre)
-    var4 = b.op("GlobalAveragePool", b.op("Mul", centred, centred, prefix=pre), prefix=pre)
+    var4 = b.op("ReduceMean", b.op("Mul", centred, centred, prefix=pre), spatial, prefix=pre, keepdims=1)
     mu = b.op("Reshape", mu4, row, prefix=pre)  # (1, C)
     var_x = b.op("Reshape", var4, row, prefix=pre)
 

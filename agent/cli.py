@@ -1,0 +1,86 @@
+"""tta-agent: the daemon, replay of recorded video, config validation and the demo."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .contract import ContractError
+from .drift import DriftDetector
+from .lame import Lame
+from .pipeline import LAME_MODES, CameraPipeline
+from .replay import LabelsError, format_table, plot_report, read_labels, replay, write_json
+from .runtime import DEVICES, AdaptiveSession
+from .sources import FileSource, SourceError
+from .state import StateError
+
+log = logging.getLogger("tta-agent")
+
+
+def cmd_replay(args) -> int:
+    session = AdaptiveSession(args.model, device=args.device, threads=args.threads, seed=args.seed)
+    if args.state:
+        session.load(args.state)
+    labels = read_labels(args.labels, session.info.labels) if args.labels else None
+    lame = None if args.lame == "off" else Lame(window=args.window, affinity=args.affinity, k=args.knn)
+    drift = DriftDetector(session.info.layer_names, warmup=args.drift_warmup)
+    pipeline = CameraPipeline(session, lame, args.lame, drift, raw_every=1 if labels else args.raw_every)
+    pipeline.set_adaptation(args.adaptation)
+    source = FileSource(args.video, paced=args.paced, loop=False, start=args.start, end=args.end)
+    summary, record = replay(pipeline, source, labels, progress=not args.quiet)
+    print(format_table(summary))
+    report = args.report or Path(args.video).with_suffix(".report.png")
+    if plot_report(record, summary, report):
+        print(f"report: {report}")
+    if args.json:
+        write_json(summary, args.json)
+    if args.save_state:
+        session.save(args.save_state)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tta-agent", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("replay", help="run a recorded video through the agent and report")
+    r.add_argument("video", type=Path)
+    r.add_argument("--model", type=Path, required=True, help="adaptive .onnx from tta-export")
+    r.add_argument("--labels", type=Path, help="CSV sidecar: frame,label[,condition]")
+    r.add_argument("--device", choices=DEVICES, default="auto")
+    r.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's choice)")
+    r.add_argument("--paced", action="store_true", help="at the video's own frame rate, not as fast as possible")
+    r.add_argument("--start", type=int, default=0, help="first frame")
+    r.add_argument("--end", type=int, help="stop before this frame")
+    r.add_argument("--adaptation", choices=("on", "frozen", "off"), default="on")
+    r.add_argument("--lame", choices=LAME_MODES, default="auto")
+    r.add_argument("--window", type=int, default=16, help="LAME window, frames")
+    r.add_argument("--affinity", choices=("knn", "rbf"), default="knn")
+    r.add_argument("--knn", type=int, default=5)
+    r.add_argument("--raw-every", type=int, default=0, help="also run the unadapted model every N frames")
+    r.add_argument("--drift-warmup", type=int, default=100, help="frames that set the usual shift level")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--state", type=Path, help="start from these components (.npz)")
+    r.add_argument("--save-state", type=Path, help="write the final components (.npz)")
+    r.add_argument("--report", type=Path, help="PNG report (default: <video>.report.png)")
+    r.add_argument("--json", type=Path, help="write the summary as JSON")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_replay)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ContractError, LabelsError, SourceError, StateError, ValueError) as exc:
+        print(f"tta-agent: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""LAME (Boudiaf et al., CVPR 2022) online: every frame corrected over a window of the last W frames.
+
+Energy, for probabilities p_i and affinity A over the window:
+    E(z) = sum_i KL(z_i || p_i) - sum_ij A_ij z_i . z_j
+minimised by the concave-convex fixed point z_i = softmax(log p_i + sum_j A_ij z_j),
+which never raises E. The newest frame's z is its corrected prediction.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+LOG_FLOOR = 1e-10
+
+
+def affinity(features: np.ndarray, kind: str = "knn", k: int = 5) -> np.ndarray:
+    """(N, N) affinity of L2-normalised features: binary kNN (no self-loops) or RBF."""
+    x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    sq = np.sum(x * x, axis=1)
+    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0))
+    n = len(x)
+    if kind == "knn":
+        a = np.zeros((n, n), np.float32)
+        neighbours = min(k, n - 1)
+        if neighbours > 0:
+            others = dist.copy()
+            np.fill_diagonal(others, np.inf)
+            order = np.argsort(others, axis=1)[:, :neighbours]
+            np.put_along_axis(a, order, 1.0, axis=1)
+        return a
+    if kind == "rbf":
+        kth = np.sort(dist, axis=1)[:, min(k, n - 1)]
+        sigma = float(kth.mean())
+        if sigma <= 1e-6:  # one frame, or identical frames: nothing to spread, no NaN
+            return np.eye(n, dtype=np.float32)
+        return np.exp(-(dist ** 2) / (2 * sigma ** 2)).astype(np.float32)
+    raise ValueError(f"affinity must be 'knn' or 'rbf', got {kind!r}")
+
+
+def energy(z: np.ndarray, probs: np.ndarray, a: np.ndarray) -> float:
+    z_safe = np.maximum(z, LOG_FLOOR)
+    kl = np.sum(z * (np.log(z_safe) - np.log(np.maximum(probs, LOG_FLOOR))))
+    return float(kl - np.sum(a * (z @ z.T)))
+
+
+def solve(probs: np.ndarray, a: np.ndarray, max_steps: int = 100, tol: float = 1e-8) -> np.ndarray:
+    """Fixed-point iterations until the energy stops falling."""
+    log_p = np.log(np.maximum(probs, LOG_FLOOR))
+    z = probs.copy()
+    previous = energy(z, probs, a)
+    for _ in range(max_steps):
+        logits = log_p + a @ z
+        logits -= logits.max(axis=1, keepdims=True)
+        z = np.exp(logits)
+        z /= z.sum(axis=1, keepdims=True)
+        current = energy(z, probs, a)
+        if abs(previous - current) <= tol * max(abs(previous), 1e-12):
+            break
+        previous = current
+    return z
+
+
+class Lame:
+    """Keeps the last `window` frames' features and probabilities; update() corrects the newest."""
+
+    def __init__(self, window: int = 16, affinity: str = "knn", k: int = 5, max_steps: int = 100):
+        if window < 1:
+            raise ValueError("LAME window must be at least 1 frame")
+        self.window, self.kind, self.k, self.max_steps = window, affinity, k, max_steps
+        self.features: deque[np.ndarray] = deque(maxlen=window)
+        self.probs: deque[np.ndarray] = deque(maxlen=window)
+
+    def update(self, features: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        self.features.append(np.asarray(features, np.float32))
+        self.probs.append(np.asarray(probs, np.float64))
+        p = np.stack(self.probs)
+        z = solve(p, affinity(np.stack(self.features), self.kind, self.k).astype(np.float64), self.max_steps)
+        return z[-1]
+
+    def reset(self) -> None:
+        self.features.clear()
+        self.probs.clear()
+
+
+class CorrelationMonitor:
+    """Is the stream label-correlated in time? LAME helps only when it is.
+
+    Compares how often consecutive frames share a top-1 class with what independent
+    draws from the recent class frequencies would give; a ratio well above 1 means runs.
+    """
+
+    def __init__(self, classes: int, halflife: float = 200.0, threshold: float = 2.0, warmup: int = 50):
+        self.decay = 0.5 ** (1.0 / halflife)
+        self.freq = np.full(classes, 1.0 / classes)
+        self.agree = 0.0
+        self.threshold, self.warmup = threshold, warmup
+        self.previous: int | None = None
+        self.seen = 0
+
+    def update(self, top1: int) -> None:
+        self.freq *= self.decay
+        self.freq[top1] += 1 - self.decay
+        if self.previous is not None:
+            self.agree = self.decay * self.agree + (1 - self.decay) * float(top1 == self.previous)
+        self.previous = top1
+        self.seen += 1
+
+    @property
+    def ratio(self) -> float:
+        chance = float(np.sum(self.freq ** 2))
+        return self.agree / (1 - self.decay ** max(self.seen - 1, 1)) / max(chance, 1e-6)
+
+    @property
+    def correlated(self) -> bool:
+        return self.seen >= self.warmup and self.ratio >= self.threshold

@@ -1,0 +1,207 @@
+"""Replay a recorded video through the agent: progress, a summary table and a PNG report.
+
+With a labels sidecar (CSV: frame,label[,condition]; a label may list accepted classes
+separated by '|') the summary compares accuracy of the unadapted model, the adapted
+model and adapted + LAME.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .drift import DriftEvent
+from .pipeline import CameraPipeline, FrameResult
+from .sources import FileSource
+
+log = logging.getLogger(__name__)
+
+
+class LabelsError(ValueError):
+    """A labels sidecar row that cannot be used; the message names the file and row."""
+
+
+@dataclass
+class FrameLabel:
+    accepted: frozenset[int]
+    condition: str = ""
+
+
+def read_labels(path: str | Path, class_names: tuple[str, ...]) -> dict[int, FrameLabel]:
+    path = Path(path)
+    if not path.is_file():
+        raise LabelsError(f"labels file {path} does not exist")
+    index = {name: i for i, name in enumerate(class_names)}
+    labels: dict[int, FrameLabel] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"frame", "label"} <= set(reader.fieldnames):
+            raise LabelsError(f"labels file {path}: header must have 'frame' and 'label' columns, "
+                              f"got {reader.fieldnames}")
+        for row_number, row in enumerate(reader, start=2):
+            try:
+                frame = int(row["frame"])
+            except (TypeError, ValueError):
+                raise LabelsError(f"labels file {path} row {row_number}: frame {row['frame']!r} is not an integer")
+            names = [n for n in (row["label"] or "").split("|") if n]
+            unknown = [n for n in names if n not in index]
+            if not names or unknown:
+                raise LabelsError(f"labels file {path} row {row_number}: label {row['label']!r} is not a class "
+                                  f"of the model (unknown: {unknown or 'empty'})")
+            if frame in labels:
+                raise LabelsError(f"labels file {path} row {row_number}: frame {frame} labelled twice")
+            labels[frame] = FrameLabel(frozenset(index[n] for n in names), row.get("condition") or "")
+    return labels
+
+
+@dataclass
+class ReplayRecord:
+    """Per-frame series for the summary and the plots."""
+
+    frames: list[int] = field(default_factory=list)
+    latency_ms: list[float] = field(default_factory=list)
+    shift_z: list[float] = field(default_factory=list)
+    correct: dict[str, list[bool]] = field(default_factory=lambda: {"unadapted": [], "adapted": [], "adapted+LAME": []})
+    conditions: list[str] = field(default_factory=list)
+    events: list[DriftEvent] = field(default_factory=list)
+
+    def add(self, result: FrameResult, drift_z: float, label: FrameLabel | None) -> None:
+        self.frames.append(result.frame)
+        self.latency_ms.append(result.latency_ms)
+        self.shift_z.append(drift_z)
+        if result.drift:
+            self.events.append(result.drift)
+        if label is not None:
+            self.conditions.append(label.condition)
+            self.correct["unadapted"].append(int(np.argmax(result.raw)) in label.accepted)
+            self.correct["adapted"].append(int(np.argmax(result.adapted)) in label.accepted)
+            lame = result.adapted if result.corrected is None else result.corrected
+            self.correct["adapted+LAME"].append(int(np.argmax(lame)) in label.accepted)
+
+
+def replay(pipeline: CameraPipeline, source: FileSource, labels: dict[int, FrameLabel] | None = None,
+           progress: bool = True) -> tuple[dict, ReplayRecord]:
+    record = ReplayRecord()
+    started = time.monotonic()
+    bar = tqdm(total=source.frame_count or None, unit="frame", disable=not progress, desc=source.path.name)
+    with bar:
+        for frame in source.frames():
+            result = pipeline.process(frame)
+            bar.update(1)
+            if result is None:
+                continue
+            record.add(result, pipeline.drift.last_z, labels.get(frame.index) if labels else None)
+            if result.drift:
+                bar.write(f"frame {result.frame}: drift {result.drift.type} (score {result.drift.score:.1f}, "
+                          f"layers {', '.join(t['layer'] for t in result.drift.top_layers)})")
+            if bar.n % 10 == 0:
+                bar.set_postfix(fps=f"{bar.format_dict['rate'] or 0:.1f}", drift=pipeline.drift.active,
+                                rejected=pipeline.counters.rejected_total)
+    return summarize(pipeline, source, record, time.monotonic() - started), record
+
+
+def summarize(pipeline: CameraPipeline, source: FileSource, record: ReplayRecord, elapsed: float) -> dict:
+    counters = pipeline.counters
+    lat = np.asarray(record.latency_ms) if record.latency_ms else np.zeros(1)
+    summary = {
+        "video": str(source.path),
+        "frames_read": source.counters.read,
+        "frames_processed": counters.processed,
+        "frames_skipped": source.counters.skipped,
+        "frames_rejected": counters.rejected_total,
+        "rejected_reasons": dict(counters.rejected),
+        "source_errors": source.counters.errors,
+        "fps": round(counters.processed / elapsed, 2) if elapsed else None,
+        "latency_ms_p50": round(float(np.percentile(lat, 50)), 2),
+        "latency_ms_p95": round(float(np.percentile(lat, 95)), 2),
+        "provider": pipeline.session.provider,
+        "provider_reason": pipeline.session.provider_reason,
+        "drift_events": [{"type": e.type, "frame": e.frame, "episode": e.episode} for e in record.events],
+    }
+    if record.conditions:
+        summary["accuracy"] = {name: round(float(np.mean(v)), 4) for name, v in record.correct.items()}
+        by_condition = {}
+        for condition in dict.fromkeys(record.conditions):
+            mask = np.asarray(record.conditions) == condition
+            by_condition[condition] = {name: round(float(np.mean(np.asarray(v)[mask])), 4)
+                                       for name, v in record.correct.items()}
+        summary["accuracy_by_condition"] = by_condition
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    rows = [("frames read / processed / skipped / rejected",
+             f"{summary['frames_read']} / {summary['frames_processed']} / {summary['frames_skipped']} / "
+             f"{summary['frames_rejected']}"),
+            ("throughput", f"{summary['fps']} frames/s"),
+            ("latency p50 / p95", f"{summary['latency_ms_p50']} / {summary['latency_ms_p95']} ms"),
+            ("provider", summary["provider"]),
+            ("drift events", ", ".join(f"{e['type']}@{e['frame']}" for e in summary["drift_events"]) or "none")]
+    for name, value in summary.get("accuracy", {}).items():
+        rows.append((f"accuracy {name}", f"{100 * value:.1f}%"))
+    for condition, accs in summary.get("accuracy_by_condition", {}).items():
+        rows.append((f"  {condition}", "  ".join(f"{k} {100 * v:.1f}%" for k, v in accs.items())))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def plot_report(record: ReplayRecord, summary: dict, path: str | Path) -> Path | None:
+    """Accuracy over time (with labels), shift score with alert markers, latency. Needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install 'tta-agent[demo]'): no PNG report")
+        return None
+    panels = 3 if record.conditions else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(10, 2.6 * panels), sharex=True)
+    frames = np.asarray(record.frames)
+    ax = iter(axes)
+    if record.conditions:
+        a = next(ax)
+        window = 30
+        for name, values in record.correct.items():
+            v = np.asarray(values, float)
+            smooth = np.convolve(v, np.ones(window) / window, mode="same")
+            a.plot(frames, 100 * smooth, label=f"{name} ({100 * v.mean():.1f}%)")
+        a.set_ylabel(f"accuracy, {window}-frame mean (%)")
+        a.legend(loc="lower left", fontsize=8)
+        _shade_conditions(a, frames, record.conditions)
+    a = next(ax)
+    a.plot(frames, record.shift_z, lw=0.8, color="tab:purple")
+    a.set_ylabel("shift score (z)")
+    for event in record.events:
+        a.axvline(event.frame, color={"start": "red", "update": "orange", "end": "green"}[event.type], ls="--",
+                  lw=1)
+        a.annotate(event.type, (event.frame, a.get_ylim()[1]), fontsize=7, rotation=90, va="top")
+    a = next(ax)
+    a.plot(frames, record.latency_ms, lw=0.6, color="tab:gray")
+    a.set_ylabel("latency (ms)")
+    a.set_xlabel("frame")
+    fig.suptitle(f"{Path(summary['video']).name}: {summary['fps']} frames/s on {summary['provider']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def _shade_conditions(ax, frames, conditions) -> None:
+    start = 0
+    for i in range(1, len(conditions) + 1):
+        if i == len(conditions) or conditions[i] != conditions[start]:
+            if conditions[start] != "clean":
+                ax.axvspan(frames[start], frames[i - 1], alpha=0.12, color="k")
+                ax.text(frames[start], 2, conditions[start], fontsize=8)
+            start = i
+
+
+def write_json(summary: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(summary, indent=2))
