@@ -136,9 +136,9 @@ def summarize(pipeline: CameraPipeline, source: FileSource, record: ReplayRecord
 
 
 def format_table(summary: dict) -> str:
-    rows = [("frames read / processed / skipped / rejected",
-             f"{summary['frames_read']} / {summary['frames_processed']} / {summary['frames_skipped']} / "
-             f"{summary['frames_rejected']}"),
+    counts = (summary["frames_read"], summary["frames_processed"], summary["frames_skipped"],
+              summary["frames_rejected"])
+    rows = [("frames read / processed / skipped / rejected", " / ".join(map(str, counts))),
             ("throughput", f"{summary['fps']} frames/s"),
             ("latency p50 / p95", f"{summary['latency_ms_p50']} / {summary['latency_ms_p95']} ms"),
             ("provider", summary["provider"]),

@@ -31,15 +31,12 @@ class _WithFeatures(nn.Module):
     def __init__(self, model: nn.Module, classifier: nn.Linear):
         super().__init__()
         self.model = model
-        self._features = None
-        classifier.register_forward_pre_hook(self._keep)
-
-    def _keep(self, _module, args):
-        self._features = args[0]
+        self._captured: list[torch.Tensor] = []
+        classifier.register_forward_pre_hook(lambda _module, args: self._captured.append(args[0]))
 
     def forward(self, image):
         logits = self.model(image)
-        return logits, torch.flatten(self._features, 1)
+        return logits, torch.flatten(self._captured.pop(), 1)
 
 
 def _classifier(model: nn.Module) -> nn.Linear:
@@ -70,7 +67,7 @@ def adaptation_spec(model: nn.Module, mode: str = "faithful", components: int = 
 
 def export_plain(model: nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelProto:
     """Export with BatchNormalization nodes kept (optimize=False stops the Conv+BN fusion)."""
-    wrapped = _WithFeatures(model.eval(), _classifier(model))
+    wrapped = _WithFeatures(model, _classifier(model)).eval()
     with torch.no_grad():
         program = torch.onnx.export(wrapped, (torch.zeros(input_shape),), dynamo=True, optimize=False,
                                     opset_version=OPSET, input_names=[contract.IMAGE],

@@ -1,0 +1,134 @@
+"""Replay of real video files written and decoded by OpenCV through the real INT8 model."""
+from __future__ import annotations
+
+import csv
+import json
+import socket
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from agent.cli import main as agent_main
+from agent.drift import DriftDetector
+from agent.lame import Lame
+from agent.pipeline import CameraPipeline
+from agent.replay import LabelsError, read_labels, replay
+from agent.runtime import AdaptiveSession
+from agent.samples import render_sample_video, sidecar_path
+from agent.sources import FileSource, LiveSource, SourceError
+
+FRAMES_PER_PHOTO = 30  # 4 photos x 4 conditions (clean, fog, night, clean) = 480 frames
+
+
+@pytest.fixture(scope="module")
+def sample_video(tmp_path_factory):
+    path = tmp_path_factory.mktemp("video") / "sample.mp4"
+    render_sample_video(path, frames_per_photo=FRAMES_PER_PHOTO)
+    return path
+
+
+def test_replay_accounts_for_every_frame_and_raises_drift_around_the_change(effnet, sample_video):
+    session = AdaptiveSession(effnet["int8"])
+    labels = read_labels(sidecar_path(sample_video), session.info.labels)
+    pipeline = CameraPipeline(session, Lame(window=16), "auto", DriftDetector(session.info.layer_names),
+                              raw_every=1)
+    source = FileSource(sample_video)
+    summary, record = replay(pipeline, source, labels, progress=False)
+
+    read = summary["frames_read"]
+    assert read == 480 == source.frame_count
+    assert summary["frames_processed"] + summary["frames_skipped"] + summary["frames_rejected"] == read
+    assert len(record.frames) == summary["frames_processed"]
+    changed, back = 4 * FRAMES_PER_PHOTO, 12 * FRAMES_PER_PHOTO  # first fog frame, first clean frame after night
+    starts = [e for e in record.events if e.type == "start"]
+    ends = [e for e in record.events if e.type == "end"]
+    assert starts and changed <= starts[0].frame < changed + FRAMES_PER_PHOTO, record.events
+    assert ends and ends[-1].frame >= back and ends[-1].episode == starts[-1].episode, record.events
+    assert all(e.frame < back for e in starts), "no drift should start once the clean scene is back"
+    assert set(summary["accuracy"]) == {"unadapted", "adapted", "adapted+LAME"}
+    assert summary["accuracy_by_condition"]["clean"]["unadapted"] > 0.9
+
+
+def test_replay_cli_prints_the_table_and_writes_the_report(effnet, sample_video, tmp_path, capsys):
+    report, summary = tmp_path / "report.png", tmp_path / "summary.json"
+    code = agent_main(["replay", str(sample_video), "--model", str(effnet["int8"]), "--labels",
+                       str(sidecar_path(sample_video)), "--end", "150", "--quiet", "--report", str(report),
+                       "--json", str(summary), "--device", "cpu"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "accuracy adapted+LAME" in out and "latency p50 / p95" in out
+    assert cv2.imread(str(report)) is not None
+    assert json.loads(summary.read_text())["frames_processed"] == 150
+
+
+def _write_labels(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerows(rows)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([["frame", "class"], [0, "espresso"]], "header must have 'frame' and 'label'"),
+    ([["frame", "label"], ["x", "espresso"]], "row 2: frame 'x' is not an integer"),
+    ([["frame", "label"], [0, "espresso"], [1, "unicorn"]], "row 3: label 'unicorn' is not a class"),
+    ([["frame", "label"], [0, "espresso"], [0, "cup"]], "row 3: frame 0 labelled twice"),
+])
+def test_bad_labels_files_name_the_row(effnet, tmp_path, rows, message):
+    path = tmp_path / "labels.csv"
+    _write_labels(path, rows)
+    with pytest.raises(LabelsError, match=message):
+        read_labels(path, AdaptiveSession(effnet["int8"]).info.labels)
+
+
+def test_unreadable_video_is_a_clear_error(tmp_path, effnet, capsys):
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"this is not a video" * 100)
+    with pytest.raises(SourceError, match="cannot be opened"):
+        FileSource(junk)
+    assert agent_main(["replay", str(junk), "--model", str(effnet["int8"]), "--quiet"]) == 2
+    assert "tta-agent: error: video file" in capsys.readouterr().err
+
+
+def test_truncated_video_is_read_up_to_the_damage_and_reported(tmp_path):
+    path = tmp_path / "cut.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        writer.write(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    source = FileSource(path)
+    frames = list(source.frames())
+    assert 0 < len(frames) < 50
+    assert source.counters.read == len(frames)
+    if source.frame_count:  # the AVI header still promises 50 frames
+        assert source.truncated and "truncated" in source.counters.errors[0]
+
+
+def test_a_url_that_never_answers_is_retried_with_backoff_without_crashing():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens here
+    source = LiveSource(f"http://127.0.0.1:{port}/stream.mjpg", open_timeout=0.5, backoff_initial=0.1,
+                        backoff_max=0.2)
+    time.sleep(1.5)
+    source.stop()
+    assert source.counters.read == 0 and not source.connected
+    assert len(source.counters.errors) >= 2 and "cannot open" in source.counters.errors[0]
+
+
+def test_live_source_hands_out_the_newest_frame_and_counts_what_it_skipped(sample_video):
+    source = LiveSource(str(sample_video), stall_timeout=0.5, backoff_initial=0.1)
+    taken = []
+    for frame in source.frames():
+        taken.append(frame.index)
+        time.sleep(0.05)  # a model slower than the decoder
+        if len(taken) == 20:
+            break
+    source.stop()
+    assert taken == sorted(taken) and len(set(taken)) == 20
+    assert source.counters.skipped > 0
+    assert source.counters.read >= len(taken) + source.counters.skipped
