@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .config import ConfigError, load_config
 from .contract import ContractError
 from .drift import DriftDetector
 from .lame import Lame
@@ -40,6 +41,30 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from .daemon import run_daemon
+
+    return run_daemon(args.config)
+
+
+def cmd_validate(args) -> int:
+    config = load_config(args.config)
+    missing = [str(p) for p in (config.model.path,) if not p.exists()]
+    missing += [c.source for c in config.cameras if not c.source.isdigit() and "://" not in c.source
+                and not Path(c.source).exists()]
+    if missing:
+        print(f"tta-agent: error: {args.config}: files not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: valid ({len(config.cameras)} camera(s), model {config.model.path.name})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.config)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tta-agent", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -68,6 +93,18 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--json", type=Path, help="write the summary as JSON")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_replay)
+
+    d = sub.add_parser("run", help="run the daemon")
+    d.add_argument("--config", type=Path, required=True)
+    d.set_defaults(func=cmd_run)
+
+    v = sub.add_parser("validate-config", help="check a config file (for ExecStartPre)")
+    v.add_argument("config", type=Path)
+    v.set_defaults(func=cmd_validate)
+
+    m = sub.add_parser("demo", help="the sample video through the agent with a live MQTT view")
+    m.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
+    m.set_defaults(func=cmd_demo)
     return p
 
 
@@ -77,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ContractError, LabelsError, SourceError, StateError, ValueError) as exc:
+    except (ConfigError, ContractError, LabelsError, SourceError, StateError, ValueError) as exc:
         print(f"tta-agent: error: {exc}", file=sys.stderr)
         return 2
 

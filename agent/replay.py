@@ -77,7 +77,7 @@ class ReplayRecord:
         self.shift_z.append(drift_z)
         if result.drift:
             self.events.append(result.drift)
-        if label is not None:
+        if label is not None and result.raw is not None:
             self.conditions.append(label.condition)
             self.correct["unadapted"].append(int(np.argmax(result.raw)) in label.accepted)
             self.correct["adapted"].append(int(np.argmax(result.adapted)) in label.accepted)

@@ -8,6 +8,7 @@ same components and the reason is kept for status reports.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,26 @@ def choose_providers(device: str, available: list[str] | None = None) -> Provide
         return ProviderChoice([CPU], f"{device} requested but this onnxruntime offers no GPU provider "
                                      f"(available: {', '.join(available)}); running on the CPU")
     return ProviderChoice(gpu + [CPU], f"{device} requested; trying {gpu[0]}")
+
+
+def physical_cores() -> int:
+    """Physical cores (not hyper-threads): the default intra-op thread count for edge boxes."""
+    try:
+        cores = set()
+        block: dict[str, str] = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines() + [""]:
+            if not line.strip():
+                if "core id" in block:
+                    cores.add((block.get("physical id", "0"), block["core id"]))
+                block = {}
+            elif ":" in line:
+                key, _, value = line.partition(":")
+                block[key.strip()] = value.strip()
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
 
 
 class AdaptiveSession:

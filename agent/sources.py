@@ -49,12 +49,12 @@ class FileSource:
             raise SourceError(f"video file {self.path} does not exist")
         self.paced, self.loop, self.start, self.end = paced, loop, start, end
         self.counters = SourceCounters()
-        capture = self._open()
-        self.fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
-        self.frame_count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-        capture.release()
+        self._capture = self._open()
+        self.fps = self._capture.get(cv2.CAP_PROP_FPS) or 25.0
+        self.frame_count = int(self._capture.get(cv2.CAP_PROP_FRAME_COUNT))
         self.truncated = False
-        self._stop = threading.Event()
+        self.finished = False
+        self._rewind()
 
     def _open(self) -> cv2.VideoCapture:
         capture = cv2.VideoCapture(str(self.path))
@@ -62,40 +62,55 @@ class FileSource:
             raise SourceError(f"video file {self.path} cannot be opened (not a video OpenCV can decode)")
         return capture
 
-    def stop(self) -> None:
-        self._stop.set()
+    def _rewind(self) -> None:
+        if self.start:
+            self._capture.set(cv2.CAP_PROP_POS_FRAMES, self.start)
+        self._index = self.start
+        self._t0 = time.monotonic()
+
+    def poll(self) -> Frame | None:
+        """The next frame, or None when a paced replay is not due yet or the file has ended."""
+        if self.finished:
+            return None
+        if self.paced and time.monotonic() < self._t0 + (self._index - self.start) / self.fps:
+            return None
+        if self.end is not None and self._index >= self.end:
+            return self._ended()
+        ok, image = self._capture.read()
+        if not ok:
+            expected = min(self.frame_count, self.end or self.frame_count)
+            if self.frame_count and self._index < expected - 1:
+                self.truncated = True
+                self.counters.errors.append(f"{self.path.name}: decoding stopped at frame {self._index} "
+                                            f"of {self.frame_count} (truncated or corrupt file)")
+                log.warning("%s", self.counters.errors[-1])
+            return self._ended()
+        self.counters.read += 1
+        frame = Frame(self._index, image, time.time())
+        self._index += 1
+        return frame
+
+    def _ended(self) -> Frame | None:
+        if self.loop and self.counters.read:
+            self._capture.release()
+            self._capture = self._open()
+            self._rewind()
+            return self.poll()
+        self.finished = True
+        self._capture.release()
+        return None
 
     def frames(self) -> Iterator[Frame]:
-        while not self._stop.is_set():
-            yield from self._one_pass()
-            if not self.loop:
-                return
+        while not self.finished:
+            frame = self.poll()
+            if frame is not None:
+                yield frame
+            elif not self.finished:
+                time.sleep(0.002)
 
-    def _one_pass(self) -> Iterator[Frame]:
-        capture = self._open()
-        try:
-            if self.start:
-                capture.set(cv2.CAP_PROP_POS_FRAMES, self.start)
-            index = self.start
-            t0 = time.monotonic()
-            while not self._stop.is_set() and (self.end is None or index < self.end):
-                ok, image = capture.read()
-                if not ok:
-                    if self.frame_count and index < min(self.frame_count, self.end or self.frame_count) - 1:
-                        self.truncated = True
-                        self.counters.errors.append(f"{self.path.name}: decoding stopped at frame {index} "
-                                                    f"of {self.frame_count} (truncated or corrupt file)")
-                        log.warning("%s", self.counters.errors[-1])
-                    return
-                self.counters.read += 1
-                if self.paced:
-                    delay = t0 + (index - self.start) / self.fps - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                yield Frame(index, image, time.time())
-                index += 1
-        finally:
-            capture.release()
+    def stop(self) -> None:
+        self.finished = True
+        self._capture.release()
 
 
 class LiveSource:
@@ -166,14 +181,23 @@ class LiveSource:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.backoff_max)
 
+    finished = False  # a live source never ends by itself
+
+    def poll(self, timeout: float = 0.0) -> Frame | None:
+        """The newest frame not yet handed out, waiting up to `timeout` seconds for one."""
+        with self._cond:
+            if self._taken and timeout:
+                self._cond.wait_for(lambda: not self._taken or self._stop.is_set(), timeout=timeout)
+            if self._taken:
+                return None
+            self._taken = True
+            return self._latest
+
     def frames(self) -> Iterator[Frame]:
         while not self._stop.is_set():
-            with self._cond:
-                self._cond.wait_for(lambda: not self._taken or self._stop.is_set(), timeout=1.0)
-                if self._taken:
-                    continue
-                frame, self._taken = self._latest, True
-            yield frame
+            frame = self.poll(timeout=1.0)
+            if frame is not None:
+                yield frame
 
     def stop(self) -> None:
         self._stop.set()
@@ -182,14 +206,11 @@ class LiveSource:
         self._thread.join(timeout=self.stall_timeout + self.open_timeout + 1)
 
 
-def open_source(uri: str, **options) -> FileSource | LiveSource:
-    """A digit is a camera index, a URL a stream, anything else a video file."""
-    if uri.isdigit():
-        return LiveSource(int(uri), **{k: v for k, v in options.items() if k in _LIVE_OPTIONS})
-    if "://" in uri:
-        return LiveSource(uri, **{k: v for k, v in options.items() if k in _LIVE_OPTIONS})
-    return FileSource(uri, **{k: v for k, v in options.items() if k in _FILE_OPTIONS})
-
-
-_LIVE_OPTIONS = {"stall_timeout", "backoff_initial", "backoff_max", "open_timeout"}
-_FILE_OPTIONS = {"paced", "loop", "start", "end"}
+def open_source(camera) -> FileSource | LiveSource:
+    """From a CameraConfig: a digit is a camera index, a URL a stream, anything else a video file."""
+    uri = camera.source
+    if uri.isdigit() or "://" in uri:
+        return LiveSource(int(uri) if uri.isdigit() else uri, stall_timeout=camera.stall_timeout_s,
+                          backoff_max=camera.reconnect_max_s)
+    replay = camera.replay
+    return FileSource(uri, paced=replay.paced, loop=replay.loop, start=replay.start, end=replay.end)

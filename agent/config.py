@@ -1,0 +1,241 @@
+"""The agent's YAML configuration, validated in one place.
+
+Unknown keys are rejected and every error names its key path and what was expected,
+so a bad config stops start-up (and `tta-agent validate-config` in ExecStartPre) with a
+message a user can act on. configs/*.yaml are working examples.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class ConfigError(ValueError):
+    """Every problem of a config file, one per line, each with its key path."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    path: Path
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, le=256, description="intra-op threads; default: physical cores")
+
+
+def _yaml_switch(value):
+    """YAML 1.1 reads a bare on/off as a boolean; take it as the word the user wrote."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+class AdaptationConfig(Section):
+    mode: Literal["on", "frozen", "off"] = "on"
+    _switch = field_validator("mode", mode="before")(_yaml_switch)
+    seed: int = Field(0, ge=0)
+    raw_every: int = Field(30, ge=0, description="run the unadapted model every N frames (0: never)")
+
+
+class LameConfig(Section):
+    mode: Literal["auto", "on", "off"] = "auto"
+    _switch = field_validator("mode", mode="before")(_yaml_switch)
+    window: int = Field(16, ge=1, le=1024)
+    affinity: Literal["knn", "rbf"] = "knn"
+    knn: int = Field(5, ge=1, le=1024)
+
+
+class DriftConfig(Section):
+    warmup: int = Field(100, ge=2, le=1_000_000)
+    score_layers: int = Field(2, ge=1, le=1000)
+    delta: float = Field(1.0, ge=0, le=100)
+    threshold: float = Field(25.0, gt=0, le=1e6)
+    end_level: float = Field(1.0, le=100)
+    end_frames: int = Field(30, ge=1, le=1_000_000)
+    update_every: int = Field(100, ge=1, le=1_000_000)
+
+
+class ReplayConfig(Section):
+    paced: bool = True
+    loop: bool = False
+    start: int = Field(0, ge=0)
+    end: int | None = Field(None, ge=1)
+
+
+class CameraConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="letters, digits, _ and - (used in topics)")
+    source: str = Field(min_length=1, max_length=4096, description="camera index, stream URL or video file")
+    replay: ReplayConfig = ReplayConfig()
+    stall_timeout_s: float = Field(5.0, gt=0, le=3600)
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600)
+
+
+class TlsConfig(Section):
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    insecure: bool = Field(False, description="skip certificate verification (never in production)")
+
+    @model_validator(mode="after")
+    def _cert_with_key(self):
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together")
+        return self
+
+
+class HomeAssistantConfig(Section):
+    enabled: bool = False
+    discovery_prefix: str = Field("homeassistant", pattern=r"^[A-Za-z0-9_/-]{1,128}$")
+
+
+class MqttConfig(Section):
+    host: str | None = Field("127.0.0.1", description="broker host; null starts the embedded broker (demo)")
+    port: int = Field(1883, ge=1, le=65535)
+    prefix: str = Field("tta", pattern=r"^[A-Za-z0-9_/-]{1,128}$")
+    client_id: str | None = Field(None, max_length=128, description="default: tta-agent-<device>-<random>")
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    username: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    password_credential: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,128}$",
+                                            description="systemd credential name (LoadCredential=)")
+    tls: TlsConfig | None = None
+    predictions_every: int = Field(1, ge=1, description="publish every Nth frame's prediction")
+    top_k: int = Field(3, ge=1, le=100)
+    stats_interval_s: float = Field(10.0, ge=0.5, le=3600)
+    max_queued: int = Field(1000, ge=10, le=1_000_000, description="paho's outgoing queue bound")
+    homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+
+    @model_validator(mode="after")
+    def _one_password_source(self):
+        given = [k for k in ("password_file", "password_env", "password_credential") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give one password source, not {' and '.join(given)}")
+        return self
+
+
+class StateConfig(Section):
+    dir: Path = Field(Path("/var/lib/tta-agent"), description="checkpoints and the alert spool")
+    checkpoint_every_s: float = Field(60.0, ge=1, le=86400)
+    spool_max_events: int = Field(10_000, ge=10, le=10_000_000)
+
+
+class Config(Section):
+    device_id: str = Field(default_factory=lambda: re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64],
+                           pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    model: ModelConfig
+    adaptation: AdaptationConfig = AdaptationConfig()
+    lame: LameConfig = LameConfig()
+    drift: DriftConfig = DriftConfig()
+    cameras: list[CameraConfig] = Field(min_length=1, max_length=64)
+    mqtt: MqttConfig = MqttConfig()
+    state: StateConfig = StateConfig()
+    exit_when_done: bool = Field(False, description="stop once every file source has ended (replay runs)")
+
+    @field_validator("cameras")
+    @classmethod
+    def _unique_names(cls, cameras):
+        names = [c.name for c in cameras]
+        if len(set(names)) != len(names):
+            raise ValueError(f"camera names must be unique, got {names}")
+        return cameras
+
+
+def _format(error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"{path}: required key missing")
+        else:
+            lines.append(f"{path}: {e['msg']} (got {e.get('input')!r:.60})")
+    return "\n".join(lines)
+
+
+def parse_config(doc: object, base: Path | None = None) -> Config:
+    """Validate a parsed YAML document; relative paths are taken from `base` (the config's folder)."""
+    if not isinstance(doc, dict):
+        raise ConfigError(f"(top level): expected a mapping of keys, got {type(doc).__name__}")
+    try:
+        config = Config.model_validate(doc)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc)) from None
+    return _resolve(config, base) if base else config
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes, not a config")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    try:
+        doc = yaml.load(text, Loader=_NoAliasLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return parse_config(doc, path.parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}:\n{exc}") from None
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without anchors/aliases: a config has no use for them, and they make 'billion laughs' bombs."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases are not allowed in a config", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _resolve(config: Config, base: Path) -> Config:
+    def absolute(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else (base / p).resolve()
+
+    cameras = []
+    for cam in config.cameras:
+        source = cam.source
+        if not source.isdigit() and "://" not in source and not os.path.isabs(source):
+            source = str((base / source).resolve())
+        cameras.append(cam.model_copy(update={"source": source}))
+    mqtt = config.mqtt
+    tls = mqtt.tls and mqtt.tls.model_copy(update={k: absolute(getattr(mqtt.tls, k)) for k in ("ca", "cert", "key")})
+    mqtt = mqtt.model_copy(update={"password_file": absolute(mqtt.password_file), "tls": tls})
+    return config.model_copy(update={
+        "model": config.model.model_copy(update={"path": absolute(config.model.path)}),
+        "cameras": cameras,
+        "mqtt": mqtt,
+        "state": config.state.model_copy(update={"dir": absolute(config.state.dir)}),
+    })
+
+
+def read_password(mqtt: MqttConfig) -> str | None:
+    """From a file, a systemd credential ($CREDENTIALS_DIRECTORY/<name>) or the environment; never logged."""
+    path = mqtt.password_file
+    if mqtt.password_credential:
+        if "CREDENTIALS_DIRECTORY" not in os.environ:
+            raise ConfigError("mqtt.password_credential: $CREDENTIALS_DIRECTORY is not set (LoadCredential= missing?)")
+        path = Path(os.environ["CREDENTIALS_DIRECTORY"]) / mqtt.password_credential
+    if path:
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"mqtt.password_file: cannot read {path}: {exc.strerror}") from None
+    if mqtt.password_env:
+        if mqtt.password_env not in os.environ:
+            raise ConfigError(f"mqtt.password_env: environment variable {mqtt.password_env} is not set")
+        return os.environ[mqtt.password_env]
+    return None

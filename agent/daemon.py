@@ -1,0 +1,302 @@
+"""The daemon: one main loop over the cameras, MQTT, systemd notify, signals and checkpoints.
+
+    loop: for each camera, take its newest frame -> pipeline -> publish
+          then housekeeping: commands, stats, checkpoints, watchdog
+SIGTERM/SIGINT stop (offline published, alerts flushed, state saved), SIGHUP reloads
+what can change without a restart (LAME, drift, publishing, log level).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config, ConfigError, load_config, read_password
+from .contract import read_model_info
+from .drift import DriftDetector, DriftEvent
+from .lame import Lame
+from .mqtt import SCHEMA_VERSION, Command, MqttLink, utc
+from .pipeline import CameraPipeline, FrameResult
+from .runtime import AdaptiveSession, physical_cores
+from .sdnotify import Notifier
+from .sources import FileSource, LiveSource, SourceError, open_source
+from .spool import Spool
+from .state import StateError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Camera:
+    name: str
+    source: FileSource | LiveSource
+    pipeline: CameraPipeline
+    latencies: deque = field(default_factory=lambda: deque(maxlen=1000))
+    frame_times: deque = field(default_factory=lambda: deque(maxlen=100))
+    drift_since: str | None = None
+
+    @property
+    def fps(self) -> float:
+        if len(self.frame_times) < 2:
+            return 0.0
+        span = self.frame_times[-1] - self.frame_times[0]
+        return (len(self.frame_times) - 1) / span if span > 0 else 0.0
+
+
+def _drift_payload(device: str, camera: str, event: DriftEvent) -> dict:
+    return {"schema": SCHEMA_VERSION, "device": device, "camera": camera, "type": event.type,
+            "episode": event.episode, "frame": event.frame, "time": utc(event.time), "score": event.score,
+            "threshold": event.threshold, "detector": event.detector, "top_layers": event.top_layers}
+
+
+def _top_k(probs: np.ndarray | None, labels: tuple[str, ...], k: int) -> list[dict] | None:
+    if probs is None:
+        return None
+    order = np.argsort(-probs)[:k]
+    return [{"label": labels[i], "index": int(i), "p": round(float(probs[i]), 4)} for i in order]
+
+
+class Agent:
+    def __init__(self, config: Config, config_path: Path | None = None, broker: tuple[str, int] | None = None,
+                 sinks: list[Callable[[str, FrameResult], None]] | None = None):
+        self.config = config
+        self.config_path = config_path
+        self.sinks = sinks or []
+        self.notifier = Notifier()
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self.started = time.time()
+        self.commands: queue.Queue[Command] = queue.Queue(maxsize=100)
+        state_dir = config.state.dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.info = read_model_info(config.model.path)
+        self.cameras = [self._camera(c) for c in config.cameras]
+        self.spool = Spool(state_dir / "spool", config.state.spool_max_events)
+        host, port = broker or (config.mqtt.host, config.mqtt.port)
+        self.mqtt = MqttLink(config.mqtt, config.device_id, [c.name for c in self.cameras], self.spool,
+                             self.commands, read_password(config.mqtt), host=host, port=port)
+        self._fallbacks_seen = 0
+
+    def _camera(self, cfg) -> Camera:
+        session = AdaptiveSession(self.config.model.path, device=self.config.model.device,
+                                  threads=self.config.model.threads or physical_cores(),
+                                  seed=self.config.adaptation.seed, info=self.info)
+        checkpoint = self._checkpoint_path(cfg.name)
+        if checkpoint.exists():
+            try:
+                session.load(checkpoint)
+                age = time.time() - checkpoint.stat().st_mtime
+                log.info("camera %s resumes adaptation from %s (%d frames, %.0f s old)", cfg.name, checkpoint,
+                         session.frames, age)
+            except StateError as exc:
+                log.error("camera %s: checkpoint ignored, starting fresh: %s", cfg.name, exc)
+        pipeline = CameraPipeline(session, self._lame(), self.config.lame.mode, self._drift(),
+                                  raw_every=self.config.adaptation.raw_every)
+        pipeline.set_adaptation(self.config.adaptation.mode)
+        return Camera(cfg.name, open_source(cfg), pipeline)
+
+    def _lame(self) -> Lame | None:
+        c = self.config.lame
+        return None if c.mode == "off" else Lame(window=c.window, affinity=c.affinity, k=c.knn)
+
+    def _drift(self) -> DriftDetector:
+        return DriftDetector(self.info.layer_names, **self.config.drift.model_dump())
+
+    def _checkpoint_path(self, camera: str) -> Path:
+        return self.config.state.dir / f"{camera}.state.npz"
+
+    # -- control from outside -----------------------------------------------------------------
+    def request_stop(self, *_):
+        self._stop.set()
+
+    def request_reload(self, *_):
+        self._reload.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
+
+    # -- the main loop ------------------------------------------------------------------------
+    def run(self) -> int:
+        self.mqtt.start()
+        self.notifier.ready(self._status_line())
+        log.info("agent %s running %d camera(s) on %s", self.config.device_id, len(self.cameras),
+                 self.cameras[0].pipeline.session.provider)
+        now = time.monotonic()
+        next_stats, next_checkpoint, next_ping = now, now + self.config.state.checkpoint_every_s, now
+        while not self._stop.is_set():
+            worked = False
+            for camera in self.cameras:
+                frame = camera.source.poll()
+                if frame is not None:
+                    self._process(camera, frame)
+                    worked = True
+            self._handle_commands()
+            if self._reload.is_set():
+                self._apply_reload()
+            now = time.monotonic()
+            if now >= next_stats:
+                self._publish_stats()
+                next_stats = now + self.config.mqtt.stats_interval_s
+            if now >= next_checkpoint:
+                self._checkpoint()
+                next_checkpoint = now + self.config.state.checkpoint_every_s
+            if self.notifier.watchdog_interval and now >= next_ping:
+                self.notifier.watchdog()  # only a loop that comes round pings: a hang trips systemd's watchdog
+                next_ping = now + self.notifier.watchdog_interval
+            if self.config.exit_when_done and all(c.source.finished for c in self.cameras):
+                log.info("every file source has ended")
+                break
+            if not worked:
+                self._stop.wait(0.002)
+        return self._shutdown()
+
+    def _process(self, camera: Camera, frame) -> None:
+        result = camera.pipeline.process(frame)
+        if result is None:
+            return
+        camera.latencies.append(result.latency_ms)
+        camera.frame_times.append(time.monotonic())
+        labels, k = self.info.labels, self.config.mqtt.top_k
+        if result.frame % self.config.mqtt.predictions_every == 0:
+            self.mqtt.publish_prediction(camera.name, {
+                "schema": SCHEMA_VERSION, "device": self.config.device_id, "camera": camera.name,
+                "frame": result.frame, "time": utc(time.time()), "captured": utc(result.captured),
+                "latency_ms": round(result.latency_ms, 2),
+                "adapted": _top_k(result.probs, labels, k), "raw": _top_k(result.raw, labels, k),
+                "lame_applied": result.lame_applied, "adaptation": camera.pipeline.adaptation,
+                "shift_score": round(camera.pipeline.drift.last_z, 3),
+            })
+        if result.drift is not None:
+            event = result.drift
+            self.mqtt.publish_drift(camera.name, _drift_payload(self.config.device_id, camera.name, event))
+            camera.drift_since = utc(event.time) if event.type == "start" else (
+                None if event.type == "end" else camera.drift_since)
+            self.mqtt.publish_retained(f"{camera.name}/drift/state", {
+                "schema": SCHEMA_VERSION, "active": event.type != "end", "episode": event.episode,
+                "since": camera.drift_since, "score": event.score, "frame": event.frame, "time": utc(event.time)})
+        session = camera.pipeline.session
+        if session.fallbacks != self._fallbacks_seen:
+            self._fallbacks_seen = session.fallbacks
+            self._publish_stats()  # tell subscribers at once that the agent is degraded
+        for sink in self.sinks:
+            sink(camera.name, result)
+
+    def _handle_commands(self) -> None:
+        while True:
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            camera = next(c for c in self.cameras if c.name == command.camera)
+            log.info("command: %s %s = %s", command.camera, command.kind, command.value)
+            if command.kind == "adaptation":
+                if command.value == "reset":
+                    camera.pipeline.reset()
+                else:
+                    camera.pipeline.set_adaptation(command.value)
+            else:
+                camera.pipeline.lame_mode = command.value if camera.pipeline.lame else "off"
+
+    def _apply_reload(self) -> None:
+        self._reload.clear()
+        if self.config_path is None:
+            return
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config:\n%s", exc)
+            return
+        fixed = {k for k in ("model", "cameras", "mqtt", "state", "device_id")
+                 if getattr(new, k) != getattr(self.config, k)}
+        if fixed:
+            log.warning("reload: %s changed; those take effect after a restart", ", ".join(sorted(fixed)))
+        new = new.model_copy(update={k: getattr(self.config, k) for k in fixed})
+        self.config = new
+        logging.getLogger().setLevel(new.log_level.upper())
+        for camera in self.cameras:
+            camera.pipeline.lame = self._lame()
+            camera.pipeline.lame_mode = new.lame.mode
+            camera.pipeline.drift = self._drift()
+            camera.pipeline.raw_every = new.adaptation.raw_every
+            camera.pipeline.set_adaptation(new.adaptation.mode)
+        log.info("reloaded %s", self.config_path)
+
+    def _checkpoint(self) -> None:
+        for camera in self.cameras:
+            try:
+                camera.pipeline.session.save(self._checkpoint_path(camera.name))
+            except OSError as exc:
+                log.error("checkpoint of %s failed: %s", camera.name, exc)
+
+    # -- health -------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        cameras = {}
+        for c in self.cameras:
+            lat = np.asarray(c.latencies) if c.latencies else np.zeros(1)
+            p = c.pipeline
+            cameras[c.name] = {
+                "fps": round(c.fps, 2), "frames_read": c.source.counters.read,
+                "frames_processed": p.counters.processed, "frames_skipped": c.source.counters.skipped,
+                "frames_rejected": p.counters.rejected_total, "reconnects": c.source.counters.reconnects,
+                "stalls": c.source.counters.stalls, "latency_ms": {q: round(float(np.percentile(lat, v)), 2)
+                                                                   for q, v in (("p50", 50), ("p95", 95),
+                                                                                ("p99", 99))},
+                "adaptation": p.adaptation, "frames_adapted": p.session.frames, "lame_active": p.lame_active,
+                "drift_active": p.drift.active, "provider": p.session.provider,
+            }
+        sessions = [c.pipeline.session for c in self.cameras]
+        degraded = [s.fallback_reason for s in sessions if s.fallback_reason]
+        return {
+            "schema": SCHEMA_VERSION, "device": self.config.device_id, "time": utc(time.time()),
+            "uptime_s": round(time.time() - self.started, 1), "status": "degraded" if degraded else "ok",
+            "degraded_reason": degraded[0] if degraded else None, "provider": sessions[0].provider,
+            "provider_reason": sessions[0].provider_reason, "cameras": cameras,
+            "mqtt": {"connected": self.mqtt.connected.is_set(), "reconnects": max(self.mqtt.reconnects, 0),
+                     "queue_depth": self.mqtt.queue_depth, "predictions_sent": self.mqtt.predictions_sent,
+                     "predictions_dropped": self.mqtt.predictions_dropped, "alerts_spooled": len(self.spool),
+                     "alerts_acked": self.mqtt.alerts_acked, "alerts_dropped": self.spool.dropped,
+                     "commands_rejected": self.mqtt.commands_rejected},
+        }
+
+    def _status_line(self) -> str:
+        fps = sum(c.fps for c in self.cameras)
+        broker = "connected" if self.mqtt.connected.is_set() else "disconnected"
+        provider = self.cameras[0].pipeline.session.provider.removesuffix("ExecutionProvider")
+        return f"{fps:.1f} fps on {provider}, broker {broker}, {len(self.spool)} alerts spooled"
+
+    def _publish_stats(self) -> None:
+        self.mqtt.publish_retained("stats", self.stats())
+        self.notifier.status(self._status_line())
+
+    def _shutdown(self) -> int:
+        self.notifier.stopping()
+        log.info("stopping: saving state, flushing %d spooled alert(s)", len(self.spool))
+        self._checkpoint()
+        for camera in self.cameras:
+            camera.source.stop()
+        self._publish_stats()
+        self.mqtt.stop(flush_timeout=3.0)
+        return 0
+
+
+def run_daemon(config_path: Path) -> int:
+    config = load_config(config_path)
+    logging.getLogger().setLevel(config.log_level.upper())
+    try:
+        agent = Agent(config, config_path)
+    except SourceError as exc:
+        log.error("%s", exc)
+        return 1
+    agent.install_signal_handlers()
+    return agent.run()
+

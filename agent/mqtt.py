@@ -1,0 +1,240 @@
+"""The agent's public interface over MQTT (paho-mqtt 2.x).
+
+Topics under <prefix>/<device>:
+    availability                        online/offline, retained; offline is the will
+    stats                               periodic health, retained
+    <camera>/prediction                 every frame (or every Nth), QoS 0, dropped and counted when offline
+    <camera>/drift                      start/update/end events, QoS 1, through the on-disk spool
+    <camera>/drift/state                the current drift state, retained
+    <camera>/adaptation/set             command in: on | frozen | off | reset
+    <camera>/lame/set                   command in: auto | on | off
+Payloads are JSON with a `schema` version (agent/schemas/*.json).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import ssl
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import paho.mqtt.client as paho
+
+from .config import MqttConfig
+from .spool import Spool
+
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 1
+COMMANDS = {"adaptation": ("on", "frozen", "off", "reset"), "lame": ("auto", "on", "off")}
+MAX_COMMAND_BYTES = 64
+
+
+def utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Command:
+    camera: str
+    kind: str  # "adaptation" or "lame"
+    value: str
+
+
+class MqttLink:
+    def __init__(self, cfg: MqttConfig, device_id: str, cameras: list[str], spool: Spool,
+                 commands: queue.Queue, password: str | None = None, host: str | None = None,
+                 port: int | None = None):
+        self.cfg = cfg
+        self.device_id = device_id
+        self.cameras = set(cameras)
+        self.spool = spool
+        self.commands = commands
+        self.host, self.port = host or cfg.host, port or cfg.port
+        self.base = f"{cfg.prefix}/{device_id}"
+        self.availability = f"{self.base}/availability"
+        self.connected = threading.Event()
+        self.reconnects = -1  # the first connect is not a reconnect
+        self.predictions_sent = self.predictions_dropped = 0
+        self.alerts_acked = 0
+        self.commands_rejected = 0
+        self._lock = threading.Lock()
+        self._inflight: dict[int, str] = {}  # mid -> spool id, at most one alert in flight (keeps order)
+        self._retained: dict[str, str] = {}  # topic -> payload, re-published on reconnect
+        self.client = self._client(password)
+
+    def _client(self, password: str | None) -> paho.Client:
+        cfg = self.cfg
+        client_id = cfg.client_id or f"tta-agent-{self.device_id}-{uuid.uuid4().hex[:8]}"
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+        client.will_set(self.availability, "offline", qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.max_queued_messages_set(cfg.max_queued)
+        client.max_inflight_messages_set(20)
+        if cfg.username:
+            client.username_pw_set(cfg.username, password)
+        if cfg.tls:
+            client.tls_set(ca_certs=str(cfg.tls.ca) if cfg.tls.ca else None,
+                           certfile=str(cfg.tls.cert) if cfg.tls.cert else None,
+                           keyfile=str(cfg.tls.key) if cfg.tls.key else None,
+                           cert_reqs=ssl.CERT_NONE if cfg.tls.insecure else ssl.CERT_REQUIRED)
+            client.tls_insecure_set(cfg.tls.insecure)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    # -- connection -------------------------------------------------------------------------
+    def start(self) -> None:
+        self.client.connect_async(self.host, self.port, keepalive=self.cfg.keepalive_s)
+        self.client.loop_start()
+
+    def stop(self, flush_timeout: float = 5.0) -> None:
+        """Publish offline, give queued alerts a chance to leave, disconnect."""
+        if self.connected.is_set():
+            self._flush(flush_timeout)
+            info = self.client.publish(self.availability, "offline", qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=min(2.0, flush_timeout))
+            except (RuntimeError, ValueError):
+                pass
+            self.client.disconnect()
+        self.client.loop_stop()
+
+    def _flush(self, timeout: float) -> None:
+        done = threading.Event()
+        deadline = threading.Timer(timeout, done.set)
+        deadline.start()
+        try:
+            while not done.is_set() and len(self.spool) and self.connected.is_set():
+                done.wait(0.05)
+        finally:
+            deadline.cancel()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            log.error("broker %s:%s refused the connection: %s", self.host, self.port, reason_code)
+            return
+        self.reconnects += 1
+        log.info("connected to %s:%s", self.host, self.port)
+        client.publish(self.availability, "online", qos=1, retain=True)
+        for topic, payload in list(self._retained.items()):
+            client.publish(topic, payload, qos=1, retain=True)
+        for camera in self.cameras:
+            for kind in COMMANDS:
+                client.subscribe(f"{self.base}/{camera}/{kind}/set", qos=1)
+        if self.cfg.homeassistant.enabled:
+            client.subscribe(f"{self.cfg.homeassistant.discovery_prefix}/status", qos=1)
+            self._publish_discovery()
+        with self._lock:
+            self._inflight.clear()  # resend from the spool's head: at-least-once, in order
+        self.connected.set()
+        self._pump()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.connected.clear()
+        if reason_code.value != 0:
+            log.warning("disconnected from %s:%s (%s); reconnecting", self.host, self.port, reason_code)
+
+    # -- alerts through the spool ------------------------------------------------------------
+    def publish_drift(self, camera: str, event: dict) -> None:
+        self.spool.put(f"{self.base}/{camera}/drift", event)
+        self._pump()
+
+    def _pump(self) -> None:
+        with self._lock:
+            if self._inflight or not self.connected.is_set():
+                return
+            head = self.spool.peek()
+            if head is None:
+                return
+            message_id, topic, payload = head
+            info = self.client.publish(topic, json.dumps(payload), qos=1)
+            if info.rc == paho.MQTT_ERR_SUCCESS or info.rc == paho.MQTT_ERR_NO_CONN:
+                self._inflight[info.mid] = message_id
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        with self._lock:
+            message_id = self._inflight.pop(mid, None)
+        if message_id is not None:
+            self.spool.remove(message_id)
+            self.alerts_acked += 1
+            self._pump()
+
+    # -- predictions, state, stats -----------------------------------------------------------
+    def publish_prediction(self, camera: str, payload: dict) -> None:
+        if not self.connected.is_set():
+            self.predictions_dropped += 1
+            return
+        info = self.client.publish(f"{self.base}/{camera}/prediction", json.dumps(payload), qos=0)
+        if info.rc == paho.MQTT_ERR_SUCCESS:
+            self.predictions_sent += 1
+        else:
+            self.predictions_dropped += 1
+
+    def publish_retained(self, subtopic: str, payload: dict) -> None:
+        topic = f"{self.base}/{subtopic}"
+        text = json.dumps(payload)
+        self._retained[topic] = text
+        if self.connected.is_set():
+            self.client.publish(topic, text, qos=1, retain=True)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.client._out_messages)
+
+    # -- commands in -------------------------------------------------------------------------
+    def _on_message(self, client, userdata, message):
+        try:
+            if self.cfg.homeassistant.enabled and message.topic == f"{self.cfg.homeassistant.discovery_prefix}/status":
+                if message.payload == b"online":
+                    self._publish_discovery()
+                return
+            self.commands.put_nowait(self.parse_command(message.topic, message.payload))
+        except (ValueError, queue.Full) as exc:
+            self.commands_rejected += 1
+            log.warning("command rejected on %r: %s", message.topic[:200], exc)
+
+    def parse_command(self, topic: str, payload: bytes) -> Command:
+        """Strict: a known camera, a known command, a known value; nothing else."""
+        parts = topic.removeprefix(self.base + "/").split("/")
+        if len(parts) != 3 or parts[2] != "set" or parts[1] not in COMMANDS:
+            raise ValueError("unknown command topic")
+        camera, kind = parts[0], parts[1]
+        if camera not in self.cameras:
+            raise ValueError(f"unknown camera {camera[:64]!r}")
+        if len(payload) > MAX_COMMAND_BYTES:
+            raise ValueError(f"payload of {len(payload)} bytes (at most {MAX_COMMAND_BYTES})")
+        try:
+            value = payload.decode("utf-8").strip().lower()
+        except UnicodeDecodeError:
+            raise ValueError("payload is not UTF-8 text") from None
+        if value not in COMMANDS[kind]:
+            raise ValueError(f"{kind} takes one of {', '.join(COMMANDS[kind])}, got {value[:32]!r}")
+        return Command(camera, kind, value)
+
+    def _publish_discovery(self) -> None:
+        """Home Assistant MQTT discovery: a class sensor and a drift binary sensor per camera."""
+        prefix = self.cfg.homeassistant.discovery_prefix
+        device = {"identifiers": [f"tta-agent-{self.device_id}"], "name": f"tta-agent {self.device_id}",
+                  "manufacturer": "tta-agent", "model": "streaming test-time adaptation"}
+        for camera in sorted(self.cameras):
+            uid = f"tta_{self.device_id}_{camera}"
+            configs = {
+                f"{prefix}/sensor/{uid}_class/config": {
+                    "name": f"{camera} class", "unique_id": f"{uid}_class",
+                    "state_topic": f"{self.base}/{camera}/prediction",
+                    "value_template": "{{ value_json.adapted[0].label }}",
+                },
+                f"{prefix}/binary_sensor/{uid}_drift/config": {
+                    "name": f"{camera} drift", "unique_id": f"{uid}_drift", "device_class": "problem",
+                    "state_topic": f"{self.base}/{camera}/drift/state",
+                    "value_template": "{{ 'ON' if value_json.active else 'OFF' }}",
+                },
+            }
+            for topic, doc in configs.items():
+                doc.update(availability_topic=self.availability, device=device)
+                self.client.publish(topic, json.dumps(doc), qos=1, retain=True)
