@@ -26,7 +26,7 @@ class EmbeddedBroker:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="embedded-broker", daemon=True)
 
-    def start(self, timeout: float = 15.0) -> "EmbeddedBroker":
+    def start(self, timeout: float = 15.0) -> EmbeddedBroker:
         self._thread.start()
         if not self._ready.wait(timeout) or self._error:
             raise RuntimeError(f"embedded MQTT broker did not start on port {self.port}: {self._error}")
@@ -50,7 +50,7 @@ class EmbeddedBroker:
 
         try:
             asyncio.run(serve())
-        except BaseException as exc:  # report start failures to start()
+        except Exception as exc:  # report start failures to start()
             self._error = exc
             self._ready.set()
 

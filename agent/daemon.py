@@ -178,6 +178,8 @@ class Agent:
             })
         if result.drift is not None:
             event = result.drift
+            log.info("drift %s camera=%s episode=%s frame=%d score=%.2f", event.type, camera.name, event.episode,
+                     event.frame, event.score)
             self.mqtt.publish_drift(camera.name, _drift_payload(self.config.device_id, camera.name, event))
             camera.drift_since = utc(event.time) if event.type == "start" else (
                 None if event.type == "end" else camera.drift_since)

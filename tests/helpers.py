@@ -1,0 +1,161 @@
+"""Real processes for the tests: a mosquitto broker each test owns, the daemon as a subprocess, a subscriber."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import paho.mqtt.client as paho
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+class Mosquitto:
+    """A mosquitto process on a free port that the test can stop and restart (persistence on)."""
+
+    def __init__(self, folder: Path, extra: str = "", port: int | None = None):
+        if not shutil.which("mosquitto") and not Path("/usr/sbin/mosquitto").exists():
+            raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+        self.folder = folder
+        self.port = port or free_port()
+        self.conf = folder / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\npersistence true\n"
+                             f"persistence_location {folder}/\nautosave_interval 1\n"
+                             + (extra or "allow_anonymous true\n"))
+        self.proc: subprocess.Popen | None = None
+        self.log = folder / "mosquitto.log"
+
+    def start(self) -> "Mosquitto":
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=open(self.log, "ab"),
+                                     stderr=subprocess.STDOUT)
+        if not wait_for(self._listening, 10):
+            raise RuntimeError(f"mosquitto did not start: {self.log.read_text()[-2000:]}")
+        return self
+
+    def _listening(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+
+
+class Subscriber:
+    """Collects every message under a topic filter, reconnecting like any user's client."""
+
+    def __init__(self, port: int, topic: str = "#", client_id: str | None = None, tls: dict | None = None,
+                 auth: tuple[str, str] | None = None):
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.lock = threading.Lock()
+        persistent = client_id is not None
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id or "",
+                                  clean_session=not persistent)
+        self.client.reconnect_delay_set(0.2, 1)
+        if tls:
+            self.client.tls_set(**tls)
+        if auth:
+            self.client.username_pw_set(*auth)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_message = self._on_message
+        self.client.connect_async("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, message):
+        with self.lock:
+            self.messages.append((message.topic, message.payload, bool(message.retain)))
+
+    def payloads(self, suffix: str) -> list:
+        with self.lock:
+            return [json.loads(p) if p[:1] in (b"{", b"[") else p.decode()
+                    for t, p, _ in self.messages if t.endswith(suffix)]
+
+    def stop(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def fmnist_video(path: Path, segments: list[tuple[str, int]], fps: float = 50.0, size: int = 56,
+                 seed: int = 0) -> list[str]:
+    """Fashion-MNIST test images as a grayscale 'camera', with conditions: clean, noise, dark."""
+    from exporters.models.fashion_mnist import load_split
+
+    images, _ = load_split("t10k")
+    rng = np.random.default_rng(seed)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (size, size))
+    conditions = []
+    i = 0
+    for condition, count in segments:
+        for _ in range(count):
+            x = images[i % len(images)].astype(np.float32)
+            i += 1
+            if condition == "noise":
+                x = x + rng.normal(0, 70, x.shape)
+            elif condition == "dark":
+                x = 0.3 * x + 40
+            frame = cv2.resize(np.clip(x, 0, 255).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))
+            conditions.append(condition)
+    writer.release()
+    return conditions
+
+
+def agent_config(tmp: Path, model: Path, video: Path, port: int, **overrides) -> Path:
+    doc = {
+        "device_id": "test-box",
+        "log_level": "info",
+        "model": {"path": str(model), "device": "cpu", "threads": 1},
+        "adaptation": {"raw_every": 0},
+        "drift": {"warmup": 50, "end_frames": 20, "update_every": 1000},
+        "cameras": [{"name": "cam1", "source": str(video), "replay": {"paced": True}}],
+        "mqtt": {"host": "127.0.0.1", "port": port, "prefix": "tta", "stats_interval_s": 0.5,
+                 "keepalive_s": 5},
+        "state": {"dir": str(tmp / "state"), "checkpoint_every_s": 1},
+        "exit_when_done": True,
+    }
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        if name:
+            doc.setdefault(section, {})[name] = value
+        else:
+            doc[section] = value
+    path = tmp / "agent.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def start_daemon(config: Path, env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)], cwd=ROOT,
+                            env=environment, stdout=out, stderr=subprocess.STDOUT)
