@@ -4,7 +4,8 @@ Each layer's shift is KL(frame statistics || source statistics). A warm-up learn
 layer's usual level and spread on this camera; the drift score is the mean standardised
 shift of the first `score_layers` layers, because low-level changes (fog, night, noise,
 blur) show there first while deeper statistics follow scene content, which a camera sees
-change all the time. A one-sided Page-Hinkley test on that score raises `start`; while drifting, `update` events follow every
+change all the time. A two-sided Page-Hinkley test on that score (statistics that move
+away from the source, or towards it) raises `start`; while drifting, `update` events follow every
 `update_every` frames; `end` comes once the smoothed score has stayed back near the
 warm-up level for `end_frames` frames (hysteresis, so a flickering score does not flap).
 """
@@ -47,8 +48,7 @@ class DriftDetector:
         self.mean: np.ndarray | None = None  # per-layer warm-up mean and spread
         self.std: np.ndarray | None = None
         self.episode: str | None = None
-        self._cum = 0.0
-        self._min = 0.0
+        self._up = self._down = 0.0  # Page-Hinkley sums above their running minima, one per direction
         self.level = 0.0  # smoothed standardised score
         self._calm = 0
         self._since_update = 0
@@ -78,20 +78,20 @@ class DriftDetector:
         self.level += self.smoothing * (z - self.level)
         now = time.time() if now is None else now
         if self.episode is None:
-            self._cum += z - self.delta
-            self._min = min(self._min, self._cum)
-            if self._cum - self._min > self.threshold:
+            self._up = max(0.0, self._up + z - self.delta)
+            self._down = max(0.0, self._down - z - self.delta)
+            if max(self._up, self._down) > self.threshold:
                 self.episode = uuid.uuid4().hex[:12]
                 self._calm = self._since_update = 0
-                self.level = max(self.level, z)
+                self.level = z if abs(z) > abs(self.level) else self.level
                 return self._event("start", frame, now, z_layers)
             return None
         self._since_update += 1
-        self._calm = self._calm + 1 if self.level < self.end_level else 0
+        self._calm = self._calm + 1 if abs(self.level) < self.end_level else 0
         if self._calm >= self.end_frames:
             event = self._event("end", frame, now, z_layers)
             self.episode = None
-            self._cum = self._min = 0.0
+            self._up = self._down = 0.0
             return event
         if self._since_update >= self.update_every:
             self._since_update = 0
@@ -99,7 +99,7 @@ class DriftDetector:
         return None
 
     def _event(self, kind: str, frame: int, now: float, z_layers: np.ndarray) -> DriftEvent:
-        order = np.argsort(-z_layers)[: self.top_k]
+        order = np.argsort(-np.abs(z_layers))[: self.top_k]
         top = [{"layer": self.layers[i], "z": round(float(z_layers[i]), 2)} for i in order]
         return DriftEvent(kind, self.episode, frame, now, round(float(self.level), 3), self.threshold, self.detector,
                           top)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -44,7 +45,9 @@ class Mosquitto:
         self.folder = folder
         self.port = port or free_port()
         self.conf = folder / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\npersistence true\n"
+        # as root, mosquitto drops to its own user, which cannot read the test's private tmp folder
+        stay = f"user {pwd.getpwuid(os.geteuid()).pw_name}\n" if os.geteuid() == 0 else ""
+        self.conf.write_text(f"{stay}listener {self.port} 127.0.0.1\npersistence true\n"
                              f"persistence_location {folder}/\nautosave_interval 1\n"
                              + (extra or "allow_anonymous true\n"))
         self.proc: subprocess.Popen | None = None

@@ -1,0 +1,218 @@
+"""The daemon as a subprocess against a mosquitto process each test starts: topics, schemas, will,
+the alert spool across a broker outage, TLS with a password, commands, sd_notify."""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from helpers import Mosquitto, Subscriber, agent_config, fmnist_video, start_daemon, wait_for
+
+SCHEMAS = Path(__file__).resolve().parents[1] / "agent" / "schemas"
+
+
+def schema(name: str) -> dict:
+    return json.loads((SCHEMAS / f"{name}.json").read_text())
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Mosquitto(tmp_path).start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def drift_video(tmp_path_factory):
+    """Clean, then the light fails (dark, low contrast), then clean again, twice: two drift episodes."""
+    path = tmp_path_factory.mktemp("fm") / "fm.avi"
+    fmnist_video(path, [("clean", 120), ("dark", 100), ("clean", 100), ("dark", 100), ("clean", 100)])
+    return path
+
+
+def test_subscriber_receives_every_topic_with_valid_schemas(tmp_path, broker, fmnist, drift_video):
+    sub = Subscriber(broker.port, "tta/#")
+    config = agent_config(tmp_path, fmnist["int8"], drift_video, broker.port, adaptation__raw_every=5,
+                          cameras=[{"name": "cam1", "source": str(drift_video), "replay": {"paced": False}}])
+    daemon = start_daemon(config, log=tmp_path / "agent.log")
+    assert daemon.wait(120) == 0, (tmp_path / "agent.log").read_text()[-3000:]
+    assert wait_for(lambda: "offline" in sub.payloads("availability"), 5)
+    sub.stop()
+    assert sub.payloads("availability")[:1] == ["online"]
+    predictions = sub.payloads("cam1/prediction")
+    assert len(predictions) == 520
+    assert [p["frame"] for p in predictions] == list(range(520))
+    for p in predictions:
+        jsonschema.validate(p, schema("prediction"))
+    assert sum(p["raw"] is not None for p in predictions) == 104  # every 5th frame
+    events = sub.payloads("cam1/drift")
+    for e in events:
+        jsonschema.validate(e, schema("drift"))
+    assert [e["type"] for e in events if e["type"] != "update"] == ["start", "end", "start", "end"]
+    assert events[0]["episode"] == events[1]["episode"] != events[2]["episode"]
+    states = sub.payloads("cam1/drift/state")
+    for s in states:
+        jsonschema.validate(s, schema("drift_state"))
+    assert [s["active"] for s in states] == [True, False, True, False]
+    stats = sub.payloads("tta/test-box/stats")
+    assert stats
+    for s in stats:
+        jsonschema.validate(s, schema("stats"))
+    assert stats[-1]["cameras"]["cam1"]["frames_processed"] == 520
+    assert (tmp_path / "state" / "cam1.state.npz").exists()
+
+
+def test_killed_agent_goes_offline_through_the_will(tmp_path, broker, fmnist, drift_video):
+    sub = Subscriber(broker.port, "tta/test-box/availability")
+    daemon = start_daemon(agent_config(tmp_path, fmnist["int8"], drift_video, broker.port))
+    assert wait_for(lambda: "online" in sub.payloads("availability"), 30)
+    daemon.kill()
+    daemon.wait(10)
+    assert wait_for(lambda: sub.payloads("availability")[-1:] == ["offline"], 15)
+    sub.stop()
+
+
+def test_every_alert_arrives_in_order_across_a_broker_outage(tmp_path, broker, fmnist, drift_video):
+    """Broker stopped while drift events are raised, then restarted: at-least-once, in order."""
+    sub = Subscriber(broker.port, "tta/test-box/cam1/drift", client_id="alert-consumer")
+    log = tmp_path / "agent.log"
+    daemon = start_daemon(agent_config(tmp_path, fmnist["int8"], drift_video, broker.port), log=log)
+    assert wait_for(lambda: "drift start" in log.read_text(), 60), log.read_text()[-2000:]
+    broker.stop()  # the outage spans the first episode's end and the second's start
+    time.sleep(6)
+    broker.start()
+    assert daemon.wait(120) == 0
+    raised = [(m[0], m[1], int(m[2])) for m in re.findall(r"drift (\w+) camera=cam1 episode=(\w+) frame=(\d+)",
+                                                           log.read_text())]
+    assert len(raised) >= 4
+    assert wait_for(lambda: len({(e["type"], e["episode"], e["frame"]) for e in sub.payloads("drift")})
+                    >= len(raised), 20)
+    sub.stop()
+    received = [(e["type"], e["episode"], e["frame"]) for e in sub.payloads("drift")]
+    unique = list(dict.fromkeys(received))  # at-least-once: duplicates allowed, order and completeness not
+    assert unique == raised
+    assert "disconnected" in log.read_text()
+
+
+def test_sigterm_publishes_offline_saves_state_and_exits_quickly(tmp_path, broker, fmnist, drift_video):
+    sub = Subscriber(broker.port, "tta/#")
+    config = agent_config(tmp_path, fmnist["int8"], drift_video, broker.port, state__checkpoint_every_s=3600)
+    daemon = start_daemon(config)
+    assert wait_for(lambda: len(sub.payloads("prediction")) > 20, 60)
+    started = time.monotonic()
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(10) == 0
+    assert time.monotonic() - started < 5
+    assert wait_for(lambda: sub.payloads("availability")[-1:] == ["offline"], 5)
+    assert (tmp_path / "state" / "cam1.state.npz").exists()
+    sub.stop()
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A CA, and a server certificate for 127.0.0.1 signed by it."""
+    paths = {name: folder / f"{name}" for name in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt")}
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=tta-test-ca",
+            "-keyout", paths["ca.key"], "-out", paths["ca.crt"])
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", paths["server.key"],
+            "-out", paths["server.csr"])
+    ext = folder / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", paths["server.csr"], "-CA", paths["ca.crt"], "-CAkey", paths["ca.key"],
+            "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", paths["server.crt"])
+    for p in paths.values():
+        p.chmod(0o644)
+    return paths
+
+
+def test_tls_with_password_connects_and_a_wrong_password_does_not(tmp_path, fmnist, drift_video):
+    certs = _certificates(tmp_path)
+    passwords = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "agent", "s3cret-pass"], check=True)
+    passwords.chmod(0o644)
+    broker = Mosquitto(tmp_path, extra=f"allow_anonymous false\npassword_file {passwords}\n"
+                                       f"cafile {certs['ca.crt']}\ncertfile {certs['server.crt']}\n"
+                                       f"keyfile {certs['server.key']}\n").start()
+    try:
+        sub = Subscriber(broker.port, "tta/#", tls={"ca_certs": str(certs["ca.crt"])},
+                         auth=("agent", "s3cret-pass"))
+        secret = tmp_path / "mqtt-password"
+        secret.write_text("s3cret-pass\n")
+        tls = {"ca": str(certs["ca.crt"])}
+        log = tmp_path / "agent.log"
+        config = agent_config(tmp_path, fmnist["int8"], drift_video, broker.port, mqtt__tls=tls,
+                              mqtt__username="agent", mqtt__password_file=str(secret))
+        daemon = start_daemon(config, log=log)
+        assert wait_for(lambda: len(sub.payloads("prediction")) > 10, 60), log.read_text()[-2000:]
+        daemon.terminate()
+        daemon.wait(10)
+        assert "s3cret-pass" not in log.read_text()
+        assert not any(b"s3cret-pass" in m[1] for m in sub.messages)
+        sub.stop()
+
+        secret.write_text("wrong\n")
+        log.unlink()
+        daemon = start_daemon(config, log=log)
+        assert wait_for(lambda: "refused the connection" in log.read_text(), 30), log.read_text()[-2000:]
+        assert daemon.poll() is None  # keeps processing frames, and keeps trying
+        daemon.terminate()
+        assert daemon.wait(10) == 0
+    finally:
+        broker.stop()
+
+
+def test_commands_switch_adaptation_and_malformed_ones_are_counted(tmp_path, broker, fmnist, drift_video):
+    sub = Subscriber(broker.port, "tta/#")
+    config = agent_config(tmp_path, fmnist["int8"], drift_video, broker.port)
+    daemon = start_daemon(config)
+    assert wait_for(lambda: len(sub.payloads("prediction")) > 5, 60)
+    publish = sub.client.publish
+    publish("tta/test-box/cam1/adaptation/set", "off", qos=1)
+    for topic, payload in [("tta/test-box/cam1/adaptation/set", "explode"),
+                           ("tta/test-box/cam1/adaptation/set", b"\xff\xfe"),
+                           ("tta/test-box/cam1/adaptation/set", "x" * 10_000),
+                           ("tta/test-box/cam1/lame/set", '{"mode": "on"}')]:
+        publish(topic, payload, qos=1)
+    assert wait_for(lambda: any(p["adaptation"] == "off" for p in sub.payloads("prediction")), 10)
+    assert wait_for(lambda: any(s["mqtt"]["commands_rejected"] == 4 for s in sub.payloads("stats")), 10), \
+        [s["mqtt"]["commands_rejected"] for s in sub.payloads("stats")]
+    assert daemon.poll() is None
+    daemon.terminate()
+    assert daemon.wait(10) == 0
+    sub.stop()
+
+
+def test_systemd_notify_ready_watchdog_status_and_stopping(tmp_path, broker, fmnist, drift_video):
+    address = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(0.5)
+    env = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"}
+    daemon = start_daemon(agent_config(tmp_path, fmnist["int8"], drift_video, broker.port), env=env)
+    seen: list[str] = []
+
+    def receive_until(predicate, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not predicate():
+            try:
+                seen.extend(sock.recv(4096).decode().split("\n"))
+            except socket.timeout:
+                pass
+        return predicate()
+
+    assert receive_until(lambda: "READY=1" in seen and seen.count("WATCHDOG=1") >= 2, 60), seen
+    assert any(s.startswith("STATUS=") and "fps" in s for s in seen)
+    daemon.send_signal(signal.SIGTERM)
+    assert receive_until(lambda: "STOPPING=1" in seen, 10), seen
+    assert daemon.wait(10) == 0
+    sock.close()
