@@ -162,6 +162,7 @@ def read_model_info(path: str | Path) -> ModelInfo:
         stats[layer.name] = (mean, var)
     if expected_in - inputs or expected_out - outputs:
         absent = sorted((expected_in - inputs) | (expected_out - outputs))
-        raise ContractError(f"{path}: graph lacks the contract's tensors {absent[:5]}{'...' if len(absent) > 5 else ''}")
+        more = "..." if len(absent) > 5 else ""
+        raise ContractError(f"{path}: graph lacks the contract's tensors {absent[:5]}{more}")
     calibration = json.loads(meta.get(KEY_CALIBRATION, "{}"))
     return ModelInfo(path, labels, preprocess, adaptation, stats, calibration)

@@ -48,7 +48,8 @@ def read_labels(path: str | Path, class_names: tuple[str, ...]) -> dict[int, Fra
             try:
                 frame = int(row["frame"])
             except (TypeError, ValueError):
-                raise LabelsError(f"labels file {path} row {row_number}: frame {row['frame']!r} is not an integer")
+                raise LabelsError(f"labels file {path} row {row_number}: frame {row['frame']!r} is not an integer"
+                                  ) from None
             names = [n for n in (row["label"] or "").split("|") if n]
             unknown = [n for n in names if n not in index]
             if not names or unknown:

@@ -97,7 +97,8 @@ class AdaptiveSession:
         self.provider_reason = choice.reason
         if choice.providers[0] != CPU and self.provider != choice.providers[0]:
             # onnxruntime only warns when a provider fails to load; say so plainly
-            self.provider_reason = f"{choice.providers[0]} failed to initialise (no usable GPU); running on {self.provider}"
+            self.provider_reason = (f"{choice.providers[0]} failed to initialise (no usable GPU); "
+                                    f"running on {self.provider}")
         log.info("model %s on %s (%s)", self.path.name, self.provider, self.provider_reason)
         self._adapt = {True: np.ones(1, np.float32), False: np.zeros(1, np.float32)}
         self._outputs = {name: np.empty(shape, np.float32) for name, shape in self._output_shapes().items()}

@@ -48,7 +48,8 @@ def initial_state(spec: AdaptationSpec, source_stats: dict, seed: int = 0) -> di
 def save_state(path: str | Path, state: dict, spec: AdaptationSpec, frames: int = 0) -> None:
     """Write atomically (temp file, fsync, rename) so a crash never leaves a torn state file."""
     path = Path(path)
-    arrays = {f"{layer}/{name}": np.ascontiguousarray(t) for layer, tensors in state.items() for name, t in tensors.items()}
+    arrays = {f"{layer}/{name}": np.ascontiguousarray(t)
+              for layer, tensors in state.items() for name, t in tensors.items()}
     meta = {"format": STATE_FORMAT, "mode": spec.mode, "components": spec.components, "frames": int(frames)}
     arrays[META_KEY] = np.array(json.dumps(meta))
     path.parent.mkdir(parents=True, exist_ok=True)

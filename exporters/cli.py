@@ -39,7 +39,8 @@ def _efficientnet(args):
         holdout = [f for i, f in enumerate(frames) if i in held]
     else:
         calib, holdout = _split(args)
-    return eff.pretrained(), (1, 3, eff.IMAGE_SIZE, eff.IMAGE_SIZE), eff.imagenet_labels(), eff.PREPROCESS, calib, holdout
+    shape = (1, 3, eff.IMAGE_SIZE, eff.IMAGE_SIZE)
+    return eff.pretrained(), shape, eff.imagenet_labels(), eff.PREPROCESS, calib, holdout
 
 
 def _fashion_mnist(args):

@@ -53,7 +53,7 @@ class Mosquitto:
         self.proc: subprocess.Popen | None = None
         self.log = folder / "mosquitto.log"
 
-    def start(self) -> "Mosquitto":
+    def start(self) -> Mosquitto:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=open(self.log, "ab"),
                                      stderr=subprocess.STDOUT)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-
 from helpers import Mosquitto, Subscriber, agent_config, fmnist_video, start_daemon, wait_for
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "agent" / "schemas"
@@ -206,7 +205,7 @@ def test_systemd_notify_ready_watchdog_status_and_stopping(tmp_path, broker, fmn
         while time.monotonic() < deadline and not predicate():
             try:
                 seen.extend(sock.recv(4096).decode().split("\n"))
-            except socket.timeout:
+            except TimeoutError:
                 pass
         return predicate()
 

@@ -1,0 +1,113 @@
+"""The systemd unit (systemd-analyze) and the config schema: errors name the key path."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.cli import main as agent_main
+from agent.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+UNIT = ROOT / "systemd" / "tta-agent.service"
+
+
+def _unit_with_real_paths(tmp_path: Path) -> Path:
+    """The unit as shipped, pointed at this checkout's console script so verify can find it."""
+    script = Path(sys.executable).with_name("tta-agent")
+    unit = tmp_path / "tta-agent.service"
+    unit.write_text(UNIT.read_text().replace("/opt/tta-agent/.venv/bin/tta-agent", str(script)))
+    return unit
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
+def test_unit_verifies_and_is_hardened(tmp_path):
+    unit = _unit_with_real_paths(tmp_path)
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert verify.returncode == 0 and verify.stderr.strip() == "", verify.stderr
+    security = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True,
+                              text=True)
+    exposure = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout).group(1))
+    assert exposure <= 2.0, security.stdout[-2000:]
+    text = UNIT.read_text()
+    for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "StartLimitBurst=", "ExecStartPre=",
+                 "DynamicUser=yes", "StateDirectory=tta-agent", "DeviceAllow=char-video4linux",
+                 "ProtectSystem=strict", "LoadCredentialEncrypted=mqtt-password"):
+        assert line in text
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_is_valid(example):
+    config = load_config(example)
+    assert config.cameras
+
+
+def _base(**changes) -> dict:
+    doc = {"model": {"path": "m.onnx"}, "cameras": [{"name": "front", "source": "0"}]}
+    doc.update(changes)
+    return doc
+
+
+@pytest.mark.parametrize("doc, message", [
+    (_base(modle={"path": "x"}), "modle: unknown key"),
+    (_base(model={"path": "m.onnx", "device": "tpu"}), "model.device: Input should be 'auto', 'cpu' or 'cuda'"),
+    (_base(model={"path": "m.onnx", "threads": 0}), "model.threads: Input should be greater than or equal to 1"),
+    (_base(cameras=[{"name": "front door", "source": "0"}]), "cameras.0.name: String should match pattern"),
+    (_base(cameras=[]), "cameras: List should have at least 1 item"),
+    (_base(drift={"warmup": "soon"}), "drift.warmup: Input should be a valid integer"),
+    (_base(mqtt={"port": 70000}), "mqtt.port: Input should be less than or equal to 65535"),
+    (_base(mqtt={"password_file": "a", "password_env": "B"}), "give one password source"),
+    (_base(lame={"window": 10**12}), "lame.window: Input should be less than or equal to 1024"),
+    ({"cameras": [{"name": "a", "source": "0"}]}, "model: required key missing"),
+    ([1, 2], "expected a mapping"),
+])
+def test_bad_config_names_the_key_path(doc, message):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(doc)
+    assert message in str(exc.value)
+
+
+def test_yaml_on_off_are_read_as_the_words(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {path: m.onnx}\ncameras: [{name: a, source: '0'}]\nadaptation: {mode: off}\n"
+                    "lame: {mode: on}\n")
+    config = load_config(path)
+    assert (config.adaptation.mode, config.lame.mode) == ("off", "on")
+
+
+def test_yaml_bomb_and_garbage_are_refused(tmp_path, capsys):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text('a: &a ["x","x"]\nb: &b [*a,*a]\nc: &c [*b,*b]\nd: [*c,*c]\n')
+    with pytest.raises(ConfigError, match="aliases are not allowed"):
+        load_config(bomb)
+    junk = tmp_path / "junk.yaml"
+    junk.write_bytes(b"\xff\xfe\x00garbage")
+    assert agent_main(["validate-config", str(junk)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_validate_config_reports_missing_files(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_base()))
+    assert agent_main(["validate-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "files not found" in err and str(tmp_path / "m.onnx") in err
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children,
+                                                                                     max_size=4),
+                    max_leaves=20))
+def test_any_document_is_accepted_or_refused_with_a_config_error(doc):
+    try:
+        parse_config(doc)
+    except ConfigError:
+        pass
