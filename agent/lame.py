@@ -46,6 +46,7 @@ def energy(z: np.ndarray, probs: np.ndarray, a: np.ndarray) -> float:
 
 def solve(probs: np.ndarray, a: np.ndarray, max_steps: int = 100, tol: float = 1e-8) -> np.ndarray:
     """Fixed-point iterations until the energy stops falling."""
+    probs = np.asarray(probs, np.float64)
     log_p = np.log(np.maximum(probs, LOG_FLOOR))
     z = probs.copy()
     previous = energy(z, probs, a)

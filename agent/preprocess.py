@@ -34,6 +34,8 @@ class Preprocessor:
             raise FrameError("empty frame")
         if frame.dtype != np.uint8:
             raise FrameError(f"frame dtype {frame.dtype}, expected uint8")
+        if frame.ndim in (2, 3) and min(frame.shape[:2]) < 2:
+            raise FrameError(f"frame of {frame.shape[1]}x{frame.shape[0]} pixels is too small")
         if frame.ndim == 3 and frame.shape[2] == 1:
             frame = frame[:, :, 0]
         if frame.ndim == 2:
@@ -45,8 +47,6 @@ class Preprocessor:
             frame = cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
         elif not (frame.ndim == 3 and frame.shape[2] == 3):
             raise FrameError(f"frame shape {frame.shape} is not an image (H, W[, 1|3|4])")
-        if min(frame.shape[:2]) < 2:
-            raise FrameError(f"frame of {frame.shape[1]}x{frame.shape[0]} pixels is too small")
         order = self.spec.channel_order
         if order == "GRAY":
             return cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)

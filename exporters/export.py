@@ -87,12 +87,9 @@ def _strip_prefix(model: onnx.ModelProto, prefix: str) -> onnx.ModelProto:
 
 def build_adaptive(model: nn.Module, input_shape: tuple[int, ...], spec: AdaptationSpec,
                    labels: list[str], preprocess: Preprocess) -> onnx.ModelProto:
-    import onnxscript.optimizer
-
     if len(labels) != _classifier(model).out_features:
         raise ExportError(f"{len(labels)} labels for a classifier with {_classifier(model).out_features} outputs")
-    adaptive = make_adaptive(export_plain(model, input_shape), spec)
-    adaptive = onnxscript.optimizer.optimize(adaptive)
+    adaptive = _fold_constants(make_adaptive(export_plain(model, input_shape), spec))
     onnx.checker.check_model(adaptive, full_check=True)
     set_metadata(adaptive, {
         contract.KEY_FORMAT: str(contract.FORMAT_VERSION),
@@ -102,6 +99,18 @@ def build_adaptive(model: nn.Module, input_shape: tuple[int, ...], spec: Adaptat
     })
     adaptive.producer_name = "tta-export"
     return adaptive
+
+
+def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold the exporter's shape arithmetic (padding sizes), nothing more: the full onnxscript
+    optimizer would also merge equal initializers, renaming the source statistics the contract names."""
+    import onnxscript.optimizer
+    from onnxscript import ir
+
+    graph = ir.serde.deserialize_model(model)
+    onnxscript.optimizer.fold_constants(graph)
+    onnxscript.optimizer.remove_unused_nodes(graph)
+    return ir.serde.serialize_model(graph)
 
 
 def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
