@@ -29,6 +29,7 @@ def initial_state(spec: AdaptationSpec, source_stats: dict, seed: int = 0) -> di
     """Components for every layer, reproducible from the seed.
 
     faithful: the paper's noisy init, M_k = mu + sqrt(aK/(K-1)) sqrt(var) n_k, V_k = (1-a) var.
+    robust: every component empty (count 0) at the source statistics; data seeds them.
     """
     rng = np.random.default_rng(seed)
     k = spec.components
@@ -40,6 +41,10 @@ def initial_state(spec: AdaptationSpec, source_stats: dict, seed: int = 0) -> di
             means = mean + np.sqrt(NOISY_INIT_A * k / (k - 1)) * np.sqrt(var) * noise
             variances = np.broadcast_to((1 - NOISY_INIT_A) * var, (k, mean.size))
             state[layer.name] = {"means": means.astype(np.float32), "vars": variances.astype(np.float32)}
+        elif spec.mode == "robust":
+            state[layer.name] = {"means": np.tile(mean, (k, 1)).astype(np.float32),
+                                 "vars": np.tile(var, (k, 1)).astype(np.float32),
+                                 "counts": np.zeros((k, 1), np.float32)}
         else:
             raise StateError(f"unknown adaptation mode {spec.mode!r}")
     return state
@@ -95,8 +100,9 @@ def load_state(path: str | Path, spec: AdaptationSpec) -> tuple[dict, dict]:
             if key not in arrays:
                 raise StateError(f"state file {path} lacks {key}")
             tensor = arrays[key].astype(np.float32, copy=False)
-            if tensor.ndim != 2 or tensor.shape[1] != layer.channels:
-                raise StateError(f"state file {path}: {key} has shape {tensor.shape}, expected (K, {layer.channels})")
+            expected = (spec.components, 1 if name == "counts" else layer.channels)
+            if tensor.shape != expected:
+                raise StateError(f"state file {path}: {key} has shape {tensor.shape}, expected {expected}")
             if not np.all(np.isfinite(tensor)):
                 raise StateError(f"state file {path}: {key} holds non-finite values")
             state[layer.name][name] = tensor

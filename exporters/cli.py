@@ -23,7 +23,7 @@ from .quantize import quantize, read_frames
 from .unmix import K_DEFAULT, MOMENTUM_BATCH1, TEMPERATURE
 
 log = logging.getLogger("tta-export")
-MODES = ("faithful",)
+MODES = ("robust", "faithful")
 
 
 def _efficientnet(args):
@@ -148,7 +148,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-frames", type=int, default=256)
     p.add_argument("--holdout-frames", type=int, default=256)
     p.add_argument("--calibration", choices=("minmax", "percentile", "entropy"), default="percentile")
-    p.add_argument("--mode", choices=MODES, default="faithful")
+    p.add_argument("--mode", choices=MODES, default="robust",
+                   help="robust: the single-instance variant (default); faithful: the published algorithm")
     p.add_argument("--components", type=int, default=K_DEFAULT, help="K, UnMix-TNS components per layer")
     p.add_argument("--momentum", type=float, default=MOMENTUM_BATCH1)
     p.add_argument("--temperature", type=float, default=TEMPERATURE)

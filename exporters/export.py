@@ -15,7 +15,7 @@ from agent import contract
 from agent.contract import AdaptationSpec, LayerSpec, Preprocess
 
 from .graph import make_adaptive
-from .unmix import K_DEFAULT, MOMENTUM_BATCH1, TEMPERATURE, batchnorm_layers
+from .unmix import K_DEFAULT, MOMENTUM_BATCH1, ROBUST_OPTIONS, TEMPERATURE, batchnorm_layers
 
 log = logging.getLogger(__name__)
 OPSET = 21
@@ -46,9 +46,9 @@ def _classifier(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-def adaptation_spec(model: nn.Module, mode: str = "faithful", components: int = K_DEFAULT,
+def adaptation_spec(model: nn.Module, mode: str = "robust", components: int = K_DEFAULT,
                     momentum: float = MOMENTUM_BATCH1, temperature: float = TEMPERATURE,
-                    layers: list[str] | None = None) -> AdaptationSpec:
+                    layers: list[str] | None = None, options: dict | None = None) -> AdaptationSpec:
     bns = batchnorm_layers(model)
     if not bns:
         raise ExportError("the model has no BatchNorm2d layer: there is nothing for UnMix-TNS to adapt")
@@ -61,6 +61,12 @@ def adaptation_spec(model: nn.Module, mode: str = "faithful", components: int = 
                   source_mean=f"{n}.running_mean", source_var=f"{n}.running_var")
         for n in names
     )
+    if mode == "robust":
+        return AdaptationSpec(mode=mode, components=components, momentum=momentum, temperature=temperature,
+                              layers=specs, state_tensors=("means", "vars", "counts"),
+                              options={**ROBUST_OPTIONS, **(options or {})})
+    if mode != "faithful":
+        raise ExportError(f"unknown adaptation mode {mode!r} (faithful or robust)")
     return AdaptationSpec(mode=mode, components=components, momentum=momentum, temperature=temperature,
                           layers=specs)
 

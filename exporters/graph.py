@@ -1,9 +1,10 @@
 """Rewrite the BatchNormalization nodes of an exported ONNX graph into UnMix-TNS.
 
-Each adapted layer becomes a handful of ops on the large activation (two spatial
-means for the frame statistics and one BatchNormalization that takes the
-mixed statistics as inputs) and small (K, C) ops for the mixing and the update. The
-components enter as graph inputs and leave as graph outputs, so nothing is hidden.
+Each adapted layer becomes a few ops on the large activation (two spatial means for the
+frame statistics, one BatchNormalization that takes the mixed statistics as inputs) and
+small (K, C) ops for the mixing and the update. The components enter as graph inputs and
+leave as graph outputs, so nothing is hidden. The arithmetic mirrors exporters/unmix.py
+line by line; the parity tests hold the two together.
 """
 from __future__ import annotations
 
@@ -15,19 +16,21 @@ from agent import contract
 from agent.contract import AdaptationSpec, LayerSpec
 
 
-class _Builder:
-    """Appends uniquely named nodes and constants to a graph."""
+class _Graph:
+    """Appends uniquely named nodes and shared constants; arithmetic reads like the formulas."""
 
     def __init__(self, graph: onnx.GraphProto):
         self.graph = graph
         self.nodes: list[onnx.NodeProto] = []
         self.count = 0
         self.constants: dict[tuple, str] = {}
+        self.prefix = "unmix"
 
-    def op(self, op_type: str, *inputs: str, prefix: str, **attrs) -> str:
+    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
         self.count += 1
-        out = f"{prefix}/{op_type}_{self.count}"
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
+        out = out or f"{self.prefix}/{op_type}_{self.count}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=f"{self.prefix}/{op_type}_{self.count}",
+                                           **attrs))
         return out
 
     def const(self, value, dtype=np.float32) -> str:
@@ -39,113 +42,166 @@ class _Builder:
             self.constants[key] = name
         return self.constants[key]
 
+    def _c(self, x) -> str:
+        return x if isinstance(x, str) else self.const(x)
 
-def _faithful_layer(b: _Builder, x: str, y: str, bn: onnx.NodeProto, layer: LayerSpec,
-                    spec: AdaptationSpec) -> tuple[list[str], str]:
-    """Emit one layer; returns (state output names, shift score name). Writes y."""
-    pre = f"unmix/{layer.name}"
-    _, gamma, beta, src_mean, src_var = bn.input
+    def add(self, a, b):
+        return self.op("Add", self._c(a), self._c(b))
+
+    def sub(self, a, b):
+        return self.op("Sub", self._c(a), self._c(b))
+
+    def mul(self, a, b):
+        return self.op("Mul", self._c(a), self._c(b))
+
+    def div(self, a, b):
+        return self.op("Div", self._c(a), self._c(b))
+
+    def square(self, a):
+        return self.op("Mul", a, a)
+
+    def max(self, a, b):
+        return self.op("Max", self._c(a), self._c(b))
+
+    def mean(self, x, axes, keepdims=0):
+        return self.op("ReduceMean", x, self.const(axes, np.int64), keepdims=keepdims)
+
+    def sum(self, x, axes, keepdims=0):
+        return self.op("ReduceSum", x, self.const(axes, np.int64), keepdims=keepdims)
+
+    def norm(self, x):
+        return self.op("ReduceL2", x, self.const([1], np.int64), keepdims=1)
+
+    def reshape(self, x, shape):
+        return self.op("Reshape", x, self.const(shape, np.int64))
+
+    def cosine(self, vectors, v):
+        """(K, 1) cosine similarity of each row of `vectors` (K, C) with the row `v` (1, C)."""
+        dot = self.op("MatMul", vectors, self.reshape(v, [-1, 1]))
+        return self.div(dot, self.max(self.mul(self.norm(vectors), self.norm(v)), 1e-12))
+
+
+def _frame_statistics(g: _Graph, x: str) -> tuple[str, str]:
+    """Mean and biased variance over H, W as (1, C) rows. ReduceMean rather than GlobalAveragePool:
+    its pairwise sums keep near-constant frames accurate."""
+    mu4 = g.mean(x, [2, 3], keepdims=1)
+    var4 = g.mean(g.square(g.sub(x, mu4)), [2, 3], keepdims=1)
+    return g.reshape(mu4, [1, -1]), g.reshape(var4, [1, -1])
+
+
+def _faithful(g: _Graph, mu, var_x, layer: LayerSpec, spec: AdaptationSpec, bn) -> tuple[str, str, dict]:
+    """The paper: mix every component with the frame by its similarity, average, update by momentum."""
     means, variances = (contract.state_input(layer.name, t) for t in ("means", "vars"))
-    row = b.const([1, -1], np.int64)
-    col = b.const([-1, 1], np.int64)
-    axis0 = b.const([0], np.int64)
-    axis1 = b.const([1], np.int64)
-
-    # ReduceMean, not GlobalAveragePool: its pairwise sums keep near-constant frames accurate
-    spatial = b.const([2, 3], np.int64)
-    mu4 = b.op("ReduceMean", x, spatial, prefix=pre, keepdims=1)
-    centred = b.op("Sub", x, mu4, prefix=pre)
-    var4 = b.op("ReduceMean", b.op("Mul", centred, centred, prefix=pre), spatial, prefix=pre, keepdims=1)
-    mu = b.op("Reshape", mu4, row, prefix=pre)  # (1, C)
-    var_x = b.op("Reshape", var4, row, prefix=pre)
-
-    # p = softmax_k(cos(mu, M_k) / T), as a (K, 1) column that broadcasts over channels
-    dot = b.op("MatMul", means, b.op("Reshape", mu4, col, prefix=pre), prefix=pre)
-    norms = b.op("Mul", b.op("ReduceL2", means, axis1, prefix=pre, keepdims=1),
-                 b.op("ReduceL2", mu, axis1, prefix=pre, keepdims=1), prefix=pre)
-    cos = b.op("Div", dot, b.op("Max", norms, b.const(1e-12), prefix=pre), prefix=pre)
-    p = b.op("Softmax", b.op("Mul", cos, b.const(1.0 / spec.temperature), prefix=pre), prefix=pre, axis=0)
-
-    d_mean = b.op("Sub", mu, means, prefix=pre)
-    d_var = b.op("Sub", var_x, variances, prefix=pre)
-    mean_k = b.op("Add", means, b.op("Mul", p, d_mean, prefix=pre), prefix=pre)
-    var_k = b.op("Add", variances, b.op("Mul", p, d_var, prefix=pre), prefix=pre)
-    mean = b.op("ReduceMean", mean_k, axis0, prefix=pre, keepdims=0)
-    second = b.op("Add", b.op("ReduceMean", var_k, axis0, prefix=pre, keepdims=0),
-                  b.op("ReduceMean", b.op("Mul", mean_k, mean_k, prefix=pre), axis0, prefix=pre, keepdims=0),
-                  prefix=pre)
-    var = b.op("Sub", second, b.op("Mul", mean, mean, prefix=pre), prefix=pre)
-
-    # adapt = 0 gives the source statistics exactly and leaves the components untouched
-    mean_used = b.op("Add", src_mean, b.op("Mul", contract.ADAPT, b.op("Sub", mean, src_mean, prefix=pre),
-                                           prefix=pre), prefix=pre)
-    var_used = b.op("Add", src_var, b.op("Mul", contract.ADAPT, b.op("Sub", var, src_var, prefix=pre),
-                                         prefix=pre), prefix=pre)
-    b.nodes.append(helper.make_node("BatchNormalization", [x, gamma, beta, mean_used, var_used], [y],
-                                    name=f"{pre}/normalize", epsilon=layer.eps))
-
-    rate = b.op("Mul", p, b.op("Mul", contract.ADAPT, b.const([spec.momentum]), prefix=pre), prefix=pre)
-    outs = []
-    for name, state, delta in (("means", means, d_mean), ("vars", variances, d_var)):
-        out = contract.state_output(layer.name, name)
-        b.nodes.append(helper.make_node("Add", [state, b.op("Mul", rate, delta, prefix=pre)], [out],
-                                        name=f"{pre}/update_{name}"))
-        outs.append(out)
-    return outs, _shift_score(b, pre, mu, var_x, src_mean, src_var, layer.eps)
+    p = g.op("Softmax", g.mul(g.cosine(means, mu), 1.0 / spec.temperature), axis=0)  # (K, 1)
+    d_mean, d_var = g.sub(mu, means), g.sub(var_x, variances)
+    mean_k = g.add(means, g.mul(p, d_mean))
+    var_k = g.add(variances, g.mul(p, d_var))
+    mean = g.mean(mean_k, [0])
+    var = g.sub(g.add(g.mean(var_k, [0]), g.mean(g.square(mean_k), [0])), g.square(mean))
+    rate = g.mul(p, g.mul(contract.ADAPT, [spec.momentum]))  # adapt = 0: the components stay as they are
+    return mean, var, {"means": g.add(means, g.mul(rate, d_mean)), "vars": g.add(variances, g.mul(rate, d_var))}
 
 
-def _shift_score(b: _Builder, pre: str, mu: str, var_x: str, src_mean: str, src_var: str, eps: float) -> str:
+def _robust(g: _Graph, mu, var_x, layer: LayerSpec, spec: AdaptationSpec, bn) -> tuple[str, str, dict]:
+    """Single-instance variant (exporters/unmix.py RobustUnMixTNS2d explains each step)."""
+    o = spec.options
+    src_mean, src_var = bn.input[3], bn.input[4]
+    means, variances, counts = (contract.state_input(layer.name, t) for t in ("means", "vars", "counts"))
+    k = spec.components
+    seeds = g.const((o["seed_similarity"] - 1e-3 * np.arange(k)).reshape(k, 1))
+    cos = g.cosine(g.sub(means, src_mean), g.sub(mu, src_mean))
+    empty = g.op("Cast", g.op("Less", counts, g.const([[1e-3]])), to=TensorProto.FLOAT)
+    similarity = g.add(cos, g.mul(empty, g.sub(seeds, cos)))
+    p = g.op("Softmax", g.mul(similarity, 1.0 / spec.temperature), axis=0)  # (K, 1)
+
+    counts_step = g.mul(contract.ADAPT, g.sub(p, g.mul(counts, o["decay"])))
+    new_counts = g.add(counts, counts_step)
+    rate = g.div(g.mul(contract.ADAPT, p), g.max(new_counts, 1e-12))
+    d_mean = g.sub(mu, means)
+    new_means = g.add(means, g.mul(rate, d_mean))
+    # variance of the weighted mixture of the component and the frame, exact at rate 0
+    spread = g.mul(g.mul(rate, g.sub(1.0, rate)), g.square(d_mean))
+    new_vars = g.add(variances, g.add(g.mul(rate, g.sub(var_x, variances)), spread))
+
+    weight = g.div(new_counts, g.add(new_counts, o["support"]))  # (K, 1): ~1 once a component has frames
+    total = g.add(g.sum(weight, [0]), o["prior"])
+    prior = o["prior"]
+    mean = g.div(g.add(g.mul(src_mean, prior), g.sum(g.mul(weight, new_means), [0])), total)
+    second_src = g.mul(g.add(src_var, g.square(src_mean)), prior)
+    second = g.div(g.add(second_src, g.sum(g.mul(weight, g.add(new_vars, g.square(new_means))), [0])), total)
+    mean = g.add(mean, g.mul(g.sub(mu, mean), o["instance"]))
+    second = g.add(second, g.mul(g.sub(g.add(var_x, g.square(mu)), second), o["instance"]))
+    var = g.max(g.sub(second, g.square(mean)), 0.0)
+    return mean, var, {"means": new_means, "vars": new_vars, "counts": new_counts}
+
+
+MODES = {"faithful": _faithful, "robust": _robust}
+
+
+def _layer(g: _Graph, x: str, y: str, bn: onnx.NodeProto, layer: LayerSpec, spec: AdaptationSpec
+           ) -> tuple[list[str], str]:
+    """Emit one adapted layer writing y; returns (state output names, shift score name)."""
+    g.prefix = f"unmix/{layer.name}"
+    _, gamma, beta, src_mean, src_var = bn.input
+    mu, var_x = _frame_statistics(g, x)
+    mean, var, new_state = MODES[spec.mode](g, mu, var_x, layer, spec, bn)
+    # adapt = 0 gives the source statistics exactly (and the modes leave the components untouched)
+    mean_used = g.reshape(g.add(src_mean, g.mul(contract.ADAPT, g.sub(mean, src_mean))), [-1])
+    var_used = g.reshape(g.add(src_var, g.mul(contract.ADAPT, g.sub(var, src_var))), [-1])
+    g.nodes.append(helper.make_node("BatchNormalization", [x, gamma, beta, mean_used, var_used], [y],
+                                    name=f"{g.prefix}/normalize", epsilon=layer.eps))
+    outs = [g.op("Identity", new_state[name], out=contract.state_output(layer.name, name))
+            for name in spec.state_tensors]
+    return outs, _shift_score(g, mu, var_x, src_mean, src_var, layer.eps)
+
+
+def _shift_score(g: _Graph, mu: str, var_x: str, src_mean: str, src_var: str, eps: float) -> str:
     """KL(N(mu, var) || N(source)) averaged over channels: 0 on source-like frames, grows with shift."""
-    vs = b.op("Add", src_var, b.const(eps), prefix=pre)
-    ratio = b.op("Div", b.op("Add", var_x, b.const(eps), prefix=pre), vs, prefix=pre)
-    dm = b.op("Sub", mu, src_mean, prefix=pre)
-    terms = b.op("Sub", b.op("Add", b.op("Div", b.op("Mul", dm, dm, prefix=pre), vs, prefix=pre), ratio,
-                             prefix=pre),
-                 b.op("Add", b.op("Log", ratio, prefix=pre), b.const(1.0), prefix=pre), prefix=pre)
-    kl = b.op("ReduceMean", terms, b.const([1], np.int64), prefix=pre, keepdims=0)  # (1,)
-    return b.op("Mul", kl, b.const(0.5), prefix=pre)
+    vs = g.add(src_var, eps)
+    ratio = g.div(g.add(var_x, eps), vs)
+    terms = g.sub(g.add(g.div(g.square(g.sub(mu, src_mean)), vs), ratio), g.add(g.op("Log", ratio), 1.0))
+    return g.mul(g.mean(terms, [1]), 0.5)  # (1,)
 
 
 def batchnorm_nodes(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     """BatchNormalization nodes by torch layer name (the scale initializer is '<layer>.weight')."""
-    found = {}
-    for node in model.graph.node:
-        if node.op_type == "BatchNormalization":
-            found[node.input[1].removesuffix(".weight")] = node
-    return found
+    return {node.input[1].removesuffix(".weight"): node for node in model.graph.node
+            if node.op_type == "BatchNormalization"}
+
+
+def state_shape(spec: AdaptationSpec, layer: LayerSpec, tensor: str) -> list[int]:
+    return [spec.components, 1 if tensor == "counts" else layer.channels]
 
 
 def make_adaptive(model: onnx.ModelProto, spec: AdaptationSpec) -> onnx.ModelProto:
     """Return a copy of `model` whose spec.layers are UnMix-TNS with state inputs/outputs."""
-    if spec.mode != "faithful":
-        raise ValueError(f"unknown adaptation mode {spec.mode!r}")
+    if spec.mode not in MODES:
+        raise ValueError(f"unknown adaptation mode {spec.mode!r} (known: {', '.join(MODES)})")
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    bns = batchnorm_nodes(model)
-    b = _Builder(graph)
+    missing = {layer.name for layer in spec.layers} - set(batchnorm_nodes(model))
+    if missing:
+        raise ValueError(f"layers {sorted(missing)} have no BatchNormalization node in the graph")
+    g = _Graph(graph)
     graph.input.append(helper.make_tensor_value_info(contract.ADAPT, TensorProto.FLOAT, [1]))
     adapted = {layer.name: layer for layer in spec.layers}
     shifts, state_outs = [], []
     for node in graph.node:
         layer = adapted.get(node.input[1].removesuffix(".weight")) if node.op_type == "BatchNormalization" else None
         if layer is None:
-            b.nodes.append(node)
+            g.nodes.append(node)
             continue
         for tensor in spec.state_tensors:
             graph.input.append(helper.make_tensor_value_info(
-                contract.state_input(layer.name, tensor), TensorProto.FLOAT, [spec.components, layer.channels]))
-        outs, shift = _faithful_layer(b, node.input[0], node.output[0], node, layer, spec)
-        state_outs += outs
+                contract.state_input(layer.name, tensor), TensorProto.FLOAT, state_shape(spec, layer, tensor)))
+        outs, shift = _layer(g, node.input[0], node.output[0], node, layer, spec)
+        state_outs += [(layer, tensor, out) for tensor, out in zip(spec.state_tensors, outs)]
         shifts.append(shift)
-    missing = set(adapted) - set(bns)
-    if missing:
-        raise ValueError(f"layers {sorted(missing)} have no BatchNormalization node in the graph")
-    b.nodes.append(helper.make_node("Concat", shifts, ["shift_flat"], name="unmix/shift_concat", axis=0))
-    b.nodes.append(helper.make_node("Reshape", ["shift_flat", b.const([1, -1], np.int64)], [contract.SHIFT],
-                                    name="unmix/shift"))
+    g.prefix = "unmix"
+    g.op("Reshape", g.op("Concat", *shifts, axis=0), g.const([1, -1], np.int64), out=contract.SHIFT)
     del graph.node[:]
-    graph.node.extend(b.nodes)
+    graph.node.extend(g.nodes)
     graph.output.append(helper.make_tensor_value_info(contract.SHIFT, TensorProto.FLOAT, [1, len(shifts)]))
-    for layer, out in zip([lay for lay in spec.layers for _ in spec.state_tensors], state_outs):
-        graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [spec.components, layer.channels]))
+    for layer, tensor, out in state_outs:
+        graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, state_shape(spec, layer, tensor)))
     return model

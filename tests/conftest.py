@@ -30,3 +30,31 @@ def effnet(tmp_path_factory) -> dict[str, Path]:
 def fmnist(tmp_path_factory) -> dict[str, Path]:
     """The committed Fashion-MNIST ResNet, FP32 and INT8."""
     return _export(tmp_path_factory, "fashion-mnist", "--calib-frames", "200", "--holdout-frames", "500")
+
+
+def _export_fp32(tmp_path_factory, name: str, module, shape, mode: str) -> Path:
+    import json
+
+    from agent.contract import Preprocess
+    from exporters.export import adaptation_spec, build_adaptive, save_atomic
+
+    model = module.pretrained()
+    labels = module.imagenet_labels() if hasattr(module, "imagenet_labels") else module.LABELS
+    onnx_model = build_adaptive(model, shape, adaptation_spec(model, mode=mode), labels,
+                                Preprocess.from_json(json.dumps(module.PREPROCESS)))
+    return save_atomic(onnx_model, tmp_path_factory.mktemp(f"{name}-{mode}") / f"{name}.{mode}.fp32.onnx")
+
+
+@pytest.fixture(scope="session")
+def effnet_faithful(tmp_path_factory) -> Path:
+    """EfficientNet-Lite0 with the published UnMix-TNS, FP32 only."""
+    from exporters.models import efficientnet_lite
+
+    return _export_fp32(tmp_path_factory, "efficientnet-lite0", efficientnet_lite, (1, 3, 224, 224), "faithful")
+
+
+@pytest.fixture(scope="session")
+def fmnist_faithful(tmp_path_factory) -> Path:
+    from exporters.models import fashion_mnist
+
+    return _export_fp32(tmp_path_factory, "fashion-mnist", fashion_mnist, (1, 1, 28, 28), "faithful")

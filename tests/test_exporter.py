@@ -65,9 +65,19 @@ def test_adapt_off_is_the_plain_batchnorm_model_and_keeps_the_state(effnet):
 
 
 def _parity(model_path, reference: torch.nn.Module, frames, seed=0):
-    """Run the exported graph and the stateful torch reference side by side, frame by frame."""
+    """Run the exported graph and the stateful torch reference side by side, frame by frame.
+
+    Logits within 1e-4. Components within 1e-4 (normwise) for faithful; 5e-3 for robust, whose
+    sharp soft assignments (temperature 0.07 on centred means) turn float32 rounding upstream
+    into slightly different shares of a frame between two similar young components (deep
+    EfficientNet layers reach ~1e-3 in the counts while the logits stay within 1e-4).
+    """
     session = AdaptiveSession(model_path, seed=seed)
-    layers = replace_batchnorm(reference, initial_state(session.info.adaptation, session.info.source_stats, seed))
+    spec = session.info.adaptation
+    component_tolerance = 1e-4 if spec.mode == "faithful" else 5e-3
+    options = spec.options if spec.mode == "robust" else {"momentum": spec.momentum}
+    layers = replace_batchnorm(reference, initial_state(spec, session.info.source_stats, seed), mode=spec.mode,
+                               temperature=spec.temperature, **options)
     preprocess = Preprocessor(session.info.preprocess)
     worst = {"logits": 0.0, "components": 0.0}
     same_top1 = 0
@@ -80,23 +90,38 @@ def _parity(model_path, reference: torch.nn.Module, frames, seed=0):
         worst["logits"] = max(worst["logits"], float(np.abs(out.logits - expected).max()))
         same_top1 += int(np.argmax(out.logits) == np.argmax(expected))
         for name, layer in layers.items():
-            for tensor, value in layer.get_state().items():
-                np.testing.assert_allclose(session.state[name][tensor], value, rtol=1e-4, atol=1e-4,
-                                           err_msg=f"{name}.{tensor}")
+            expected_state = layer.get_state()
+            # a component that holds almost no frames has an ill-conditioned mean (a ratio of tiny
+            # counts) that does not reach the output (weight n/(n+support)); compare the others
+            used = expected_state["counts"][:, 0] >= 0.05 if "counts" in expected_state else slice(None)
+            for tensor, value in expected_state.items():
+                # normwise: the softmax at temperature 0.07 turns float32 rounding upstream into small
+                # shifts of a soft assignment, which move single entries of a young component
+                got, want = session.state[name][tensor][used], value[used]
+                relative = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12)
+                assert relative <= component_tolerance, f"{name}.{tensor}: relative error {relative:.2e}"
+                worst["components"] = max(worst["components"], float(relative))
     return same_top1, worst
 
 
-def test_efficientnet_fp32_graph_matches_torch_reference_frame_by_frame(effnet):
-    frames = [f for _, f in photo_stream(6, names=("chelsea", "coffee", "rocket", "camera", "astronaut",
-                                                     "horse", "coins", "moon", "page"))]
+PARITY_PHOTOS = ("chelsea", "coffee", "rocket", "camera", "astronaut", "horse", "coins", "moon", "page")
+
+
+@pytest.mark.parametrize("mode", ["faithful", "robust"])
+def test_efficientnet_fp32_graph_matches_torch_reference_frame_by_frame(effnet, effnet_faithful, mode):
+    frames = [f for _, f in photo_stream(6, names=PARITY_PHOTOS)]
     assert len(frames) >= 50
-    same_top1, _ = _parity(effnet["fp32"], eff.pretrained(), frames)
+    path = effnet_faithful if mode == "faithful" else effnet["fp32"]
+    assert AdaptiveSession(path).info.adaptation.mode == mode
+    same_top1, _ = _parity(path, eff.pretrained(), frames)
     assert same_top1 == len(frames)
 
 
-def test_fashion_mnist_fp32_graph_matches_torch_reference_frame_by_frame(fmnist):
+@pytest.mark.parametrize("mode", ["faithful", "robust"])
+def test_fashion_mnist_fp32_graph_matches_torch_reference_frame_by_frame(fmnist, fmnist_faithful, mode):
     images, _ = fm.load_split("t10k")
-    same_top1, _ = _parity(fmnist["fp32"], fm.pretrained(), list(images[:200]), seed=3)
+    path = fmnist_faithful if mode == "faithful" else fmnist["fp32"]
+    same_top1, _ = _parity(path, fm.pretrained(), list(images[:200]), seed=3)
     assert same_top1 == 200
 
 
@@ -106,8 +131,9 @@ def test_metadata_describes_the_model(effnet):
     assert info.preprocess.size == (224, 224)
     assert info.preprocess.mean == (127.5, 127.5, 127.5) and info.preprocess.padding == "tf_same"
     spec = info.adaptation
-    assert spec.mode == "faithful" and spec.components == 16 and spec.temperature == 0.07
-    assert spec.momentum == pytest.approx(1 - 0.9 ** (1 / 64))
+    assert spec.mode == "robust" and spec.components == 16 and spec.temperature == 0.07
+    assert spec.state_tensors == ("means", "vars", "counts")
+    assert set(spec.options) == {"decay", "support", "prior", "seed_similarity", "instance"}
     assert len(spec.layers) == 49
     first = spec.layers[0]
     assert (first.name, first.channels, first.eps) == ("_bn0", 32, pytest.approx(1e-3))
@@ -137,8 +163,9 @@ def test_int8_is_smaller_has_the_same_interface_and_reports_agreement(effnet, fm
     assert read_model_info(fmnist["int8"]).calibration["top1_agreement_vs_fp32"] >= 0.95
 
 
-def test_state_file_round_trip_and_seeded_init(effnet, tmp_path):
-    info = read_model_info(effnet["fp32"])
+def test_state_file_round_trip_and_seeded_init(effnet, effnet_faithful, tmp_path):
+    info = read_model_info(effnet_faithful)
+    assert info.adaptation.mode == "faithful" and info.adaptation.momentum == pytest.approx(1 - 0.9 ** (1 / 64))
     a = initial_state(info.adaptation, info.source_stats, seed=7)
     b = initial_state(info.adaptation, info.source_stats, seed=7)
     c = initial_state(info.adaptation, info.source_stats, seed=8)
@@ -149,9 +176,10 @@ def test_state_file_round_trip_and_seeded_init(effnet, tmp_path):
     loaded, meta = load_state(tmp_path / "s.npz", info.adaptation)
     assert meta["frames"] == 12 and meta["mode"] == "faithful"
     np.testing.assert_array_equal(loaded["_blocks.3._bn1"]["vars"], a["_blocks.3._bn1"]["vars"])
-    exported, _ = load_state(effnet["state"], info.adaptation)
-    np.testing.assert_array_equal(exported["_bn0"]["means"], initial_state(info.adaptation, info.source_stats, 0)
-                                  ["_bn0"]["means"])
+    robust = read_model_info(effnet["fp32"])
+    exported, _ = load_state(effnet["state"], robust.adaptation)
+    np.testing.assert_array_equal(exported["_bn0"]["counts"], np.zeros((16, 1), np.float32))
+    np.testing.assert_array_equal(exported["_bn0"]["means"][3], robust.source_stats["_bn0"][0])
     a["_bn0"]["means"] = a["_bn0"]["means"][:, :5]
     save_state(tmp_path / "bad.npz", a, info.adaptation)
     with pytest.raises(StateError, match=r"_bn0/means has shape \(16, 5\)"):
