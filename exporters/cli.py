@@ -20,7 +20,7 @@ from agent.state import initial_state, save_state
 
 from .export import ExportError, adaptation_spec, build_adaptive, save_atomic
 from .quantize import quantize, read_frames
-from .unmix import K_DEFAULT, MOMENTUM_BATCH1, TEMPERATURE
+from .unmix import K_DEFAULT, MOMENTUM_BATCH1, TEMPERATURE, batchnorm_layers
 
 log = logging.getLogger("tta-export")
 MODES = ("robust", "faithful")
@@ -124,8 +124,11 @@ def export(args) -> dict:
     for path in (out, fp32_out):
         _check_writable(path)
     model, shape, labels, preprocess, calib, holdout = BUILDERS[args.model_name](args)
+    layers = None
+    if args.adapt_layers is not None:
+        layers = list(batchnorm_layers(model))[: args.adapt_layers]
     spec = adaptation_spec(model, mode=args.mode, components=args.components, momentum=args.momentum,
-                           temperature=args.temperature)
+                           temperature=args.temperature, layers=layers)
     log.info("exporting %d adapted layers, mode %s, K=%d", len(spec.layers), spec.mode, spec.components)
     onnx_model = build_adaptive(model, shape, spec, labels, Preprocess.from_json(json.dumps(preprocess)))
     save_atomic(onnx_model, fp32_out)
@@ -151,6 +154,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="robust",
                    help="robust: the single-instance variant (default); faithful: the published algorithm")
     p.add_argument("--components", type=int, default=K_DEFAULT, help="K, UnMix-TNS components per layer")
+    p.add_argument("--adapt-layers", type=int, metavar="N",
+                   help="adapt only the first N BatchNorm layers (the rest keep source statistics, folded)")
     p.add_argument("--momentum", type=float, default=MOMENTUM_BATCH1)
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--state-out", type=Path, help="also write the initial components (.npz)")

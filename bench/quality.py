@@ -1,0 +1,240 @@
+"""Adaptation quality at batch size 1: Fashion-MNIST-C streams through the agent's real runtime.
+
+    python -m bench.quality --quick        # minutes: 5 corruptions, 500 frames, severity 5, 1 seed
+    python -m bench.quality                # the README table: 15 corruptions, 2000 frames, severities 3 and 5
+
+Every method runs the exported .onnx files through onnxruntime (agent.runtime.AdaptiveSession)
+and the agent's LAME, FP32 and INT8, as users run them:
+    unadapted          the model on its source statistics (adapt=0)
+    faithful           the published UnMix-TNS (K=16, noisy init, momentum 1-(0.9)^(1/64))
+    robust             the default single-instance mode (exporters/unmix.py RobustUnMixTNS2d)
+    LAME               LAME (16-frame window, kNN 5) on the unadapted model
+    robust+LAME        LAME on the robust mode's outputs
+Writes bench/results/quality.json, quality.md and quality_<stream>.png (error over time).
+Also checks EfficientNet-Lite0 on an ordinary stream of scikit-image photos: how often the
+adapted model agrees with the unadapted one, from the first frame on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from agent.lame import Lame
+from agent.pipeline import softmax
+from agent.preprocess import Preprocessor
+from agent.runtime import AdaptiveSession
+
+from .corruptions import CORRUPTIONS, corrupt
+from .streams import ORDERS
+
+RESULTS = Path(__file__).with_name("results")
+METHODS = ("unadapted", "faithful", "robust", "LAME", "robust+LAME")
+STREAMS = ("iid", "dirichlet", "video", "continual", "mixed")
+
+
+def export_models(folder: Path) -> dict[str, Path]:
+    """FP32 and INT8 Fashion-MNIST models in both modes, exported by the real exporter."""
+    from exporters.cli import main as export
+
+    paths = {}
+    for mode in ("robust", "faithful"):
+        out = folder / f"fashion_mnist.{mode}.onnx"
+        if not out.exists():
+            assert export(["fashion-mnist", "--mode", mode, "--out", str(out), "--calib-frames", "500",
+                           "--holdout-frames", "1000"]) == 0
+        paths[f"{mode}/int8"] = out
+        paths[f"{mode}/fp32"] = out.with_name(out.stem + ".fp32.onnx")
+    return paths
+
+
+def build_streams(images, labels, corruptions, frames, severity, seed) -> list[dict]:
+    """Per-corruption iid/dirichlet/video streams, one continual and one mixed stream."""
+    rng = np.random.default_rng(seed)
+    subset = rng.choice(len(labels), frames, replace=False)
+    corrupted = {c: corrupt(images[subset], c, severity, seed) for c in corruptions}
+    y = labels[subset]
+    streams = []
+    for c in corruptions:
+        for kind, order_fn in ORDERS.items():
+            order = order_fn(y, np.random.default_rng(seed + 1))
+            streams.append({"kind": kind, "corruption": c, "x": corrupted[c][order], "y": y[order], "reset": True})
+    continual_x, continual_y = [], []
+    for c in corruptions:
+        order = rng.permutation(frames)
+        continual_x.append(corrupted[c][order])
+        continual_y.append(y[order])
+    streams.append({"kind": "continual", "corruption": "all", "x": np.concatenate(continual_x),
+                    "y": np.concatenate(continual_y), "reset": True})
+    which = rng.integers(len(corruptions), size=frames * len(corruptions))
+    index = rng.integers(frames, size=frames * len(corruptions))
+    mixed_x = np.stack([corrupted[corruptions[w]][i] for w, i in zip(which, index)])
+    streams.append({"kind": "mixed", "corruption": "all", "x": mixed_x, "y": y[index], "reset": True})
+    return streams
+
+
+def run_stream(task) -> dict:
+    """Every method on one stream at one precision; returns per-frame correctness."""
+    paths, precision, stream = task
+    robust = AdaptiveSession(paths[f"robust/{precision}"], threads=1)
+    faithful = AdaptiveSession(paths[f"faithful/{precision}"], threads=1)
+    preprocess = Preprocessor(robust.info.preprocess)
+    lame_raw, lame_robust = Lame(16, "knn", 5), Lame(16, "knn", 5)
+    correct = {m: np.zeros(len(stream["y"]), bool) for m in METHODS}
+    for i, (image, label) in enumerate(zip(stream["x"], stream["y"])):
+        x = preprocess(image)
+        raw = robust.step(x, adapt=False)
+        adapted = robust.step(x)
+        p_raw, p_adapted = softmax(raw.logits), softmax(adapted.logits)
+        correct["unadapted"][i] = np.argmax(p_raw) == label
+        correct["robust"][i] = np.argmax(p_adapted) == label
+        correct["faithful"][i] = np.argmax(faithful.step(x).logits) == label
+        correct["LAME"][i] = np.argmax(lame_raw.update(raw.features, p_raw)) == label
+        correct["robust+LAME"][i] = np.argmax(lame_robust.update(adapted.features, p_adapted)) == label
+    return {"kind": stream["kind"], "corruption": stream["corruption"], "precision": precision,
+            "correct": {m: v.tolist() for m, v in correct.items()}}
+
+
+def effnet_agreement(frames_per_photo: int = 25) -> dict:
+    """EfficientNet-Lite0 on ordinary photos: share of frames where adapted == unadapted top-1."""
+    from agent.samples import photo_stream
+
+    folder = RESULTS / "models"
+    out = folder / "efficientnet_lite0.robust.onnx"
+    faithful_out = folder / "efficientnet_lite0.faithful.onnx"
+    from exporters.cli import main as export
+
+    for path, mode in ((out, "robust"), (faithful_out, "faithful")):
+        if not path.exists():
+            assert export(["efficientnet-lite0", "--mode", mode, "--out", str(path)]) == 0
+    result = {}
+    for mode, path in (("robust", out), ("faithful", faithful_out)):
+        session = AdaptiveSession(path, threads=1)
+        preprocess = Preprocessor(session.info.preprocess)
+        same = []
+        for _, frame in photo_stream(frames_per_photo):
+            x = preprocess(frame)
+            raw = np.argmax(session.step(x, adapt=False).logits)
+            same.append(int(np.argmax(session.step(x).logits) == raw))
+        result[mode] = {"frames": len(same), "agreement": float(np.mean(same)), "first_frame": bool(same[0]),
+                        "agreement_first_50": float(np.mean(same[:50]))}
+    return result
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Mean error (%) per stream kind, method, precision and severity, with the spread over seeds."""
+    table: dict = {}
+    for run in runs:
+        for method, correct in run["correct"].items():
+            key = (run["severity"], run["kind"], run["precision"], method)
+            table.setdefault(key, {}).setdefault(run["seed"], []).append(100 * (1 - np.mean(correct)))
+    summary = {}
+    for (severity, kind, precision, method), by_seed in table.items():
+        per_seed = [np.mean(v) for v in by_seed.values()]  # mean over corruptions, per seed
+        summary[f"{severity}/{kind}/{precision}/{method}"] = {"error": float(np.mean(per_seed)),
+                                                              "std": float(np.std(per_seed)), "seeds": len(per_seed)}
+    return summary
+
+
+def markdown(summary: dict, severities, precisions) -> str:
+    lines = []
+    for severity in severities:
+        for precision in precisions:
+            lines.append(f"\n**Severity {severity}, {precision.upper()}: error % (mean over corruptions"
+                         " +- std over seeds)**\n")
+            lines.append("| method | " + " | ".join(STREAMS) + " |")
+            lines.append("|---|" + "---|" * len(STREAMS))
+            for method in METHODS:
+                cells = []
+                for kind in STREAMS:
+                    s = summary.get(f"{severity}/{kind}/{precision}/{method}")
+                    cells.append(f"{s['error']:.1f} +- {s['std']:.1f}" if s else "-")
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], severity: int, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for kind in STREAMS:
+        run = next((r for r in runs if r["kind"] == kind and r["precision"] == "int8" and r["severity"] == severity
+                    and r["seed"] == 0), None)
+        if run is None:
+            continue
+        fig, ax = plt.subplots(figsize=(9, 3.2))
+        window = 100
+        for method, correct in run["correct"].items():
+            err = 100 * (1 - np.convolve(np.asarray(correct, float), np.ones(window) / window, mode="valid"))
+            ax.plot(err, label=f"{method} ({100 * (1 - np.mean(correct)):.1f}%)", lw=1)
+        ax.set_title(f"{kind} stream, {run['corruption']}, severity {severity}, INT8")
+        ax.set_xlabel("frame")
+        ax.set_ylabel(f"error, {window}-frame mean (%)")
+        ax.legend(fontsize=7, ncol=3)
+        fig.tight_layout()
+        path = folder / f"quality_{kind}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--frames", type=int)
+    parser.add_argument("--seeds", type=int)
+    parser.add_argument("--severities", type=int, nargs="+")
+    parser.add_argument("--corruptions", nargs="+")
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    quick = args.quick
+    frames = args.frames or (500 if quick else 2000)
+    seeds = args.seeds or (1 if quick else 3)
+    severities = args.severities or ([5] if quick else [5, 3])
+    corruptions = args.corruptions or (["gaussian_noise", "defocus_blur", "fog", "contrast", "jpeg_compression"]
+                                       if quick else list(CORRUPTIONS))
+    RESULTS.mkdir(exist_ok=True)
+    paths = export_models(RESULTS / "models")
+    from exporters.models.fashion_mnist import load_split
+
+    images, labels = load_split("t10k")
+    runs = []
+    started = time.time()
+    with ProcessPoolExecutor(args.workers) as pool:
+        for severity in severities:
+            for seed in range(seeds):
+                streams = build_streams(images, labels, corruptions, frames, severity, seed)
+                tasks = [(paths, precision, s) for s in streams for precision in ("int8", "fp32")]
+                for i, result in enumerate(pool.map(run_stream, tasks)):
+                    runs.append({**result, "severity": severity, "seed": seed})
+                    print(f"severity {severity} seed {seed}: {i + 1}/{len(tasks)} streams "
+                          f"({time.time() - started:.0f} s)", flush=True)
+    summary = summarize(runs)
+    effnet = effnet_agreement(10 if quick else 25)
+    report = {"config": {"frames": frames, "seeds": seeds, "severities": severities, "corruptions": corruptions},
+              "summary": summary, "efficientnet_ordinary_stream": effnet,
+              "seconds": round(time.time() - started)}
+    (RESULTS / "quality.json").write_text(json.dumps(report, indent=1))
+    table = markdown(summary, severities, ("int8", "fp32"))
+    effnet_line = (f"\nEfficientNet-Lite0 INT8 on an ordinary stream of {effnet['robust']['frames']} photo frames: "
+                   f"adapted agrees with unadapted on {100 * effnet['robust']['agreement']:.1f}% (robust; first "
+                   f"frame {'agrees' if effnet['robust']['first_frame'] else 'differs'}), "
+                   f"{100 * effnet['faithful']['agreement']:.1f}% (faithful).\n")
+    (RESULTS / "quality.md").write_text(table + "\n" + effnet_line)
+    print(table)
+    print(effnet_line)
+    for path in plot(runs, severities[0], RESULTS):
+        print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
