@@ -42,6 +42,7 @@ def export_models(folder: Path) -> dict[str, Path]:
     """FP32 and INT8 Fashion-MNIST models in both modes, exported by the real exporter."""
     from exporters.cli import main as export
 
+    folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for mode in ("robust", "faithful"):
         out = folder / f"fashion_mnist.{mode}.onnx"
@@ -105,6 +106,7 @@ def effnet_agreement(frames_per_photo: int = 25) -> dict:
     from agent.samples import photo_stream
 
     folder = RESULTS / "models"
+    folder.mkdir(parents=True, exist_ok=True)
     out = folder / "efficientnet_lite0.robust.onnx"
     faithful_out = folder / "efficientnet_lite0.faithful.onnx"
     from exporters.cli import main as export

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import yaml
 from helpers import Mosquitto, Subscriber, agent_config, fmnist_video, start_daemon, wait_for
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "agent" / "schemas"
@@ -215,3 +216,47 @@ def test_systemd_notify_ready_watchdog_status_and_stopping(tmp_path, broker, fmn
     assert receive_until(lambda: "STOPPING=1" in seen, 10), seen
     assert daemon.wait(10) == 0
     sock.close()
+
+
+def test_home_assistant_discovery_is_announced_and_announced_again(tmp_path, broker, fmnist, drift_video):
+    sub = Subscriber(broker.port, "homeassistant/#")
+    config = agent_config(tmp_path, fmnist["int8"], drift_video, broker.port,
+                          mqtt__homeassistant={"enabled": True, "discovery_prefix": "homeassistant"})
+    daemon = start_daemon(config)
+    try:
+        assert wait_for(lambda: len(sub.payloads("/config")) >= 2, 60)
+        docs = {t: json.loads(p) for t, p, _ in sub.messages if t.endswith("/config")}
+        sensor = docs["homeassistant/sensor/tta_test-box_cam1_class/config"]
+        assert sensor["state_topic"] == "tta/test-box/cam1/prediction"
+        assert sensor["availability_topic"] == "tta/test-box/availability"
+        drift = docs["homeassistant/binary_sensor/tta_test-box_cam1_drift/config"]
+        assert drift["state_topic"] == "tta/test-box/cam1/drift/state" and drift["device_class"] == "problem"
+        before = len(sub.payloads("/config"))
+        sub.client.publish("homeassistant/status", "online", qos=1)  # Home Assistant restarted
+        assert wait_for(lambda: len(sub.payloads("/config")) >= before + 2, 10)
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+        sub.stop()
+
+
+def test_sighup_reloads_what_it_can_and_keeps_running(tmp_path, broker, fmnist, drift_video):
+    log = tmp_path / "agent.log"
+    config = agent_config(tmp_path, fmnist["int8"], drift_video, broker.port)
+    daemon = start_daemon(config, log=log)
+    try:
+        assert wait_for(lambda: "running 1 camera" in log.read_text(), 60)
+        doc = yaml.safe_load(config.read_text())
+        doc["lame"] = {"mode": "off"}
+        doc["mqtt"]["port"] = broker.port + 1
+        config.write_text(yaml.safe_dump(doc))
+        daemon.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "reloaded" in log.read_text(), 10), log.read_text()[-2000:]
+        assert "mqtt changed; those take effect after a restart" in log.read_text()
+        config.write_text("model: [unclosed")
+        daemon.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "reload refused" in log.read_text(), 10)
+        assert daemon.poll() is None
+    finally:
+        daemon.terminate()
+        assert daemon.wait(10) == 0

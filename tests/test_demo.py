@@ -1,0 +1,26 @@
+"""The README's first command, on the exported test models and a freshly rendered video."""
+from __future__ import annotations
+
+import yaml
+
+from agent.demo import run_demo
+from agent.samples import render_sample_video
+
+
+def test_demo_runs_the_daemon_over_the_video_and_reports(effnet, tmp_path, capsys):
+    video = tmp_path / "sample.mp4"
+    render_sample_video(video, frames_per_photo=8)
+    config = yaml.safe_load(open("configs/demo.yaml"))
+    config["model"]["path"] = str(effnet["int8"])
+    config["cameras"][0]["source"] = str(video)
+    config["state"]["dir"] = str(tmp_path / "state")
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert run_demo(path) == 0
+    out = capsys.readouterr().out
+    assert "embedded" in out.lower() or "MQTT on 127.0.0.1" in out
+    assert "[mqtt] tta/demo-box/availability = online" in out
+    assert "frames read / processed / skipped / rejected  128 / 128 / 0 / 0" in out
+    assert "accuracy adapted+LAME" in out
+    assert "'prediction': 128" in out
+    assert (tmp_path / "state" / "demo-report.png").exists()
