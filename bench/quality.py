@@ -1,7 +1,8 @@
 """Adaptation quality at batch size 1: Fashion-MNIST-C streams through the agent's real runtime.
 
     python -m bench.quality --quick        # minutes: 5 corruptions, 500 frames, severity 5, 1 seed
-    python -m bench.quality                # the README table: 15 corruptions, 2000 frames, severities 3 and 5
+    python -m bench.quality                # 15 corruptions, 2000 frames, severities 3 and 5, 3 seeds
+    python -m bench.quality --sweep        # the robust mode's options, one at a time (README)
 
 Every method runs the exported .onnx files through onnxruntime (agent.runtime.AdaptiveSession)
 and the agent's LAME, FP32 and INT8, as users run them:
@@ -189,6 +190,66 @@ def plot(runs: list[dict], severity: int, folder: Path) -> list[Path]:
     return paths
 
 
+SWEEP = [
+    ("default", {}, None),
+    ("K=4", {"components": 4}, None), ("K=32", {"components": 32}, None),
+    ("temperature 0.02", {"temperature": 0.02}, None), ("temperature 0.2", {"temperature": 0.2}, None),
+    ("memory 200 frames", {"options": {"decay": 1 / 200}}, None),
+    ("memory 2000 frames", {"options": {"decay": 1 / 2000}}, None),
+    ("instance weight 0", {"options": {"instance": 0.0}}, None),
+    ("instance weight 0.1", {"options": {"instance": 0.1}}, None),
+    ("support 1", {"options": {"support": 1.0}}, None), ("support 16", {"options": {"support": 16.0}}, None),
+    ("source prior 1", {"options": {"prior": 1.0}}, None), ("source prior 32", {"options": {"prior": 32.0}}, None),
+    ("first 3 of 9 layers", {}, 3),
+]
+
+
+def _sweep_task(task) -> tuple[str, str, float]:
+    name, path, stream = task
+    session = AdaptiveSession(path, threads=1)
+    preprocess = Preprocessor(session.info.preprocess)
+    adapt = name != "unadapted"
+    wrong = [np.argmax(session.step(preprocess(x), adapt=adapt).logits) != y for x, y in zip(stream["x"], stream["y"])]
+    return name, stream["kind"], 100 * float(np.mean(wrong))
+
+
+def sweep(workers: int, frames: int = 400) -> str:
+    """Each robust option moved alone (FP32, severity 5, 8 corruptions, iid/dirichlet/video)."""
+    import json as _json
+
+    from agent.contract import Preprocess
+    from exporters.export import adaptation_spec, build_adaptive, save_atomic
+    from exporters.models import fashion_mnist as fm
+    from exporters.unmix import batchnorm_layers
+
+    folder = RESULTS / "sweep"
+    folder.mkdir(parents=True, exist_ok=True)
+    model = fm.pretrained()
+    paths = {}
+    for name, kwargs, first in SWEEP:
+        layers = list(batchnorm_layers(model))[:first] if first else None
+        spec = adaptation_spec(model, mode="robust", layers=layers, **kwargs)
+        onnx_model = build_adaptive(model, (1, 1, 28, 28), spec, fm.LABELS,
+                                    Preprocess.from_json(_json.dumps(fm.PREPROCESS)))
+        paths[name] = save_atomic(onnx_model, folder / f"{name.replace(' ', '_')}.onnx")
+    paths = {"unadapted": paths["default"], **paths}
+    images, labels = fm.load_split("t10k")
+    corruptions = ["gaussian_noise", "shot_noise", "contrast", "fog", "motion_blur", "pixelate", "brightness",
+                   "jpeg_compression"]
+    streams = [s for s in build_streams(images, labels, corruptions, frames, 5, 0) if s["kind"] in ORDERS]
+    errors: dict = {}
+    with ProcessPoolExecutor(workers) as pool:
+        tasks = [(name, path, s) for name, path in paths.items() for s in streams]
+        for name, kind, err in pool.map(_sweep_task, tasks):
+            errors.setdefault(name, {}).setdefault(kind, []).append(err)
+    lines = ["| robust variant (FP32, severity 5) | iid | dirichlet | video |", "|---|---|---|---|"]
+    for name in paths:
+        lines.append(f"| {name} | " + " | ".join(f"{np.mean(errors[name][k]):.1f}" for k in ORDERS) + " |")
+    table = "\n".join(lines)
+    (RESULTS / "sweep.md").write_text(table + "\n")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -197,7 +258,11 @@ def main() -> None:
     parser.add_argument("--severities", type=int, nargs="+")
     parser.add_argument("--corruptions", nargs="+")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--sweep", action="store_true", help="the robust mode's options, one at a time")
     args = parser.parse_args()
+    if args.sweep:
+        print(sweep(args.workers))
+        return
     quick = args.quick
     frames = args.frames or (500 if quick else 2000)
     seeds = args.seeds or (1 if quick else 3)
