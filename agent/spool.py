@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import threading
 from pathlib import Path
+
+from .files import write_atomic
 
 log = logging.getLogger(__name__)
 SUFFIX = ".json"
@@ -45,12 +45,7 @@ class Spool:
             name = f"{self._next:016d}{SUFFIX}"
             self._next += 1
             data = json.dumps({"topic": topic, "payload": payload}).encode()
-            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.folder / name)
+            write_atomic(self.folder / name, lambda f: f.write(data))
             self._names.append(name)
             while len(self._names) > self.max_messages:
                 oldest = self._names.pop(0)

@@ -8,13 +8,12 @@ The exporter writes the initial state in this layout and the agent checkpoints i
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .contract import AdaptationSpec
+from .files import write_atomic
 
 STATE_FORMAT = 1
 META_KEY = "__meta__"
@@ -51,28 +50,14 @@ def initial_state(spec: AdaptationSpec, source_stats: dict, seed: int = 0) -> di
 
 
 def save_state(path: str | Path, state: dict, spec: AdaptationSpec, frames: int = 0) -> None:
-    """Write atomically (temp file, fsync, rename) so a crash never leaves a torn state file."""
+    """Written atomically, so a crash never leaves a torn state file."""
     path = Path(path)
     arrays = {f"{layer}/{name}": np.ascontiguousarray(t)
               for layer, tensors in state.items() for name, t in tensors.items()}
     meta = {"format": STATE_FORMAT, "mode": spec.mode, "components": spec.components, "frames": int(frames)}
     arrays[META_KEY] = np.array(json.dumps(meta))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def load_state(path: str | Path, spec: AdaptationSpec) -> tuple[dict, dict]:

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -13,6 +11,7 @@ from torch import nn
 
 from agent import contract
 from agent.contract import AdaptationSpec, LayerSpec, Preprocess
+from agent.files import write_atomic
 
 from .graph import make_adaptive
 from .unmix import K_DEFAULT, MOMENTUM_BATCH1, ROBUST_OPTIONS, TEMPERATURE, batchnorm_layers
@@ -132,17 +131,8 @@ def save_atomic(model: onnx.ModelProto, path: str | Path) -> Path:
     path = Path(path)
     if not path.parent.is_dir():
         raise ExportError(f"output folder {path.parent} does not exist")
+    data = model.SerializeToString()
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        return write_atomic(path, lambda f: f.write(data))
     except OSError as exc:
-        raise ExportError(f"cannot write to {path.parent}: {exc.strerror}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        raise ExportError(f"cannot write {path}: {exc.strerror}") from exc

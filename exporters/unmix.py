@@ -34,21 +34,24 @@ class UnMixTNS2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != 1:
             raise ValueError(f"single-instance UnMix-TNS takes one frame, got a batch of {x.shape[0]}")
-        if not self.adapt:
-            mean, var = self.source_mean, self.source_var
+        if self.adapt:
+            mean, var = self.mix_and_update(x.mean(dim=(2, 3))[0], x.var(dim=(2, 3), unbiased=False)[0])
         else:
-            mu = x.mean(dim=(2, 3))[0]
-            var_x = x.var(dim=(2, 3), unbiased=False)[0]
-            sim = torch.cosine_similarity(mu[None, :], self.means, dim=1, eps=1e-12)
-            p = torch.softmax(sim / self.temperature, dim=0)[:, None]
-            mean_k = (1 - p) * self.means + p * mu
-            var_k = (1 - p) * self.vars + p * var_x
-            mean = mean_k.mean(0)
-            var = var_k.mean(0) + (mean_k ** 2).mean(0) - mean ** 2
-            self.means += self.momentum * p * (mu - self.means)
-            self.vars += self.momentum * p * (var_x - self.vars)
+            mean, var = self.source_mean, self.source_var
         scale = self.weight / torch.sqrt(var + self.eps)
         return x * scale[None, :, None, None] + (self.bias - mean * scale)[None, :, None, None]
+
+    def mix_and_update(self, mu: torch.Tensor, var_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frame's (C,) mean and variance -> the statistics to normalise with; moves the components."""
+        sim = torch.cosine_similarity(mu[None, :], self.means, dim=1, eps=1e-12)
+        p = torch.softmax(sim / self.temperature, dim=0)[:, None]
+        mean_k = (1 - p) * self.means + p * mu
+        var_k = (1 - p) * self.vars + p * var_x
+        mean = mean_k.mean(0)
+        var = var_k.mean(0) + (mean_k ** 2).mean(0) - mean ** 2
+        self.means += self.momentum * p * (mu - self.means)
+        self.vars += self.momentum * p * (var_x - self.vars)
+        return mean, var
 
     def get_state(self) -> dict[str, np.ndarray]:
         return {"means": self.means.numpy().copy(), "vars": self.vars.numpy().copy()}
@@ -86,34 +89,25 @@ class RobustUnMixTNS2d(UnMixTNS2d):
         k = self.means.shape[0]
         self.register_buffer("seeds", (seed_similarity - 1e-3 * torch.arange(k, dtype=torch.float32))[:, None])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] != 1:
-            raise ValueError(f"single-instance UnMix-TNS takes one frame, got a batch of {x.shape[0]}")
-        if not self.adapt:
-            mean, var = self.source_mean, self.source_var
-        else:
-            mu = x.mean(dim=(2, 3))
-            var_x = x.var(dim=(2, 3), unbiased=False)
-            centred = self.means - self.source_mean
-            u = mu - self.source_mean
-            cos = (centred @ u.T) / torch.clamp(centred.norm(dim=1, keepdim=True) * u.norm(), min=1e-12)
-            empty = (self.counts < 1e-3).float()
-            p = torch.softmax((cos + empty * (self.seeds - cos)) / self.temperature, dim=0)
-            self.counts += p - self.counts * self.decay
-            rate = p / torch.clamp(self.counts, min=1e-12)
-            d_mean = mu - self.means
-            self.vars += rate * (var_x - self.vars) + rate * (1 - rate) * d_mean ** 2
-            self.means += rate * d_mean
-            weight = self.counts / (self.counts + self.support)
-            total = weight.sum(0) + self.prior
-            mean = ((self.source_mean * self.prior + (weight * self.means).sum(0)) / total)
-            second_src = (self.source_var + self.source_mean ** 2) * self.prior
-            second = (second_src + (weight * (self.vars + self.means ** 2)).sum(0)) / total
-            mean = mean + self.instance * (mu[0] - mean)
-            second = second + self.instance * (var_x[0] + mu[0] ** 2 - second)
-            var = torch.clamp(second - mean ** 2, min=0.0)
-        scale = self.weight / torch.sqrt(var + self.eps)
-        return x * scale.reshape(1, -1, 1, 1) + (self.bias - mean * scale).reshape(1, -1, 1, 1)
+    def mix_and_update(self, mu: torch.Tensor, var_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        centred = self.means - self.source_mean
+        u = mu - self.source_mean
+        cos = (centred @ u)[:, None] / torch.clamp(centred.norm(dim=1, keepdim=True) * u.norm(), min=1e-12)
+        empty = (self.counts < 1e-3).float()
+        p = torch.softmax((cos + empty * (self.seeds - cos)) / self.temperature, dim=0)
+        self.counts += p - self.counts * self.decay
+        rate = p / torch.clamp(self.counts, min=1e-12)
+        d_mean = mu - self.means
+        self.vars += rate * (var_x - self.vars) + rate * (1 - rate) * d_mean ** 2
+        self.means += rate * d_mean
+        weight = self.counts / (self.counts + self.support)
+        total = weight.sum(0) + self.prior
+        mean = (self.source_mean * self.prior + (weight * self.means).sum(0)) / total
+        second_src = (self.source_var + self.source_mean ** 2) * self.prior
+        second = (second_src + (weight * (self.vars + self.means ** 2)).sum(0)) / total
+        mean = mean + self.instance * (mu - mean)
+        second = second + self.instance * (var_x + mu ** 2 - second)
+        return mean, torch.clamp(second - mean ** 2, min=0.0)
 
     def get_state(self) -> dict[str, np.ndarray]:
         return {**super().get_state(), "counts": self.counts.numpy().copy()}
