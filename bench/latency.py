@@ -1,0 +1,260 @@
+"""Latency and throughput ratios, measured in one interleaved run (EfficientNet-Lite0, batch 1).
+
+    python -m bench.latency [--rounds 7] [--frames 20] [--threads 1]
+
+Per frame, median over rounds, every variant timed in each round in turn:
+    plain FP32 / plain INT8       the model with BatchNorm folded into the convolutions (the limit)
+    adapted FP32 / INT8 robust    the agent's exported model, components fed back every frame
+    adapted INT8 faithful         the published algorithm in the same graph layout
+    torch eager faithful          exporters/unmix.py's UnMix-TNS reference in torch, eager
+    sliding window W=16 / 64      the TTA-benchmark practice: W buffered frames through the network
+                                  (BatchNorm on the window's statistics) for every new frame
+Plus end-to-end replay (decode + preprocess + inference + LAME + drift) against inference
+alone, and the daemon's peak RSS with whether torch was loaded. Writes bench/results/latency.json/.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import yaml
+
+from agent.preprocess import Preprocessor
+from agent.runtime import AdaptiveSession
+from agent.samples import photo_stream, render_sample_video
+
+RESULTS = Path(__file__).with_name("results")
+MODELS = RESULTS / "models"
+
+
+def plain_models(frames: list[np.ndarray], preprocess: Preprocessor) -> tuple[Path, Path]:
+    """EfficientNet-Lite0 with BatchNorm folded (onnxscript's optimizer), FP32 and INT8 QDQ."""
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from exporters.models import efficientnet_lite as eff
+
+    fp32, int8 = MODELS / "plain.fp32.onnx", MODELS / "plain.int8.onnx"
+    if not fp32.exists():
+        program = torch.onnx.export(eff.pretrained(), (torch.zeros(1, 3, 224, 224),), dynamo=True,
+                                    input_names=["image"], output_names=["logits"])
+        program.save(str(fp32))
+    if not int8.exists():
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter([{"image": preprocess(f)} for f in frames])
+
+            def get_next(self):
+                return next(self.it, None)
+
+        quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return fp32, int8
+
+
+def adapted_models() -> dict[str, Path]:
+    from exporters.cli import main as export
+
+    paths = {}
+    for mode in ("robust", "faithful"):
+        out = MODELS / f"efficientnet_lite0.{mode}.onnx"
+        if not out.exists():
+            assert export(["efficientnet-lite0", "--mode", mode, "--out", str(out)]) == 0
+        paths[f"{mode}/int8"], paths[f"{mode}/fp32"] = out, out.with_name(out.stem + ".fp32.onnx")
+    return paths
+
+
+def timer_plain(path: Path, threads: int, images):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run():
+        for x in images:
+            session.run(None, {"image": x})
+    return run
+
+
+def timer_adapted(path: Path, threads: int, images):
+    session = AdaptiveSession(path, threads=threads)
+
+    def run():
+        for x in images:
+            session.step(x)
+    return run
+
+
+def timer_torch_faithful(threads: int, images):
+    import torch
+
+    from agent.contract import read_model_info
+    from agent.state import initial_state
+    from exporters.models import efficientnet_lite as eff
+    from exporters.unmix import replace_batchnorm
+
+    torch.set_num_threads(threads)
+    info = read_model_info(MODELS / "efficientnet_lite0.faithful.fp32.onnx")
+    model = eff.pretrained()
+    replace_batchnorm(model, initial_state(info.adaptation, info.source_stats, 0), mode="faithful")
+    tensors = [torch.from_numpy(x) for x in images]
+
+    def run():
+        with torch.no_grad():
+            for x in tensors:
+                model(x)
+    return run
+
+
+def timer_sliding_window(window: int, threads: int, images):
+    """For every new frame, the last `window` frames through the network in train-mode BatchNorm."""
+    import torch
+
+    from exporters.models import efficientnet_lite as eff
+
+    torch.set_num_threads(threads)
+    model = eff.pretrained().train()  # BatchNorm normalises with the window's statistics
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = None
+    batch = torch.from_numpy(np.concatenate([images[i % len(images)] for i in range(window)]))
+
+    def run():
+        with torch.no_grad():
+            for _ in images:
+                model(batch)
+    return run
+
+
+def interleaved(timers: dict, frames: int, rounds: int) -> dict[str, float]:
+    """Median ms per frame over rounds; each round runs every variant once, in turn."""
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    for run in timers.values():
+        run()  # warm-up
+    for r in range(rounds):
+        for name, run in timers.items():
+            start = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - start) * 1000 / frames)
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in times.items()), flush=True)
+    return {name: float(np.median(v)) for name, v in times.items()}
+
+
+def replay_throughput(model: Path, video: Path, threads: int) -> tuple[float, float]:
+    """Frames/s of the full replay loop (no labels: no shadow pass) and of inference alone on the same frames."""
+    import cv2
+
+    from agent.drift import DriftDetector
+    from agent.lame import Lame
+    from agent.pipeline import CameraPipeline
+    from agent.replay import replay
+    from agent.sources import FileSource
+
+    session = AdaptiveSession(model, threads=threads)
+    pipeline = CameraPipeline(session, Lame(16), "auto", DriftDetector(session.info.layer_names))
+    start = time.perf_counter()
+    summary, _ = replay(pipeline, FileSource(video), None, progress=False)
+    end_to_end = summary["frames_processed"] / (time.perf_counter() - start)
+    capture = cv2.VideoCapture(str(video))
+    preprocess = Preprocessor(session.info.preprocess)
+    images = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        images.append(preprocess(frame))
+    alone = AdaptiveSession(model, threads=threads)
+    start = time.perf_counter()
+    for x in images:
+        alone.step(x)
+    return end_to_end, len(images) / (time.perf_counter() - start)
+
+
+def daemon_footprint(model: Path, video: Path, threads: int) -> dict:
+    """Run the daemon over the video against an embedded-free config (no broker: it keeps retrying),
+    sample its peak RSS from /proc and whether libtorch was mapped."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "agent.yaml"
+        config.write_text(yaml.safe_dump({
+            "device_id": "bench", "log_level": "warning",
+            "model": {"path": str(model), "device": "cpu", "threads": threads},
+            "cameras": [{"name": "cam", "source": str(video), "replay": {"paced": False}}],
+            "mqtt": {"host": "127.0.0.1", "port": 1}, "state": {"dir": tmp}, "exit_when_done": True}))
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        peak, torch_loaded = 0, False
+        while proc.poll() is None:
+            try:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+                peak = max(peak, int(next(line.split()[1] for line in status.splitlines()
+                                          if line.startswith("VmHWM"))))
+                torch_loaded |= "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text()
+            except (OSError, StopIteration):
+                pass
+            time.sleep(0.2)
+    return {"peak_rss_mb": round(peak / 1024, 1), "torch_loaded": torch_loaded, "exit_code": proc.returncode}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--frames", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    MODELS.mkdir(parents=True, exist_ok=True)
+    paths = adapted_models()
+    preprocess = Preprocessor(AdaptiveSession(paths["robust/int8"]).info.preprocess)
+    photos = [frame for _, frame in photo_stream(8)]
+    plain_fp32, plain_int8 = plain_models(photos[::2], preprocess)
+    images = [preprocess(f) for f in photos[1::4][: args.frames]]
+    t = args.threads
+    timers = {
+        "plain FP32": timer_plain(plain_fp32, t, images),
+        "plain INT8": timer_plain(plain_int8, t, images),
+        "adapted FP32 robust": timer_adapted(paths["robust/fp32"], t, images),
+        "adapted INT8 robust": timer_adapted(paths["robust/int8"], t, images),
+        "adapted INT8 faithful": timer_adapted(paths["faithful/int8"], t, images),
+        "torch eager faithful": timer_torch_faithful(t, images),
+        "sliding window W=16": timer_sliding_window(16, t, images),
+        "sliding window W=64": timer_sliding_window(64, t, images[: max(2, args.frames // 8)]),
+    }
+    ms = interleaved(timers, len(images), args.rounds)
+    ms["sliding window W=64"] *= len(images) / max(2, args.frames // 8)  # it ran fewer frames
+    video = RESULTS / "sample.mp4"
+    if not video.exists():
+        render_sample_video(video)
+    end_to_end, inference = replay_throughput(paths["robust/int8"], video, t)
+    footprint = daemon_footprint(paths["robust/int8"], video, t)
+    a = ms["adapted INT8 robust"]
+    ratios = {
+        "adapted INT8 / plain INT8": a / ms["plain INT8"],
+        "adapted INT8 faithful / plain INT8": ms["adapted INT8 faithful"] / ms["plain INT8"],
+        "torch eager faithful / adapted INT8": ms["torch eager faithful"] / a,
+        "sliding window W=16 / adapted INT8": ms["sliding window W=16"] / a,
+        "sliding window W=64 / adapted INT8": ms["sliding window W=64"] / a,
+        "plain INT8 / plain FP32": ms["plain INT8"] / ms["plain FP32"],
+        "adapted INT8 / adapted FP32": a / ms["adapted FP32 robust"],
+        "end-to-end replay / inference-only throughput": end_to_end / inference,
+    }
+    report = {"threads": t, "frames": len(images), "rounds": args.rounds, "ms_per_frame": ms, "ratios": ratios,
+              "replay_fps": end_to_end, "inference_fps": inference, "daemon": footprint}
+    (RESULTS / "latency.json").write_text(json.dumps(report, indent=1))
+    lines = [f"EfficientNet-Lite0, batch 1, {t} thread(s), median of {args.rounds} interleaved rounds "
+             f"of {len(images)} frames", "", "| variant | ms / frame |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in ms.items()]
+    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
+    lines += ["", f"daemon over the sample video: peak RSS {footprint['peak_rss_mb']} MB, torch loaded: "
+                  f"{footprint['torch_loaded']}"]
+    (RESULTS / "latency.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
