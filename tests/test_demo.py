@@ -1,6 +1,8 @@
 """The README's first command, on the exported test models and a freshly rendered video."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import yaml
 
 from agent.demo import run_demo
@@ -10,7 +12,7 @@ from agent.samples import render_sample_video
 def test_demo_runs_the_daemon_over_the_video_and_reports(effnet, tmp_path, capsys):
     video = tmp_path / "sample.mp4"
     render_sample_video(video, frames_per_photo=8)
-    config = yaml.safe_load(open("configs/demo.yaml"))
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
     config["model"]["path"] = str(effnet["int8"])
     config["cameras"][0]["source"] = str(video)
     config["state"]["dir"] = str(tmp_path / "state")
