@@ -42,6 +42,7 @@ class Camera:
     latencies: deque = field(default_factory=lambda: deque(maxlen=1000))
     frame_times: deque = field(default_factory=lambda: deque(maxlen=100))
     drift_since: str | None = None
+    fallbacks_seen: int = 0  # session fallbacks already announced in stats
 
     @property
     def fps(self) -> float:
@@ -83,7 +84,6 @@ class Agent:
         host, port = broker or (config.mqtt.host, config.mqtt.port)
         self.mqtt = MqttLink(config.mqtt, config.device_id, [c.name for c in self.cameras], self.spool,
                              self.commands, read_password(config.mqtt), host=host, port=port)
-        self._fallbacks_seen = 0
 
     def _camera(self, cfg) -> Camera:
         session = AdaptiveSession(self.config.model.path, device=self.config.model.device,
@@ -187,8 +187,8 @@ class Agent:
                 "schema": SCHEMA_VERSION, "active": event.type != "end", "episode": event.episode,
                 "since": camera.drift_since, "score": event.score, "frame": event.frame, "time": utc(event.time)})
         session = camera.pipeline.session
-        if session.fallbacks != self._fallbacks_seen:
-            self._fallbacks_seen = session.fallbacks
+        if session.fallbacks != camera.fallbacks_seen:
+            camera.fallbacks_seen = session.fallbacks
             self._publish_stats()  # tell subscribers at once that the agent is degraded
         for sink in self.sinks:
             sink(camera.name, result)

@@ -58,10 +58,6 @@ class DriftDetector:
     def active(self) -> bool:
         return self.episode is not None
 
-    @property
-    def warming_up(self) -> bool:
-        return self.mean is None
-
     def update(self, shift: np.ndarray, frame: int, now: float | None = None) -> DriftEvent | None:
         shift = np.log1p(np.maximum(np.asarray(shift, np.float64), 0.0))  # heavy-tailed KL -> near-normal
         if self.mean is None:

@@ -90,7 +90,8 @@ class AdaptiveSession:
         self.fallback_reason: str | None = None
         self.fallbacks = 0
         spec = self.info.adaptation
-        self._pairs = [(contract.state_input(layer.name, t), contract.state_output(layer.name, t))
+        # (layer, tensor, graph input, graph output) for every state tensor
+        self._state_io = [(layer.name, t, contract.state_input(layer.name, t), contract.state_output(layer.name, t))
                        for layer in spec.layers for t in spec.state_tensors]
         choice = choose_providers(device)
         self.session = self._open(choice.providers)
@@ -129,14 +130,9 @@ class AdaptiveSession:
         self.frames = 0
 
     def _set_state(self, state: dict) -> None:
-        self._current = {i: np.array(state[layer][t], np.float32, order="C")
-                         for (i, _), (layer, t) in zip(self._pairs, self._state_keys())}
+        self._current = {i: np.array(state[layer][t], np.float32, order="C") for layer, t, i, _ in self._state_io}
         self._spare = {i: np.empty_like(a) for i, a in self._current.items()}
         self._scratch = {i: np.empty_like(a) for i, a in self._current.items()}
-
-    def _state_keys(self):
-        spec = self.info.adaptation
-        return [(layer.name, t) for layer in spec.layers for t in spec.state_tensors]
 
     def step(self, image: np.ndarray, adapt: bool = True, update: bool = True) -> StepOutput:
         commit = adapt and update
@@ -159,7 +155,7 @@ class AdaptiveSession:
         binding = self.session.io_binding()
         binding.bind_cpu_input(contract.IMAGE, np.ascontiguousarray(image, np.float32))
         binding.bind_cpu_input(contract.ADAPT, self._adapt[adapt])
-        for (name_in, name_out) in self._pairs:
+        for _, _, name_in, name_out in self._state_io:
             binding.bind_cpu_input(name_in, self._current[name_in])
             _bind_output(binding, name_out, target[name_in])
         for name, array in self._outputs.items():
@@ -183,7 +179,7 @@ class AdaptiveSession:
     @property
     def state(self) -> dict[str, dict[str, np.ndarray]]:
         nested: dict[str, dict[str, np.ndarray]] = {}
-        for (name_in, _), (layer, t) in zip(self._pairs, self._state_keys()):
+        for layer, t, name_in, _ in self._state_io:
             nested.setdefault(layer, {})[t] = self._current[name_in].copy()
         return nested
 

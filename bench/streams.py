@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-KINDS = ("iid", "dirichlet", "video", "continual", "mixed")
-
 
 def iid_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(len(labels))
