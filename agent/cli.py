@@ -9,6 +9,7 @@ from pathlib import Path
 from .config import ConfigError, load_config
 from .contract import ContractError
 from .drift import DriftDetector
+from .gate import AdaptationGate
 from .lame import Lame
 from .pipeline import LAME_MODES, CameraPipeline
 from .replay import LabelsError, format_table, plot_report, read_labels, replay, write_json
@@ -26,7 +27,12 @@ def cmd_replay(args) -> int:
     labels = read_labels(args.labels, session.info.labels) if args.labels else None
     lame = None if args.lame == "off" else Lame(window=args.window, affinity=args.affinity, k=args.knn)
     drift = DriftDetector(session.info.layer_names, warmup=args.drift_warmup)
-    pipeline = CameraPipeline(session, lame, args.lame, drift, raw_every=1 if labels else args.raw_every)
+    gate = None
+    if args.gate == "on":
+        if session.info.shift_reference is None:
+            raise ContractError(f"{args.model} has no shift reference (re-export it, or --gate off)")
+        gate = AdaptationGate(session.info.shift_reference)
+    pipeline = CameraPipeline(session, lame, args.lame, drift, raw_every=1 if labels else args.raw_every, gate=gate)
     pipeline.set_adaptation(args.adaptation)
     source = FileSource(args.video, paced=args.paced, loop=False, start=args.start, end=args.end)
     summary, record = replay(pipeline, source, labels, progress=not args.quiet)
@@ -80,6 +86,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--start", type=int, default=0, help="first frame")
     r.add_argument("--end", type=int, help="stop before this frame")
     r.add_argument("--adaptation", choices=("on", "frozen", "off"), default="on")
+    r.add_argument("--gate", choices=("on", "off"), default="on",
+                   help="adapt only as far as frames leave the model's clean shift reference (off: always fully)")
     r.add_argument("--lame", choices=LAME_MODES, default="auto")
     r.add_argument("--window", type=int, default=16, help="LAME window, frames")
     r.add_argument("--affinity", choices=("knn", "rbf"), default="knn")

@@ -37,11 +37,26 @@ def _yaml_switch(value):
     return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
+class GateConfig(Section):
+    enabled: bool = Field(True, description="adapt only as far as frames leave the model's clean shift reference")
+    low: float = Field(0.5, ge=-100, le=100, description="smoothed standardised shift at which adaptation starts")
+    high: float = Field(1.5, ge=-100, le=100, description="... and reaches full strength")
+    smoothing: float = Field(0.05, gt=0, le=1, description="per-frame weight of the newest shift")
+    shadow_every: int = Field(4, ge=1, le=10_000, description="unadapted pass every N frames while adapting")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.high <= self.low:
+            raise ValueError(f"high ({self.high}) must be above low ({self.low})")
+        return self
+
+
 class AdaptationConfig(Section):
     mode: Literal["on", "frozen", "off"] = "on"
     _switch = field_validator("mode", mode="before")(_yaml_switch)
     seed: int = Field(0, ge=0)
     raw_every: int = Field(30, ge=0, description="run the unadapted model every N frames (0: never)")
+    gate: GateConfig = GateConfig()
 
 
 class LameConfig(Section):

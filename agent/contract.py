@@ -24,6 +24,7 @@ KEY_LABELS = "tta.labels"
 KEY_PREPROCESS = "tta.preprocess"
 KEY_ADAPTATION = "tta.adaptation"
 KEY_CALIBRATION = "tta.calibration"
+KEY_SHIFT_REFERENCE = "tta.shift_reference"
 
 
 class ContractError(ValueError):
@@ -101,6 +102,28 @@ class Preprocess:
 
 
 @dataclass(frozen=True)
+class ShiftReference:
+    """Per-layer mean and spread of log(1 + shift) on the exporter's clean calibration frames, run
+    unadapted: what 'no shift' looks like for this model, so the agent can tell a changed camera
+    from ordinary scene content without a warm-up of its own."""
+
+    mean: np.ndarray  # (layers,)
+    std: np.ndarray  # (layers,)
+    frames: int
+
+    def standardise(self, shift: np.ndarray) -> np.ndarray:
+        return (np.log1p(np.maximum(shift, 0.0)) - self.mean) / self.std
+
+    def to_json(self) -> str:
+        return json.dumps({"mean": self.mean.tolist(), "std": self.std.tolist(), "frames": self.frames})
+
+    @classmethod
+    def from_json(cls, text: str) -> ShiftReference:
+        doc = json.loads(text)
+        return cls(np.asarray(doc["mean"], np.float64), np.asarray(doc["std"], np.float64), int(doc["frames"]))
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What the agent learns from an adaptive .onnx file before it opens a session."""
 
@@ -110,10 +133,34 @@ class ModelInfo:
     adaptation: AdaptationSpec
     source_stats: dict[str, tuple[np.ndarray, np.ndarray]]  # layer -> (mean, var)
     calibration: dict
+    shift_reference: ShiftReference | None = None  # absent in files exported without calibration frames
 
     @property
     def layer_names(self) -> list[str]:
         return [layer.name for layer in self.adaptation.layers]
+
+
+def _check_types(labels: tuple, preprocess: Preprocess, adaptation: AdaptationSpec) -> None:
+    def ok(condition: bool, what: str) -> None:
+        if not condition:
+            raise ValueError(what)
+
+    ok(len(labels) > 0 and all(isinstance(x, str) for x in labels), "tta.labels must be a list of class names")
+    channels = 1 if preprocess.channel_order == "GRAY" else 3
+    ok(preprocess.channel_order in ("RGB", "BGR", "GRAY"), "tta.preprocess.channel_order must be RGB, BGR or GRAY")
+    ok(len(preprocess.size) == 2 and all(isinstance(v, int) and v > 0 for v in preprocess.size),
+       "tta.preprocess.size must be two positive integers")
+    for name in ("mean", "std"):
+        values = getattr(preprocess, name)
+        ok(len(values) == channels and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values),
+           f"tta.preprocess.{name} must be {channels} numbers")
+    ok(all(v != 0 for v in preprocess.std), "tta.preprocess.std must not be 0")
+    ok(isinstance(adaptation.components, int) and adaptation.components > 0, "tta.adaptation.components must be > 0")
+    ok(all(isinstance(t, str) for t in adaptation.state_tensors), "tta.adaptation.state_tensors must be names")
+    ok(isinstance(adaptation.options, dict), "tta.adaptation.options must be a mapping")
+    for layer in adaptation.layers:
+        ok(isinstance(layer.name, str) and isinstance(layer.source_mean, str) and isinstance(layer.source_var, str)
+           and isinstance(layer.channels, int) and layer.channels > 0, f"tta.adaptation layer {layer!r:.80} malformed")
 
 
 def read_model_info(path: str | Path) -> ModelInfo:
@@ -141,7 +188,8 @@ def read_model_info(path: str | Path) -> ModelInfo:
         labels = tuple(json.loads(meta[KEY_LABELS]))
         preprocess = Preprocess.from_json(meta[KEY_PREPROCESS])
         adaptation = AdaptationSpec.from_json(meta[KEY_ADAPTATION])
-    except (TypeError, ValueError, KeyError) as exc:
+        _check_types(labels, preprocess, adaptation)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # JSON of the wrong shape
         raise ContractError(f"{path}: malformed tta.* metadata: {exc}") from exc
 
     inits = {t.name: t for t in model.graph.initializer}
@@ -165,4 +213,13 @@ def read_model_info(path: str | Path) -> ModelInfo:
         more = "..." if len(absent) > 5 else ""
         raise ContractError(f"{path}: graph lacks the contract's tensors {absent[:5]}{more}")
     calibration = json.loads(meta.get(KEY_CALIBRATION, "{}"))
-    return ModelInfo(path, labels, preprocess, adaptation, stats, calibration)
+    reference = None
+    if KEY_SHIFT_REFERENCE in meta:
+        try:
+            reference = ShiftReference.from_json(meta[KEY_SHIFT_REFERENCE])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ContractError(f"{path}: malformed {KEY_SHIFT_REFERENCE} metadata: {exc}") from exc
+        if reference.mean.shape != (len(adaptation.layers),) or reference.std.shape != reference.mean.shape:
+            raise ContractError(f"{path}: {KEY_SHIFT_REFERENCE} has {reference.mean.shape} entries for "
+                                f"{len(adaptation.layers)} adapted layers")
+    return ModelInfo(path, labels, preprocess, adaptation, stats, calibration, reference)

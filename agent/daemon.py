@@ -22,6 +22,7 @@ import numpy as np
 from .config import Config, ConfigError, load_config, read_password
 from .contract import read_model_info
 from .drift import DriftDetector, DriftEvent
+from .gate import AdaptationGate
 from .lame import Lame
 from .mqtt import SCHEMA_VERSION, Command, MqttLink, utc
 from .pipeline import CameraPipeline, FrameResult
@@ -79,6 +80,10 @@ class Agent:
         state_dir = config.state.dir
         state_dir.mkdir(parents=True, exist_ok=True)
         self.info = read_model_info(config.model.path)
+        if config.adaptation.gate.enabled and self.info.shift_reference is None:
+            raise ConfigError(f"adaptation.gate.enabled: {config.model.path} has no shift reference "
+                              "(tta.shift_reference, written by tta-export); re-export the model or set "
+                              "adaptation.gate.enabled: false")
         self.cameras = [self._camera(c) for c in config.cameras]
         self.spool = Spool(state_dir / "spool", config.state.spool_max_events)
         host, port = broker or (config.mqtt.host, config.mqtt.port)
@@ -99,9 +104,14 @@ class Agent:
             except StateError as exc:
                 log.error("camera %s: checkpoint ignored, starting fresh: %s", cfg.name, exc)
         pipeline = CameraPipeline(session, self._lame(), self.config.lame.mode, self._drift(),
-                                  raw_every=self.config.adaptation.raw_every)
+                                  raw_every=self.config.adaptation.raw_every, gate=self._gate())
         pipeline.set_adaptation(self.config.adaptation.mode)
         return Camera(cfg.name, open_source(cfg), pipeline)
+
+    def _gate(self) -> AdaptationGate | None:
+        g = self.config.adaptation.gate
+        return AdaptationGate(self.info.shift_reference, g.low, g.high, g.smoothing, g.shadow_every) if g.enabled \
+            else None
 
     def _lame(self) -> Lame | None:
         c = self.config.lame
@@ -174,6 +184,7 @@ class Agent:
                 "latency_ms": round(result.latency_ms, 2),
                 "adapted": _top_k(result.probs, labels, k), "raw": _top_k(result.raw, labels, k),
                 "lame_applied": result.lame_applied, "adaptation": camera.pipeline.adaptation,
+                "adaptation_strength": round(result.strength, 3),
                 "shift_score": round(camera.pipeline.drift.last_z, 3),
             })
         if result.drift is not None:
@@ -230,6 +241,7 @@ class Agent:
             camera.pipeline.lame_mode = new.lame.mode
             camera.pipeline.drift = self._drift()
             camera.pipeline.raw_every = new.adaptation.raw_every
+            camera.pipeline.gate = self._gate()
             camera.pipeline.set_adaptation(new.adaptation.mode)
         log.info("reloaded %s", self.config_path)
 
@@ -253,7 +265,8 @@ class Agent:
                 "stalls": c.source.counters.stalls, "latency_ms": {q: round(float(np.percentile(lat, v)), 2)
                                                                    for q, v in (("p50", 50), ("p95", 95),
                                                                                 ("p99", 99))},
-                "adaptation": p.adaptation, "frames_adapted": p.session.frames, "lame_active": p.lame_active,
+                "adaptation": p.adaptation, "adaptation_strength": round(p.strength, 3),
+                "frames_adapted": p.session.frames, "lame_active": p.lame_active,
                 "drift_active": p.drift.active, "provider": p.session.provider,
             }
         sessions = [c.pipeline.session for c in self.cameras]
@@ -296,7 +309,7 @@ def run_daemon(config_path: Path) -> int:
     logging.getLogger().setLevel(config.log_level.upper())
     try:
         agent = Agent(config, config_path)
-    except SourceError as exc:
+    except (SourceError, ConfigError) as exc:
         log.error("%s", exc)
         return 1
     agent.install_signal_handlers()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .drift import DriftDetector, DriftEvent
+from .gate import AdaptationGate
 from .lame import CorrelationMonitor, Lame
 from .preprocess import FrameError, Preprocessor
 from .runtime import AdaptiveSession
@@ -35,7 +36,8 @@ class FrameResult:
     latency_ms: float  # preprocess + model + LAME + drift
     probs: np.ndarray  # the agent's answer: adapted, LAME-corrected when LAME is applied
     adapted: np.ndarray  # UnMix-TNS output before LAME
-    raw: np.ndarray | None  # the unadapted model (source statistics), on shadow frames
+    raw: np.ndarray | None  # the unadapted model (source statistics) when this frame ran it
+    strength: float  # adaptation strength used for this frame (0: the unadapted model)
     corrected: np.ndarray | None  # LAME over the window (None when LAME is off)
     lame_applied: bool  # whether probs is the LAME output (auto: only on label-correlated streams)
     shift: float  # mean per-layer shift score
@@ -54,7 +56,8 @@ class PipelineCounters:
 
 class CameraPipeline:
     def __init__(self, session: AdaptiveSession, lame: Lame | None = None, lame_mode: str = "auto",
-                 drift: DriftDetector | None = None, raw_every: int = 0):
+                 drift: DriftDetector | None = None, raw_every: int = 0, gate: AdaptationGate | None = None):
+        """`gate` None adapts at full strength on every frame (the ungated UnMix-TNS)."""
         if lame_mode not in LAME_MODES:
             raise ValueError(f"lame mode must be one of {LAME_MODES}, got {lame_mode!r}")
         self.session = session
@@ -64,6 +67,7 @@ class CameraPipeline:
         self.correlation = CorrelationMonitor(len(session.info.labels))
         self.drift = drift or DriftDetector(session.info.layer_names)
         self.raw_every = raw_every
+        self.gate = gate
         self.adaptation = "on"
         self.counters = PipelineCounters()
 
@@ -77,6 +81,14 @@ class CameraPipeline:
         self.session.reset()
         if self.lame:
             self.lame.reset()
+        if self.gate:
+            self.gate.reset()
+
+    @property
+    def strength(self) -> float:
+        if self.adaptation == "off":
+            return 0.0
+        return 1.0 if self.gate is None else self.gate.strength
 
     @property
     def lame_active(self) -> bool:
@@ -92,13 +104,17 @@ class CameraPipeline:
             if self.counters.rejected[str(exc)] == 1:
                 log.warning("frame %d rejected: %s", frame.index, exc)
             return None
-        out = self.session.step(image, adapt=self.adaptation != "off", update=self.adaptation == "on")
+        strength = self.strength
+        out = self.session.step(image, adapt=strength, update=self.adaptation == "on")
         adapted = softmax(out.logits)
-        raw = None
-        if self.adaptation == "off":
-            raw = adapted
-        elif self.raw_every and frame.index % self.raw_every == 0:
-            raw = softmax(self.session.step(image, adapt=False).logits)
+        unadapted = out if strength == 0 else None
+        shadow = (self.raw_every and frame.index % self.raw_every == 0) or (
+            self.gate is not None and self.gate.needs_shadow(frame.index))
+        if unadapted is None and shadow:
+            unadapted = self.session.step(image, adapt=0.0)
+        if unadapted is not None and self.gate is not None:
+            self.gate.update(unadapted.shift, frame.index)
+        raw = None if unadapted is None else softmax(unadapted.logits)
         top1 = int(np.argmax(adapted))
         self.correlation.update(top1)
         corrected = None if self.lame is None else self.lame.update(out.features, adapted)
@@ -107,4 +123,4 @@ class CameraPipeline:
         event = self.drift.update(out.shift, frame.index, frame.captured)
         self.counters.processed += 1
         return FrameResult(frame.index, frame.captured, (time.perf_counter() - start) * 1000, probs, adapted, raw,
-                           corrected, applied, float(out.shift.mean()), event)
+                           strength, corrected, applied, float(out.shift.mean()), event)

@@ -38,26 +38,32 @@ def read_labels(path: str | Path, class_names: tuple[str, ...]) -> dict[int, Fra
     if not path.is_file():
         raise LabelsError(f"labels file {path} does not exist")
     index = {name: i for i, name in enumerate(class_names)}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return _parse_labels(path, csv.DictReader(f), index)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise LabelsError(f"labels file {path} is not UTF-8 CSV: {exc}") from None
+
+
+def _parse_labels(path: Path, reader: csv.DictReader, index: dict[str, int]) -> dict[int, FrameLabel]:
     labels: dict[int, FrameLabel] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"frame", "label"} <= set(reader.fieldnames):
-            raise LabelsError(f"labels file {path}: header must have 'frame' and 'label' columns, "
-                              f"got {reader.fieldnames}")
-        for row_number, row in enumerate(reader, start=2):
-            try:
-                frame = int(row["frame"])
-            except (TypeError, ValueError):
-                raise LabelsError(f"labels file {path} row {row_number}: frame {row['frame']!r} is not an integer"
-                                  ) from None
-            names = [n for n in (row["label"] or "").split("|") if n]
-            unknown = [n for n in names if n not in index]
-            if not names or unknown:
-                raise LabelsError(f"labels file {path} row {row_number}: label {row['label']!r} is not a class "
-                                  f"of the model (unknown: {unknown or 'empty'})")
-            if frame in labels:
-                raise LabelsError(f"labels file {path} row {row_number}: frame {frame} labelled twice")
-            labels[frame] = FrameLabel(frozenset(index[n] for n in names), row.get("condition") or "")
+    if not reader.fieldnames or not {"frame", "label"} <= set(reader.fieldnames):
+        raise LabelsError(f"labels file {path}: header must have 'frame' and 'label' columns, "
+                          f"got {reader.fieldnames}")
+    for row_number, row in enumerate(reader, start=2):
+        try:
+            frame = int(row["frame"])
+        except (TypeError, ValueError):
+            raise LabelsError(f"labels file {path} row {row_number}: frame {row['frame']!r} is not an integer"
+                              ) from None
+        names = [n for n in (row["label"] or "").split("|") if n]
+        unknown = [n for n in names if n not in index]
+        if not names or unknown:
+            raise LabelsError(f"labels file {path} row {row_number}: label {row['label']!r} is not a class "
+                              f"of the model (unknown: {unknown or 'empty'})")
+        if frame in labels:
+            raise LabelsError(f"labels file {path} row {row_number}: frame {frame} labelled twice")
+        labels[frame] = FrameLabel(frozenset(index[n] for n in names), row.get("condition") or "")
     return labels
 
 

@@ -76,9 +76,10 @@ def physical_cores() -> int:
 class AdaptiveSession:
     """step() runs one frame; the updated components become the next frame's inputs.
 
-    `adapt=False` runs the frame on the source statistics and leaves the components as
-    they are (the unadapted model); `update=False` adapts without moving the components
-    (frozen adaptation).
+    `adapt` is the adaptation strength in [0, 1]: 0 (or False) runs the frame on the source
+    statistics and leaves the components as they are (the unadapted model), 1 (or True) is
+    full UnMix-TNS, values between blend the two and move the components that much less
+    (agent/gate.py sets it). `update=False` adapts without moving the components (frozen).
     """
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None,
@@ -101,7 +102,7 @@ class AdaptiveSession:
             self.provider_reason = (f"{choice.providers[0]} failed to initialise (no usable GPU); "
                                     f"running on {self.provider}")
         log.info("model %s on %s (%s)", self.path.name, self.provider, self.provider_reason)
-        self._adapt = {True: np.ones(1, np.float32), False: np.zeros(1, np.float32)}
+        self._adapt = np.zeros(1, np.float32)
         self._outputs = {name: np.empty(shape, np.float32) for name, shape in self._output_shapes().items()}
         self.frames = 0
         self.reset()
@@ -134,16 +135,19 @@ class AdaptiveSession:
         self._spare = {i: np.empty_like(a) for i, a in self._current.items()}
         self._scratch = {i: np.empty_like(a) for i, a in self._current.items()}
 
-    def step(self, image: np.ndarray, adapt: bool = True, update: bool = True) -> StepOutput:
-        commit = adapt and update
+    def step(self, image: np.ndarray, adapt: float = 1.0, update: bool = True) -> StepOutput:
+        if not 0.0 <= adapt <= 1.0:
+            raise ValueError(f"adaptation strength must be in [0, 1], got {adapt}")
+        self._adapt[0] = adapt
+        commit = adapt > 0 and update
         target = self._spare if commit else self._scratch
         try:
-            self._run(image, adapt, target)
+            self._run(image, target)
         except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
             if self.provider == CPU:
                 raise
             self._fall_back(exc)
-            self._run(image, adapt, target)
+            self._run(image, target)
         if commit:
             self._current, self._spare = self._spare, self._current
             self.frames += 1
@@ -151,10 +155,10 @@ class AdaptiveSession:
         return StepOutput(out[contract.LOGITS][0].copy(), out[contract.FEATURES][0].copy(),
                           out[contract.SHIFT][0].copy())
 
-    def _run(self, image: np.ndarray, adapt: bool, target: dict) -> None:
+    def _run(self, image: np.ndarray, target: dict) -> None:
         binding = self.session.io_binding()
         binding.bind_cpu_input(contract.IMAGE, np.ascontiguousarray(image, np.float32))
-        binding.bind_cpu_input(contract.ADAPT, self._adapt[adapt])
+        binding.bind_cpu_input(contract.ADAPT, self._adapt)
         for _, _, name_in, name_out in self._state_io:
             binding.bind_cpu_input(name_in, self._current[name_in])
             _bind_output(binding, name_out, target[name_in])

@@ -66,10 +66,12 @@ def load_state(path: str | Path, spec: AdaptationSpec) -> tuple[dict, dict]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise StateError(f"state file {path} is unreadable: {exc}") from exc
+    except Exception as exc:  # a damaged zip raises any of a dozen types (BadZipFile, zlib.error, ...)
+        raise StateError(f"state file {path} is unreadable: {type(exc).__name__}: {exc}") from exc
     try:
         meta = json.loads(str(arrays.pop(META_KEY)))
+        if not isinstance(meta, dict) or not isinstance(meta.get("frames", 0), int):
+            raise ValueError("not a mapping with an integer frame count")
     except (KeyError, ValueError) as exc:
         raise StateError(f"state file {path} has no valid {META_KEY} entry") from exc
     if meta.get("mode") != spec.mode or meta.get("components") != spec.components:
@@ -84,6 +86,8 @@ def load_state(path: str | Path, spec: AdaptationSpec) -> tuple[dict, dict]:
             key = f"{layer.name}/{name}"
             if key not in arrays:
                 raise StateError(f"state file {path} lacks {key}")
+            if not np.issubdtype(arrays[key].dtype, np.floating):
+                raise StateError(f"state file {path}: {key} holds {arrays[key].dtype}, not floats")
             tensor = arrays[key].astype(np.float32, copy=False)
             expected = (spec.components, 1 if name == "counts" else layer.channels)
             if tensor.shape != expected:

@@ -4,13 +4,14 @@
     python -m bench.quality                # 15 corruptions, 2000 frames, severities 3 and 5, 3 seeds
     python -m bench.quality --sweep        # the robust mode's options, one at a time (README)
 
-Every method runs the exported .onnx files through onnxruntime (agent.runtime.AdaptiveSession)
-and the agent's LAME, FP32 and INT8, as users run them:
+Every method runs the exported .onnx files through onnxruntime and the agent's own objects
+(agent.pipeline.CameraPipeline: gate, LAME), FP32 and INT8, as users run them:
     unadapted          the model on its source statistics (adapt=0)
     faithful           the published UnMix-TNS (K=16, noisy init, momentum 1-(0.9)^(1/64))
-    robust             the default single-instance mode (exporters/unmix.py RobustUnMixTNS2d)
+    robust             the single-instance mode (exporters/unmix.py RobustUnMixTNS2d), always at full strength
+    gated              robust behind the adaptation gate (agent/gate.py): the agent's default
     LAME               LAME (16-frame window, kNN 5) on the unadapted model
-    robust+LAME        LAME on the robust mode's outputs
+    gated+LAME         LAME on the gated mode's outputs
 Writes bench/results/quality.json, quality.md and quality_<stream>.png (error over time).
 Also checks EfficientNet-Lite0 on an ordinary stream of scikit-image photos: how often the
 adapted model agrees with the unadapted one, from the first frame on.
@@ -26,17 +27,19 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.gate import AdaptationGate
 from agent.lame import Lame
-from agent.pipeline import softmax
+from agent.pipeline import CameraPipeline
 from agent.preprocess import Preprocessor
 from agent.runtime import AdaptiveSession
+from agent.sources import Frame
 
 from .corruptions import CORRUPTIONS, corrupt
 from .streams import ORDERS
 
 RESULTS = Path(__file__).with_name("results")
-METHODS = ("unadapted", "faithful", "robust", "LAME", "robust+LAME")
-STREAMS = ("iid", "dirichlet", "video", "continual", "mixed")
+METHODS = ("unadapted", "faithful", "robust", "gated", "LAME", "gated+LAME")
+STREAMS = ("iid", "dirichlet", "video", "continual", "mixed", "clean")
 
 
 def export_models(folder: Path) -> dict[str, Path]:
@@ -77,55 +80,65 @@ def build_streams(images, labels, corruptions, frames, severity, seed) -> list[d
     index = rng.integers(frames, size=frames * len(corruptions))
     mixed_x = np.stack([corrupted[corruptions[w]][i] for w, i in zip(which, index)])
     streams.append({"kind": "mixed", "corruption": "all", "x": mixed_x, "y": y[index], "reset": True})
+    streams.append({"kind": "clean", "corruption": "none", "x": images[subset], "y": y, "reset": True})
     return streams
 
 
+def _pipeline(path: Path, adaptation: str, gated: bool = False, lame: bool = False, raw_every: int = 0
+              ) -> CameraPipeline:
+    session = AdaptiveSession(path, threads=1)
+    gate = AdaptationGate(session.info.shift_reference) if gated else None
+    pipeline = CameraPipeline(session, Lame(16, "knn", 5) if lame else None, "on", raw_every=raw_every, gate=gate)
+    pipeline.set_adaptation(adaptation)
+    return pipeline
+
+
 def run_stream(task) -> dict:
-    """Every method on one stream at one precision; returns per-frame correctness."""
+    """Every method on one stream at one precision; returns per-frame correctness and gate strength."""
     paths, precision, stream = task
-    robust = AdaptiveSession(paths[f"robust/{precision}"], threads=1)
-    faithful = AdaptiveSession(paths[f"faithful/{precision}"], threads=1)
-    preprocess = Preprocessor(robust.info.preprocess)
-    lame_raw, lame_robust = Lame(16, "knn", 5), Lame(16, "knn", 5)
+    unadapted = _pipeline(paths[f"robust/{precision}"], "off", lame=True)  # LAME alone rides on it
+    robust = _pipeline(paths[f"robust/{precision}"], "on")
+    gated = _pipeline(paths[f"robust/{precision}"], "on", gated=True, lame=True)
+    faithful = _pipeline(paths[f"faithful/{precision}"], "on")
     correct = {m: np.zeros(len(stream["y"]), bool) for m in METHODS}
+    strength = np.zeros(len(stream["y"]))
     for i, (image, label) in enumerate(zip(stream["x"], stream["y"])):
-        x = preprocess(image)
-        raw = robust.step(x, adapt=False)
-        adapted = robust.step(x)
-        p_raw, p_adapted = softmax(raw.logits), softmax(adapted.logits)
-        correct["unadapted"][i] = np.argmax(p_raw) == label
-        correct["robust"][i] = np.argmax(p_adapted) == label
-        correct["faithful"][i] = np.argmax(faithful.step(x).logits) == label
-        correct["LAME"][i] = np.argmax(lame_raw.update(raw.features, p_raw)) == label
-        correct["robust+LAME"][i] = np.argmax(lame_robust.update(adapted.features, p_adapted)) == label
+        frame = Frame(i, image, 0.0)
+        raw, g = unadapted.process(frame), gated.process(frame)
+        correct["unadapted"][i] = np.argmax(raw.adapted) == label
+        correct["LAME"][i] = np.argmax(raw.corrected) == label
+        correct["robust"][i] = np.argmax(robust.process(frame).adapted) == label
+        correct["faithful"][i] = np.argmax(faithful.process(frame).adapted) == label
+        correct["gated"][i] = np.argmax(g.adapted) == label
+        correct["gated+LAME"][i] = np.argmax(g.corrected) == label
+        strength[i] = g.strength
     return {"kind": stream["kind"], "corruption": stream["corruption"], "precision": precision,
-            "correct": {m: v.tolist() for m, v in correct.items()}}
+            "correct": {m: v.tolist() for m, v in correct.items()}, "strength": float(strength.mean())}
 
 
 def effnet_agreement(frames_per_photo: int = 25) -> dict:
-    """EfficientNet-Lite0 on ordinary photos: share of frames where adapted == unadapted top-1."""
+    """EfficientNet-Lite0 on ordinary photos: share of frames where the adapted top-1 equals the
+    unadapted one, over all 12 photos and over the 3 the exporter held out of calibration (and of
+    the gate's shift reference)."""
     from agent.samples import photo_stream
+    from exporters.cli import main as export
 
     folder = RESULTS / "models"
     folder.mkdir(parents=True, exist_ok=True)
-    out = folder / "efficientnet_lite0.robust.onnx"
-    faithful_out = folder / "efficientnet_lite0.faithful.onnx"
-    from exporters.cli import main as export
-
-    for path, mode in ((out, "robust"), (faithful_out, "faithful")):
+    paths = {mode: folder / f"efficientnet_lite0.{mode}.onnx" for mode in ("robust", "faithful")}
+    for mode, path in paths.items():
         if not path.exists():
             assert export(["efficientnet-lite0", "--mode", mode, "--out", str(path)]) == 0
+    frames = [frame for _, frame in photo_stream(frames_per_photo)]
+    held_out = np.array([(i // frames_per_photo) % 4 == 3 for i in range(len(frames))])  # as exporters/cli.py
     result = {}
-    for mode, path in (("robust", out), ("faithful", faithful_out)):
-        session = AdaptiveSession(path, threads=1)
-        preprocess = Preprocessor(session.info.preprocess)
-        same = []
-        for _, frame in photo_stream(frames_per_photo):
-            x = preprocess(frame)
-            raw = np.argmax(session.step(x, adapt=False).logits)
-            same.append(int(np.argmax(session.step(x).logits) == raw))
-        result[mode] = {"frames": len(same), "agreement": float(np.mean(same)), "first_frame": bool(same[0]),
-                        "agreement_first_50": float(np.mean(same[:50]))}
+    for method, path, gated in (("gated", paths["robust"], True), ("robust", paths["robust"], False),
+                                ("faithful", paths["faithful"], False)):
+        pipeline = _pipeline(path, "on", gated=gated, raw_every=1)
+        same = np.array([np.argmax(r.adapted) == np.argmax(r.raw)
+                         for r in (pipeline.process(Frame(i, f, 0.0)) for i, f in enumerate(frames))])
+        result[method] = {"frames": len(same), "agreement": float(same.mean()), "first_frame": bool(same[0]),
+                          "agreement_held_out": float(same[held_out].mean())}
     return result
 
 
@@ -287,15 +300,19 @@ def main() -> None:
                           f"({time.time() - started:.0f} s)", flush=True)
     summary = summarize(runs)
     effnet = effnet_agreement(10 if quick else 25)
+    strengths = {kind: float(np.mean([r["strength"] for r in runs if r["kind"] == kind])) for kind in STREAMS}
     report = {"config": {"frames": frames, "seeds": seeds, "severities": severities, "corruptions": corruptions},
-              "summary": summary, "efficientnet_ordinary_stream": effnet,
+              "summary": summary, "efficientnet_ordinary_stream": effnet, "gate_strength": strengths,
               "seconds": round(time.time() - started)}
     (RESULTS / "quality.json").write_text(json.dumps(report, indent=1))
     table = markdown(summary, severities, ("int8", "fp32"))
-    effnet_line = (f"\nEfficientNet-Lite0 INT8 on an ordinary stream of {effnet['robust']['frames']} photo frames: "
-                   f"adapted agrees with unadapted on {100 * effnet['robust']['agreement']:.1f}% (robust; first "
-                   f"frame {'agrees' if effnet['robust']['first_frame'] else 'differs'}), "
-                   f"{100 * effnet['faithful']['agreement']:.1f}% (faithful).\n")
+    effnet_line = "\n".join(
+        [f"\nEfficientNet-Lite0 INT8 on an ordinary stream of {effnet['gated']['frames']} photo frames, top-1 "
+         "agreement of the adapted with the unadapted model:"] +
+        [f"- {method}: {100 * r['agreement']:.1f}% (held-out photos {100 * r['agreement_held_out']:.1f}%; first frame "
+         f"{'agrees' if r['first_frame'] else 'differs'})" for method, r in effnet.items()]) + "\n"
+    effnet_line += "\nMean gate strength per stream (0: unadapted, 1: full): " + ", ".join(
+        f"{kind} {v:.2f}" for kind, v in strengths.items()) + "\n"
     (RESULTS / "quality.md").write_text(table + "\n" + effnet_line)
     print(table)
     print(effnet_line)

@@ -19,7 +19,7 @@ from agent.contract import Preprocess, read_model_info
 from agent.state import initial_state, save_state
 
 from .export import ExportError, adaptation_spec, build_adaptive, save_atomic
-from .quantize import quantize, read_frames
+from .quantize import add_shift_reference, quantize, read_frames
 from .unmix import K_DEFAULT, MOMENTUM_BATCH1, TEMPERATURE, batchnorm_layers
 
 log = logging.getLogger("tta-export")
@@ -134,6 +134,7 @@ def export(args) -> dict:
     save_atomic(onnx_model, fp32_out)
     info = read_model_info(fp32_out)
     report = quantize(fp32_out, out, info, calib, holdout, method=args.calibration)
+    add_shift_reference(fp32_out, info, calib)
     if args.state_out:
         save_state(args.state_out, initial_state(spec, info.source_stats, args.seed), spec)
     sizes = {"fp32_bytes": fp32_out.stat().st_size, "int8_bytes": out.stat().st_size}

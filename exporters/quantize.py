@@ -2,7 +2,9 @@
 
 Only convolutions and the classifier are quantized; every normalization and mixing op,
 and the cosine-similarity MatMuls that take state inputs, stay float. Calibration runs
-the float graph frame by frame so the components evolve as they will at run time.
+the float graph frame by frame so the components evolve as they will at run time. The same
+clean frames give each file its shift reference (what 'no shift' looks like), which the
+agent's adaptation gate measures frames against.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from tqdm import tqdm
 
 from agent import contract
-from agent.contract import ModelInfo
+from agent.contract import ModelInfo, ShiftReference
 from agent.preprocess import FrameError, Preprocessor
 from agent.runtime import AdaptiveSession
 
@@ -132,9 +134,24 @@ def quantize(fp32_path: Path, out_path: Path, info: ModelInfo, calib: list[np.nd
                   "top1_agreement_vs_fp32": top1_agreement(fp32_path, tmp_out, info, holdout),
                   "top1_agreement_vs_fp32_source_stats": top1_agreement(fp32_path, tmp_out, info, holdout, adapt=False),
                   "quantized_ops": QUANTIZED_OPS}
-        set_metadata(model, {contract.KEY_CALIBRATION: json.dumps(report)})
+        set_metadata(model, {contract.KEY_CALIBRATION: json.dumps(report),
+                             contract.KEY_SHIFT_REFERENCE: shift_reference(tmp_out, info, calib).to_json()})
         save_atomic(model, out_path)
     return report
+
+
+def shift_reference(path: Path, info: ModelInfo, frames: list[np.ndarray]) -> ShiftReference:
+    """The per-layer shift of clean frames through this very file, unadapted (INT8 shifts differ a little)."""
+    preprocess = Preprocessor(info.preprocess)
+    session = AdaptiveSession(path, info=info)
+    shifts = np.log1p(np.stack([session.step(preprocess(f), adapt=False).shift for f in frames]).astype(np.float64))
+    return ShiftReference(shifts.mean(0), np.maximum(shifts.std(0), 1e-6), len(frames))
+
+
+def add_shift_reference(path: Path, info: ModelInfo, frames: list[np.ndarray]) -> None:
+    model = onnx.load(str(path))
+    set_metadata(model, {contract.KEY_SHIFT_REFERENCE: shift_reference(path, info, frames).to_json()})
+    save_atomic(model, path)
 
 
 def top1_agreement(fp32_path: Path, int8_path: Path, info: ModelInfo, frames: list[np.ndarray],

@@ -1,0 +1,98 @@
+"""The adaptation gate: unadapted on an unshifted camera, adapting once the statistics leave the
+model's clean reference. Real exported models, real Fashion-MNIST and photo frames."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.contract import ShiftReference, read_model_info
+from agent.gate import AdaptationGate
+from agent.pipeline import CameraPipeline
+from agent.runtime import AdaptiveSession
+from agent.sources import Frame
+from bench.corruptions import corrupt
+from exporters.models import fashion_mnist as fm
+
+
+def _reference(layers: int = 3) -> ShiftReference:
+    return ShiftReference(np.zeros(layers), np.ones(layers), 100)
+
+
+def _shift_at(z: float, layers: int = 3) -> np.ndarray:
+    """The raw shift whose standardised value is z in every layer of _reference()."""
+    return np.full(layers, np.expm1(z))
+
+
+def test_gate_is_closed_until_the_smoothed_shift_passes_low_and_full_at_high():
+    gate = AdaptationGate(_reference(), low=0.5, high=1.5, smoothing=0.5)
+    assert gate.strength == 0.0
+    for frame in range(3):
+        gate.update(_shift_at(0.3), frame)
+    assert gate.strength == 0.0
+    for frame in range(3, 20):
+        gate.update(_shift_at(1.0), frame)
+    assert gate.strength == pytest.approx(0.5, abs=1e-3)
+    for frame in range(20, 40):
+        gate.update(_shift_at(4.0), frame)
+    assert gate.strength == 1.0
+
+
+def test_sparse_observations_forget_at_the_same_rate_per_frame():
+    every, sparse = AdaptationGate(_reference(), smoothing=0.1), AdaptationGate(_reference(), smoothing=0.1)
+    for frame in range(40):
+        every.update(_shift_at(2.0), frame)
+        if frame % 4 == 0:
+            sparse.update(_shift_at(2.0), frame)
+    assert sparse.level == pytest.approx(every.level, rel=0.05)
+
+
+def test_shadow_passes_only_while_adapting():
+    gate = AdaptationGate(_reference(), shadow_every=4, smoothing=1.0)
+    assert not any(gate.needs_shadow(f) for f in range(8))  # closed: every pass is already unadapted
+    gate.update(_shift_at(3.0), 0)
+    assert [gate.needs_shadow(f) for f in range(8)] == [True, False, False, False, True, False, False, False]
+
+
+def test_gate_rejects_inverted_thresholds():
+    with pytest.raises(ValueError, match="high"):
+        AdaptationGate(_reference(), low=2.0, high=1.0)
+
+
+def test_exporter_writes_a_shift_reference_per_file(fmnist):
+    for kind in ("int8", "fp32"):
+        info = read_model_info(fmnist[kind])
+        reference = info.shift_reference
+        assert reference is not None and reference.frames == 200
+        assert reference.mean.shape == (len(info.layer_names),) and np.all(reference.std > 0)
+
+
+def _run(path, images, gated: bool = True, adaptation: str = "on"):
+    session = AdaptiveSession(path, threads=1)
+    gate = AdaptationGate(session.info.shift_reference) if gated else None
+    pipeline = CameraPipeline(session, gate=gate)
+    pipeline.set_adaptation(adaptation)
+    return [pipeline.process(Frame(i, image, 0.0)) for i, image in enumerate(images)]
+
+
+def test_clean_frames_stay_unadapted_and_a_contrast_loss_opens_the_gate_and_helps(fmnist):
+    images, labels = fm.load_split("t10k")
+    clean = _run(fmnist["int8"], images[:300])
+    assert max(r.strength for r in clean) == 0.0
+    assert all(np.array_equal(r.adapted, r.raw) for r in clean)  # exactly the unadapted model
+
+    dim = corrupt(images[300:700], "contrast", 5, 0)
+    gated = _run(fmnist["int8"], dim)
+    unadapted = _run(fmnist["int8"], dim, adaptation="off")
+    assert np.mean([r.strength for r in gated[100:]]) > 0.9
+    y = labels[300:700]
+    acc_gated = np.mean([np.argmax(r.adapted) == t for r, t in zip(gated, y)])
+    acc_raw = np.mean([np.argmax(r.adapted) == t for r, t in zip(unadapted, y)])
+    assert acc_gated > acc_raw + 0.2, (acc_gated, acc_raw)
+
+
+def test_efficientnet_on_ordinary_photos_agrees_with_the_unadapted_model(effnet):
+    from agent.samples import photo_stream
+
+    frames = [frame for _, frame in photo_stream(8)]
+    results = _run(effnet["int8"], frames)
+    assert np.mean([r.strength == 0.0 for r in results]) >= 0.95
