@@ -51,12 +51,20 @@ class GateConfig(Section):
         return self
 
 
+class GuardConfig(Section):
+    enabled: bool = Field(True, description="reset and pause adaptation when its predictions collapse")
+    window: int = Field(50, ge=10, le=100_000, description="frames with an unadapted pass compared at a time")
+    diversity: float = Field(0.5, gt=0, le=1, description="fire below this share of the unadapted class entropy")
+    hold: int = Field(500, ge=0, le=10_000_000, description="frames without adaptation after firing")
+
+
 class AdaptationConfig(Section):
     mode: Literal["on", "frozen", "off"] = "on"
     _switch = field_validator("mode", mode="before")(_yaml_switch)
     seed: int = Field(0, ge=0)
     raw_every: int = Field(30, ge=0, description="run the unadapted model every N frames (0: never)")
     gate: GateConfig = GateConfig()
+    guard: GuardConfig = GuardConfig()
 
 
 class LameConfig(Section):

@@ -22,7 +22,7 @@ import numpy as np
 from .config import Config, ConfigError, load_config, read_password
 from .contract import read_model_info
 from .drift import DriftDetector, DriftEvent
-from .gate import AdaptationGate
+from .gate import AdaptationGate, CollapseGuard
 from .lame import Lame
 from .mqtt import SCHEMA_VERSION, Command, MqttLink, utc
 from .pipeline import CameraPipeline, FrameResult
@@ -104,7 +104,7 @@ class Agent:
             except StateError as exc:
                 log.error("camera %s: checkpoint ignored, starting fresh: %s", cfg.name, exc)
         pipeline = CameraPipeline(session, self._lame(), self.config.lame.mode, self._drift(),
-                                  raw_every=self.config.adaptation.raw_every, gate=self._gate())
+                                  raw_every=self.config.adaptation.raw_every, gate=self._gate(), guard=self._guard())
         pipeline.set_adaptation(self.config.adaptation.mode)
         return Camera(cfg.name, open_source(cfg), pipeline)
 
@@ -112,6 +112,10 @@ class Agent:
         g = self.config.adaptation.gate
         return AdaptationGate(self.info.shift_reference, g.low, g.high, g.smoothing, g.shadow_every) if g.enabled \
             else None
+
+    def _guard(self) -> CollapseGuard | None:
+        g = self.config.adaptation.guard
+        return CollapseGuard(len(self.info.labels), g.window, g.diversity, g.hold) if g.enabled else None
 
     def _lame(self) -> Lame | None:
         c = self.config.lame
@@ -242,6 +246,7 @@ class Agent:
             camera.pipeline.drift = self._drift()
             camera.pipeline.raw_every = new.adaptation.raw_every
             camera.pipeline.gate = self._gate()
+            camera.pipeline.guard = self._guard()
             camera.pipeline.set_adaptation(new.adaptation.mode)
         log.info("reloaded %s", self.config_path)
 
@@ -266,6 +271,7 @@ class Agent:
                                                                    for q, v in (("p50", 50), ("p95", 95),
                                                                                 ("p99", 99))},
                 "adaptation": p.adaptation, "adaptation_strength": round(p.strength, 3),
+                "guard_fired": p.guard.fired if p.guard else 0,
                 "frames_adapted": p.session.frames, "lame_active": p.lame_active,
                 "drift_active": p.drift.active, "provider": p.session.provider,
             }

@@ -47,3 +47,38 @@ class AdaptationGate:
         self._last_frame = frame
         z = float(self.reference.standardise(np.asarray(shift, np.float64)).mean())
         self.level += (1 - (1 - self.smoothing) ** gap) * (z - self.level)
+
+
+class CollapseGuard:
+    """Stops adaptation that has gone wrong, without labels: when the adapted model's top-1 over the
+    last `window` compared frames (those with an unadapted pass too) spreads over far fewer classes
+    than the unadapted model's on the same frames (marginal entropy below `diversity` times), the
+    components have collapsed onto a few classes. The pipeline then resets them and pauses
+    adaptation for `hold` frames."""
+
+    def __init__(self, classes: int, window: int = 50, diversity: float = 0.5, hold: int = 500):
+        self.classes, self.window, self.diversity, self.hold = classes, window, diversity, hold
+        self.fired = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self._adapted: list[int] = []
+        self._raw: list[int] = []
+
+    def _entropy(self, top1: list[int]) -> float:
+        p = np.bincount(top1, minlength=self.classes) / len(top1)
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
+
+    def update(self, adapted: np.ndarray, raw: np.ndarray) -> bool:
+        """One compared frame; True when adaptation must stop (the guard then starts afresh)."""
+        self._adapted.append(int(np.argmax(adapted)))
+        self._raw.append(int(np.argmax(raw)))
+        if len(self._adapted) < self.window:
+            return False
+        collapsed = self._entropy(self._adapted) < self.diversity * self._entropy(self._raw)
+        del self._adapted[0], self._raw[0]
+        if collapsed:
+            self.fired += 1
+            self.reset()
+        return collapsed

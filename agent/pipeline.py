@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .drift import DriftDetector, DriftEvent
-from .gate import AdaptationGate
+from .gate import AdaptationGate, CollapseGuard
 from .lame import CorrelationMonitor, Lame
 from .preprocess import FrameError, Preprocessor
 from .runtime import AdaptiveSession
@@ -56,8 +56,10 @@ class PipelineCounters:
 
 class CameraPipeline:
     def __init__(self, session: AdaptiveSession, lame: Lame | None = None, lame_mode: str = "auto",
-                 drift: DriftDetector | None = None, raw_every: int = 0, gate: AdaptationGate | None = None):
-        """`gate` None adapts at full strength on every frame (the ungated UnMix-TNS)."""
+                 drift: DriftDetector | None = None, raw_every: int = 0, gate: AdaptationGate | None = None,
+                 guard: CollapseGuard | None = None):
+        """`gate` None adapts at full strength on every frame (the ungated UnMix-TNS); `guard` watches
+        the frames that have an unadapted pass too (gate shadows, raw_every)."""
         if lame_mode not in LAME_MODES:
             raise ValueError(f"lame mode must be one of {LAME_MODES}, got {lame_mode!r}")
         self.session = session
@@ -68,6 +70,8 @@ class CameraPipeline:
         self.drift = drift or DriftDetector(session.info.layer_names)
         self.raw_every = raw_every
         self.gate = gate
+        self.guard = guard
+        self.paused = 0  # frames left without adaptation after the guard fired
         self.adaptation = "on"
         self.counters = PipelineCounters()
 
@@ -83,10 +87,13 @@ class CameraPipeline:
             self.lame.reset()
         if self.gate:
             self.gate.reset()
+        if self.guard:
+            self.guard.reset()
+        self.paused = 0
 
     @property
     def strength(self) -> float:
-        if self.adaptation == "off":
+        if self.adaptation == "off" or self.paused:
             return 0.0
         return 1.0 if self.gate is None else self.gate.strength
 
@@ -115,6 +122,12 @@ class CameraPipeline:
         if unadapted is not None and self.gate is not None:
             self.gate.update(unadapted.shift, frame.index)
         raw = None if unadapted is None else softmax(unadapted.logits)
+        self.paused = max(0, self.paused - 1)
+        if self.guard is not None and strength > 0 and raw is not None and self.guard.update(adapted, raw):
+            log.warning("frame %d: adapted predictions collapsed onto few classes; components reset, adaptation "
+                        "paused for %d frames", frame.index, self.guard.hold)
+            self.session.reset()
+            self.paused = self.guard.hold
         top1 = int(np.argmax(adapted))
         self.correlation.update(top1)
         corrected = None if self.lame is None else self.lame.update(out.features, adapted)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.gate import AdaptationGate
+from agent.gate import AdaptationGate, CollapseGuard
 from agent.lame import Lame
 from agent.pipeline import CameraPipeline
 from agent.preprocess import Preprocessor
@@ -88,7 +88,9 @@ def _pipeline(path: Path, adaptation: str, gated: bool = False, lame: bool = Fal
               ) -> CameraPipeline:
     session = AdaptiveSession(path, threads=1)
     gate = AdaptationGate(session.info.shift_reference) if gated else None
-    pipeline = CameraPipeline(session, Lame(16, "knn", 5) if lame else None, "on", raw_every=raw_every, gate=gate)
+    guard = CollapseGuard(len(session.info.labels)) if gated else None
+    pipeline = CameraPipeline(session, Lame(16, "knn", 5) if lame else None, "on", raw_every=raw_every, gate=gate,
+                              guard=guard)
     pipeline.set_adaptation(adaptation)
     return pipeline
 
@@ -113,7 +115,8 @@ def run_stream(task) -> dict:
         correct["gated+LAME"][i] = np.argmax(g.corrected) == label
         strength[i] = g.strength
     return {"kind": stream["kind"], "corruption": stream["corruption"], "precision": precision,
-            "correct": {m: v.tolist() for m, v in correct.items()}, "strength": float(strength.mean())}
+            "correct": {m: v.tolist() for m, v in correct.items()}, "strength": float(strength.mean()),
+            "guard_fired": gated.guard.fired}
 
 
 def effnet_agreement(frames_per_photo: int = 25) -> dict:
@@ -301,8 +304,10 @@ def main() -> None:
     summary = summarize(runs)
     effnet = effnet_agreement(10 if quick else 25)
     strengths = {kind: float(np.mean([r["strength"] for r in runs if r["kind"] == kind])) for kind in STREAMS}
+    fired = {kind: int(sum(r["guard_fired"] for r in runs if r["kind"] == kind)) for kind in STREAMS}
     report = {"config": {"frames": frames, "seeds": seeds, "severities": severities, "corruptions": corruptions},
               "summary": summary, "efficientnet_ordinary_stream": effnet, "gate_strength": strengths,
+              "guard_fired": fired,
               "seconds": round(time.time() - started)}
     (RESULTS / "quality.json").write_text(json.dumps(report, indent=1))
     table = markdown(summary, severities, ("int8", "fp32"))
@@ -313,6 +318,7 @@ def main() -> None:
          f"{'agrees' if r['first_frame'] else 'differs'})" for method, r in effnet.items()]) + "\n"
     effnet_line += "\nMean gate strength per stream (0: unadapted, 1: full): " + ", ".join(
         f"{kind} {v:.2f}" for kind, v in strengths.items()) + "\n"
+    effnet_line += f"\nCollapse guard firings (all streams of each kind, INT8 and FP32): {fired}\n"
     (RESULTS / "quality.md").write_text(table + "\n" + effnet_line)
     print(table)
     print(effnet_line)

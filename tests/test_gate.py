@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from agent.contract import ShiftReference, read_model_info
-from agent.gate import AdaptationGate
+from agent.gate import AdaptationGate, CollapseGuard
 from agent.pipeline import CameraPipeline
 from agent.runtime import AdaptiveSession
 from agent.sources import Frame
@@ -96,3 +96,23 @@ def test_efficientnet_on_ordinary_photos_agrees_with_the_unadapted_model(effnet)
     frames = [frame for _, frame in photo_stream(8)]
     results = _run(effnet["int8"], frames)
     assert np.mean([r.strength == 0.0 for r in results]) >= 0.95
+
+
+def test_guard_fires_when_adapted_predictions_collapse_onto_one_class():
+    guard = CollapseGuard(classes=10, window=20)
+    rng = np.random.default_rng(0)
+    healthy = [guard.update(np.eye(10)[c], np.eye(10)[c]) for c in rng.integers(0, 10, 100)]
+    assert not any(healthy) and guard.fired == 0
+    collapsed = [guard.update(np.eye(10)[3], np.eye(10)[c]) for c in rng.integers(0, 10, 40)]
+    assert any(collapsed) and guard.fired >= 1
+
+
+def test_a_firing_guard_resets_the_components_and_pauses_adaptation(fmnist):
+    images, _ = fm.load_split("t10k")
+    session = AdaptiveSession(fmnist["int8"], threads=1)
+    guard = CollapseGuard(len(session.info.labels), window=10, diversity=1.0, hold=30)  # fires at any doubt
+    pipeline = CameraPipeline(session, raw_every=1, guard=guard)
+    results = [pipeline.process(Frame(i, image, 0.0)) for i, image in enumerate(images[:60])]
+    assert guard.fired >= 1
+    first = next(i for i, r in enumerate(results) if r.strength == 0)
+    assert all(r.strength == 0 for r in results[first:first + 29])
