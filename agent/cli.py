@@ -13,7 +13,7 @@ from .gate import AdaptationGate
 from .lame import Lame
 from .pipeline import LAME_MODES, CameraPipeline
 from .replay import LabelsError, format_table, plot_report, read_labels, replay, write_json
-from .runtime import DEVICES, AdaptiveSession
+from .runtime import BACKENDS, DEVICES, open_session
 from .sources import FileSource, SourceError
 from .state import StateError
 
@@ -21,7 +21,7 @@ log = logging.getLogger("tta-agent")
 
 
 def cmd_replay(args) -> int:
-    session = AdaptiveSession(args.model, device=args.device, threads=args.threads, seed=args.seed)
+    session = open_session(args.model, device=args.device, backend=args.backend, threads=args.threads, seed=args.seed)
     if args.state:
         session.load(args.state)
     labels = read_labels(args.labels, session.info.labels) if args.labels else None
@@ -81,6 +81,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--model", type=Path, required=True, help="adaptive .onnx from tta-export")
     r.add_argument("--labels", type=Path, help="CSV sidecar: frame,label[,condition]")
     r.add_argument("--device", choices=DEVICES, default="auto")
+    r.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto: onnxruntime, or torch when --device cuda and only torch reaches the GPU")
     r.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's choice)")
     r.add_argument("--paced", action="store_true", help="at the video's own frame rate, not as fast as possible")
     r.add_argument("--start", type=int, default=0, help="first frame")

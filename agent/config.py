@@ -29,6 +29,8 @@ class Section(BaseModel):
 class ModelConfig(Section):
     path: Path
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["auto", "onnxruntime", "torch"] = Field(
+        "auto", description="auto: onnxruntime, or torch when cuda is asked for and only torch reaches the GPU")
     threads: int | None = Field(None, ge=1, le=256, description="intra-op threads; default: physical cores")
 
 
@@ -40,7 +42,8 @@ def _yaml_switch(value):
 class GateConfig(Section):
     enabled: bool = Field(True, description="adapt only as far as frames leave the model's clean shift reference")
     low: float = Field(0.5, ge=-100, le=100, description="smoothed standardised shift at which adaptation starts")
-    high: float = Field(1.5, ge=-100, le=100, description="... and reaches full strength")
+    high: float = Field(1.5, ge=-100, le=100, description="... and reaches full strength (high - low above the start)")
+    margin: float = Field(0.5, ge=0, le=100, description="start at least this far above the clean calibration peak")
     smoothing: float = Field(0.05, gt=0, le=1, description="per-frame weight of the newest shift")
     shadow_every: int = Field(4, ge=1, le=10_000, description="unadapted pass every N frames while adapting")
 

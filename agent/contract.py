@@ -25,6 +25,7 @@ KEY_PREPROCESS = "tta.preprocess"
 KEY_ADAPTATION = "tta.adaptation"
 KEY_CALIBRATION = "tta.calibration"
 KEY_SHIFT_REFERENCE = "tta.shift_reference"
+KEY_SOURCE = "tta.source"  # {"builder": "module:function", "weights": path|null}: the torch backend's model
 
 
 class ContractError(ValueError):
@@ -109,18 +110,23 @@ class ShiftReference:
 
     mean: np.ndarray  # (layers,)
     std: np.ndarray  # (layers,)
-    frames: int
+    scores: np.ndarray  # (frames,) each calibration frame's mean standardised shift, in calibration order
+
+    @property
+    def frames(self) -> int:
+        return len(self.scores)
 
     def standardise(self, shift: np.ndarray) -> np.ndarray:
         return (np.log1p(np.maximum(shift, 0.0)) - self.mean) / self.std
 
     def to_json(self) -> str:
-        return json.dumps({"mean": self.mean.tolist(), "std": self.std.tolist(), "frames": self.frames})
+        return json.dumps({"mean": self.mean.tolist(), "std": self.std.tolist(),
+                           "scores": np.round(self.scores, 4).tolist()})
 
     @classmethod
     def from_json(cls, text: str) -> ShiftReference:
         doc = json.loads(text)
-        return cls(np.asarray(doc["mean"], np.float64), np.asarray(doc["std"], np.float64), int(doc["frames"]))
+        return cls(*(np.asarray(doc[k], np.float64) for k in ("mean", "std", "scores")))
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,7 @@ class ModelInfo:
     source_stats: dict[str, tuple[np.ndarray, np.ndarray]]  # layer -> (mean, var)
     calibration: dict
     shift_reference: ShiftReference | None = None  # absent in files exported without calibration frames
+    source: dict | None = None  # how to build the torch model (agent/torch_backend.py)
 
     @property
     def layer_names(self) -> list[str]:
@@ -219,7 +226,14 @@ def read_model_info(path: str | Path) -> ModelInfo:
             reference = ShiftReference.from_json(meta[KEY_SHIFT_REFERENCE])
         except (TypeError, ValueError, KeyError) as exc:
             raise ContractError(f"{path}: malformed {KEY_SHIFT_REFERENCE} metadata: {exc}") from exc
-        if reference.mean.shape != (len(adaptation.layers),) or reference.std.shape != reference.mean.shape:
-            raise ContractError(f"{path}: {KEY_SHIFT_REFERENCE} has {reference.mean.shape} entries for "
-                                f"{len(adaptation.layers)} adapted layers")
-    return ModelInfo(path, labels, preprocess, adaptation, stats, calibration, reference)
+        if (reference.mean.shape != (len(adaptation.layers),) or reference.std.shape != reference.mean.shape
+                or reference.scores.ndim != 1 or not np.all(reference.std > 0)):
+            raise ContractError(f"{path}: {KEY_SHIFT_REFERENCE} needs per-layer mean and positive std for "
+                                f"{len(adaptation.layers)} adapted layers and a list of scores")
+    try:
+        source = json.loads(meta[KEY_SOURCE]) if KEY_SOURCE in meta else None
+    except ValueError as exc:
+        raise ContractError(f"{path}: malformed {KEY_SOURCE} metadata: {exc}") from exc
+    if source is not None and not (isinstance(source, dict) and isinstance(source.get("builder"), str)):
+        raise ContractError(f"{path}: {KEY_SOURCE} must name a builder 'module:function'")
+    return ModelInfo(path, labels, preprocess, adaptation, stats, calibration, reference, source)

@@ -26,7 +26,7 @@ from .gate import AdaptationGate, CollapseGuard
 from .lame import Lame
 from .mqtt import SCHEMA_VERSION, Command, MqttLink, utc
 from .pipeline import CameraPipeline, FrameResult
-from .runtime import AdaptiveSession, physical_cores
+from .runtime import open_session, physical_cores
 from .sdnotify import Notifier
 from .sources import FileSource, LiveSource, SourceError, open_source
 from .spool import Spool
@@ -91,9 +91,10 @@ class Agent:
                              self.commands, read_password(config.mqtt), host=host, port=port)
 
     def _camera(self, cfg) -> Camera:
-        session = AdaptiveSession(self.config.model.path, device=self.config.model.device,
-                                  threads=self.config.model.threads or physical_cores(),
-                                  seed=self.config.adaptation.seed, info=self.info)
+        model = self.config.model
+        session = open_session(model.path, device=model.device, backend=model.backend,
+                               threads=model.threads or physical_cores(), seed=self.config.adaptation.seed,
+                               info=self.info)
         checkpoint = self._checkpoint_path(cfg.name)
         if checkpoint.exists():
             try:
@@ -110,8 +111,8 @@ class Agent:
 
     def _gate(self) -> AdaptationGate | None:
         g = self.config.adaptation.gate
-        return AdaptationGate(self.info.shift_reference, g.low, g.high, g.smoothing, g.shadow_every) if g.enabled \
-            else None
+        return AdaptationGate(self.info.shift_reference, g.low, g.high, g.smoothing, g.shadow_every, g.margin) \
+            if g.enabled else None
 
     def _guard(self) -> CollapseGuard | None:
         g = self.config.adaptation.guard

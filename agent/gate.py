@@ -5,7 +5,10 @@ unshifted camera that only bends the statistics toward recent content and costs 
 (EfficientNet-Lite0 on ordinary photos, Fashion-MNIST on label-correlated streams). The gate
 measures each unadapted frame's per-layer shift against the exporter's clean reference
 (ModelInfo.shift_reference), smooths the mean standardised shift over frames, and maps it to
-a strength in [0, 1] between `low` (no adaptation) and `high` (full).
+a strength in [0, 1] that starts at `low` and is full `high - low` above it. `low` is raised to
+`margin` above the highest level the clean calibration stream itself reached (its scores, run
+through the same smoothing): what the model's own clean frames do is not a shift, even when a
+few of them are unusual (EfficientNet's calibration photos include a binary horse silhouette).
 
 The shift must come from an unadapted pass: adapted layers make the next layers' inputs look
 source-like, so an adapted pass would close the gate it opened. While the strength is 0 the
@@ -21,12 +24,21 @@ from .contract import ShiftReference
 
 class AdaptationGate:
     def __init__(self, reference: ShiftReference, low: float = 0.5, high: float = 1.5, smoothing: float = 0.05,
-                 shadow_every: int = 4):
+                 shadow_every: int = 4, margin: float = 0.5):
         if not high > low:
             raise ValueError(f"gate high ({high}) must be above low ({low})")
         self.reference = reference
-        self.low, self.high, self.smoothing, self.shadow_every = low, high, smoothing, shadow_every
+        self.smoothing, self.shadow_every = smoothing, shadow_every
+        self.low = max(low, self._calibration_peak() + margin)
+        self.high = self.low + (high - low)
         self.reset()
+
+    def _calibration_peak(self) -> float:
+        level, peak = 0.0, -np.inf
+        for score in self.reference.scores:
+            level += self.smoothing * (score - level)
+            peak = max(peak, level)
+        return float(peak)
 
     def reset(self) -> None:
         self.level = 0.0  # smoothed mean standardised shift of unadapted passes

@@ -53,6 +53,29 @@ def choose_providers(device: str, available: list[str] | None = None) -> Provide
     return ProviderChoice(gpu + [CPU], f"{device} requested; trying {gpu[0]}")
 
 
+BACKENDS = ("auto", "onnxruntime", "torch")
+
+
+def open_session(path: str | Path, device: str = "auto", backend: str = "auto", threads: int | None = None,
+                 seed: int = 0, info: ModelInfo | None = None):
+    """onnxruntime, unless torch is asked for, or `cuda` is asked for and torch is the only way to a
+    GPU here (onnxruntime without a GPU provider). torch is imported only in those two cases."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto" and device == "cuda" and choose_providers("cuda").providers == [CPU]:
+        from importlib.util import find_spec
+
+        if find_spec("torch") is not None:
+            from .torch_backend import torch_cuda_available
+
+            backend = "torch" if torch_cuda_available() else "onnxruntime"
+    if backend == "torch":
+        from .torch_backend import TorchSession
+
+        return TorchSession(path, device=device, threads=threads, seed=seed, info=info)
+    return AdaptiveSession(path, device=device, threads=threads, seed=seed, info=info)
+
+
 def physical_cores() -> int:
     """Physical cores (not hyper-threads): the default intra-op thread count for edge boxes."""
     try:

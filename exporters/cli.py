@@ -15,10 +15,11 @@ import os
 import sys
 from pathlib import Path
 
+from agent import contract
 from agent.contract import Preprocess, read_model_info
 from agent.state import initial_state, save_state
 
-from .export import ExportError, adaptation_spec, build_adaptive, save_atomic
+from .export import ExportError, adaptation_spec, build_adaptive, save_atomic, set_metadata
 from .quantize import add_shift_reference, quantize, read_frames
 from .unmix import K_DEFAULT, MOMENTUM_BATCH1, TEMPERATURE, batchnorm_layers
 
@@ -40,7 +41,8 @@ def _efficientnet(args):
     else:
         calib, holdout = _split(args)
     shape = (1, 3, eff.IMAGE_SIZE, eff.IMAGE_SIZE)
-    return eff.pretrained(), shape, eff.imagenet_labels(), eff.PREPROCESS, calib, holdout
+    source = {"builder": "exporters.models.efficientnet_lite:pretrained"}
+    return eff.pretrained(), shape, eff.imagenet_labels(), eff.PREPROCESS, calib, holdout, source
 
 
 def _fashion_mnist(args):
@@ -52,7 +54,8 @@ def _fashion_mnist(args):
         calib, holdout = list(train[: args.calib_frames]), list(test[: args.holdout_frames])
     else:
         calib, holdout = _split(args)
-    return fm.pretrained(), (1, 1, 28, 28), fm.LABELS, fm.PREPROCESS, calib, holdout
+    source = {"builder": "exporters.models.fashion_mnist:pretrained"}
+    return fm.pretrained(), (1, 1, 28, 28), fm.LABELS, fm.PREPROCESS, calib, holdout, source
 
 
 def _custom(args):
@@ -78,7 +81,8 @@ def _custom(args):
     if args.calib is None:
         raise ExportError("--calib DIR|VIDEO is required for a custom model")
     calib, holdout = _split(args)
-    return model, (1, channels, *args.input_size), labels, preprocess, calib, holdout
+    source = {"builder": args.model, "weights": str(args.weights.resolve()) if args.weights else None}
+    return model, (1, channels, *args.input_size), labels, preprocess, calib, holdout, source
 
 
 def _load_weights(model, path: Path) -> None:
@@ -123,7 +127,7 @@ def export(args) -> dict:
     fp32_out: Path = args.fp32_out or out.with_name(out.stem + ".fp32.onnx")
     for path in (out, fp32_out):
         _check_writable(path)
-    model, shape, labels, preprocess, calib, holdout = BUILDERS[args.model_name](args)
+    model, shape, labels, preprocess, calib, holdout, source = BUILDERS[args.model_name](args)
     layers = None
     if args.adapt_layers is not None:
         layers = list(batchnorm_layers(model))[: args.adapt_layers]
@@ -131,6 +135,7 @@ def export(args) -> dict:
                            temperature=args.temperature, layers=layers)
     log.info("exporting %d adapted layers, mode %s, K=%d", len(spec.layers), spec.mode, spec.components)
     onnx_model = build_adaptive(model, shape, spec, labels, Preprocess.from_json(json.dumps(preprocess)))
+    set_metadata(onnx_model, {contract.KEY_SOURCE: json.dumps(source)})  # for the agent's torch backend
     save_atomic(onnx_model, fp32_out)
     info = read_model_info(fp32_out)
     report = quantize(fp32_out, out, info, calib, holdout, method=args.calibration)

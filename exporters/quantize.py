@@ -144,8 +144,10 @@ def shift_reference(path: Path, info: ModelInfo, frames: list[np.ndarray]) -> Sh
     """The per-layer shift of clean frames through this very file, unadapted (INT8 shifts differ a little)."""
     preprocess = Preprocessor(info.preprocess)
     session = AdaptiveSession(path, info=info)
-    shifts = np.log1p(np.stack([session.step(preprocess(f), adapt=False).shift for f in frames]).astype(np.float64))
-    return ShiftReference(shifts.mean(0), np.maximum(shifts.std(0), 1e-6), len(frames))
+    shifts = np.stack([session.step(preprocess(f), adapt=False).shift for f in frames]).astype(np.float64)
+    logs = np.log1p(np.maximum(shifts, 0.0))
+    mean, std = logs.mean(0), np.maximum(logs.std(0), 1e-6)
+    return ShiftReference(mean, std, ((logs - mean) / std).mean(1))
 
 
 def add_shift_reference(path: Path, info: ModelInfo, frames: list[np.ndarray]) -> None:

@@ -29,32 +29,44 @@ class UnMixTNS2d(nn.Module):
         self.register_buffer("source_var", bn.running_var.detach().clone())
         self.register_buffer("means", torch.as_tensor(np.array(means), dtype=torch.float32))
         self.register_buffer("vars", torch.as_tensor(np.array(variances), dtype=torch.float32))
-        self.adapt = True
+        self.strength = 1.0  # the graph's `adapt`: 0 source statistics, components untouched; 1 full
+        self.shift = torch.zeros(())  # KL(frame statistics || source), as the graph's `shift` output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != 1:
             raise ValueError(f"single-instance UnMix-TNS takes one frame, got a batch of {x.shape[0]}")
-        if self.adapt:
-            mean, var = self.mix_and_update(x.mean(dim=(2, 3))[0], x.var(dim=(2, 3), unbiased=False)[0])
+        mu, var_x = x.mean(dim=(2, 3))[0], x.var(dim=(2, 3), unbiased=False)[0]
+        self.shift = self._kl_to_source(mu, var_x)
+        if self.strength > 0:
+            mean, var = self.mix_and_update(mu, var_x, self.strength)
+            mean = self.source_mean + self.strength * (mean - self.source_mean)
+            var = self.source_var + self.strength * (var - self.source_var)
         else:
             mean, var = self.source_mean, self.source_var
         scale = self.weight / torch.sqrt(var + self.eps)
         return x * scale[None, :, None, None] + (self.bias - mean * scale)[None, :, None, None]
 
-    def mix_and_update(self, mu: torch.Tensor, var_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frame's (C,) mean and variance -> the statistics to normalise with; moves the components."""
+    def _kl_to_source(self, mu: torch.Tensor, var_x: torch.Tensor) -> torch.Tensor:
+        vs = self.source_var + self.eps
+        ratio = (var_x + self.eps) / vs
+        return 0.5 * ((mu - self.source_mean) ** 2 / vs + ratio - torch.log(ratio) - 1).mean()
+
+    def mix_and_update(self, mu: torch.Tensor, var_x: torch.Tensor, strength: float = 1.0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frame's (C,) mean and variance -> the statistics to normalise with; moves the components
+        (by `strength` times the full step)."""
         sim = torch.cosine_similarity(mu[None, :], self.means, dim=1, eps=1e-12)
         p = torch.softmax(sim / self.temperature, dim=0)[:, None]
         mean_k = (1 - p) * self.means + p * mu
         var_k = (1 - p) * self.vars + p * var_x
         mean = mean_k.mean(0)
         var = var_k.mean(0) + (mean_k ** 2).mean(0) - mean ** 2
-        self.means += self.momentum * p * (mu - self.means)
-        self.vars += self.momentum * p * (var_x - self.vars)
+        self.means += strength * self.momentum * p * (mu - self.means)
+        self.vars += strength * self.momentum * p * (var_x - self.vars)
         return mean, var
 
     def get_state(self) -> dict[str, np.ndarray]:
-        return {"means": self.means.numpy().copy(), "vars": self.vars.numpy().copy()}
+        return {"means": self.means.cpu().numpy().copy(), "vars": self.vars.cpu().numpy().copy()}
 
 
 # Robust mode defaults, chosen on the Fashion-MNIST-C benchmark (README, "Adaptation quality").
@@ -89,14 +101,15 @@ class RobustUnMixTNS2d(UnMixTNS2d):
         k = self.means.shape[0]
         self.register_buffer("seeds", (seed_similarity - 1e-3 * torch.arange(k, dtype=torch.float32))[:, None])
 
-    def mix_and_update(self, mu: torch.Tensor, var_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mix_and_update(self, mu: torch.Tensor, var_x: torch.Tensor, strength: float = 1.0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         centred = self.means - self.source_mean
         u = mu - self.source_mean
         cos = (centred @ u)[:, None] / torch.clamp(centred.norm(dim=1, keepdim=True) * u.norm(), min=1e-12)
         empty = (self.counts < 1e-3).float()
         p = torch.softmax((cos + empty * (self.seeds - cos)) / self.temperature, dim=0)
-        self.counts += p - self.counts * self.decay
-        rate = p / torch.clamp(self.counts, min=1e-12)
+        self.counts += strength * (p - self.counts * self.decay)
+        rate = strength * p / torch.clamp(self.counts, min=1e-12)
         d_mean = mu - self.means
         self.vars += rate * (var_x - self.vars) + rate * (1 - rate) * d_mean ** 2
         self.means += rate * d_mean
@@ -110,7 +123,7 @@ class RobustUnMixTNS2d(UnMixTNS2d):
         return mean, torch.clamp(second - mean ** 2, min=0.0)
 
     def get_state(self) -> dict[str, np.ndarray]:
-        return {**super().get_state(), "counts": self.counts.numpy().copy()}
+        return {**super().get_state(), "counts": self.counts.cpu().numpy().copy()}
 
 
 def batchnorm_layers(model: nn.Module) -> dict[str, nn.BatchNorm2d]:

@@ -14,8 +14,8 @@ from bench.corruptions import corrupt
 from exporters.models import fashion_mnist as fm
 
 
-def _reference(layers: int = 3) -> ShiftReference:
-    return ShiftReference(np.zeros(layers), np.ones(layers), 100)
+def _reference(layers: int = 3, scores=(0.0,) * 100) -> ShiftReference:
+    return ShiftReference(np.zeros(layers), np.ones(layers), np.asarray(scores))
 
 
 def _shift_at(z: float, layers: int = 3) -> np.ndarray:
@@ -51,6 +51,13 @@ def test_shadow_passes_only_while_adapting():
     assert not any(gate.needs_shadow(f) for f in range(8))  # closed: every pass is already unadapted
     gate.update(_shift_at(3.0), 0)
     assert [gate.needs_shadow(f) for f in range(8)] == [True, False, False, False, True, False, False, False]
+
+
+def test_gate_starts_above_what_the_clean_calibration_stream_reached():
+    calm = AdaptationGate(_reference(scores=[0.0] * 100), low=0.5, high=1.5, margin=0.5)
+    assert (calm.low, calm.high) == (0.5, 1.5)
+    unusual = AdaptationGate(_reference(scores=[0.0] * 50 + [3.0] * 200), low=0.5, high=1.5, margin=0.5)
+    assert unusual.low == pytest.approx(3.5, abs=0.01) and unusual.high == pytest.approx(4.5, abs=0.01)
 
 
 def test_gate_rejects_inverted_thresholds():
