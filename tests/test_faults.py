@@ -47,7 +47,9 @@ def test_broker_killed_three_times_while_alerts_are_raised_loses_none(tmp_path, 
     broker = Mosquitto(tmp_path).start()
     sub = Subscriber(broker.port, "tta/test-box/cam1/drift", client_id="alert-consumer")
     log = tmp_path / "agent.log"
-    daemon = start_daemon(agent_config(tmp_path, fmnist["int8"], episodes_video, broker.port), log=log)
+    config = agent_config(tmp_path, fmnist["int8"], episodes_video, broker.port, exit_when_done=False,
+                          cameras=[{"name": "cam1", "source": str(episodes_video), "replay": {"loop": True}}])
+    daemon = start_daemon(config, log=log)  # loops the video: episodes keep coming until SIGTERM
     back = []
     try:
         assert wait_for(lambda: _raised(log), 60), log.read_text()[-2000:]
@@ -61,7 +63,8 @@ def test_broker_killed_three_times_while_alerts_are_raised_loses_none(tmp_path, 
             # let everything raised so far reach the consumer before the next kill (the broker's own
             # in-memory queue dies with it; that loss would be the broker's, not the agent's)
             assert wait_for(lambda: _received(sub) == _raised(log), 20)
-        assert daemon.wait(120) == 0, log.read_text()[-2000:]
+        daemon.terminate()
+        assert daemon.wait(20) == 0, log.read_text()[-2000:]
         assert wait_for(lambda: _received(sub) == _raised(log), 20)
     finally:
         daemon.kill()
@@ -91,7 +94,6 @@ def test_agent_killed_then_restarted_delivers_its_spool_and_resumes_from_the_che
         time.sleep(1.2)  # at least one checkpoint after the last alert
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(10)
-        killed_at = time.time()
         spooled = list((tmp_path / "state" / "spool").iterdir())
         assert spooled, "alerts raised while the broker was down must be on disk"
         broker.start()
@@ -114,7 +116,7 @@ def test_agent_killed_then_restarted_delivers_its_spool_and_resumes_from_the_che
     figures["agent_sigkill_restart"] = {
         "alerts_spooled_at_kill": len(spooled), "alerts_raised": len(_raised(first) + _raised(second)),
         "alerts_lost": 0, "checkpoint_frames": int(resumed.group(1)),
-        "checkpoint_age_s": int(resumed.group(2)), "restart_after_kill_s": round(time.time() - killed_at, 1)}
+        "checkpoint_age_s": int(resumed.group(2))}
 
 
 class _Stream:
