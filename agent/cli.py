@@ -93,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--lame", choices=LAME_MODES, default="auto")
     r.add_argument("--window", type=int, default=16, help="LAME window, frames")
     r.add_argument("--affinity", choices=("knn", "rbf"), default="knn")
-    r.add_argument("--knn", type=int, default=5)
+    r.add_argument("--knn", type=int, default=3)
     r.add_argument("--raw-every", type=int, default=0, help="also run the unadapted model every N frames")
     r.add_argument("--drift-warmup", type=int, default=100, help="frames that set the usual shift level")
     r.add_argument("--seed", type=int, default=0)

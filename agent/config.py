@@ -75,7 +75,7 @@ class LameConfig(Section):
     _switch = field_validator("mode", mode="before")(_yaml_switch)
     window: int = Field(16, ge=1, le=1024)
     affinity: Literal["knn", "rbf"] = "knn"
-    knn: int = Field(5, ge=1, le=1024)
+    knn: int = Field(3, ge=1, le=1024)
 
 
 class DriftConfig(Section):

@@ -14,7 +14,7 @@ import numpy as np
 LOG_FLOOR = 1e-10
 
 
-def affinity(features: np.ndarray, kind: str = "knn", k: int = 5) -> np.ndarray:
+def affinity(features: np.ndarray, kind: str = "knn", k: int = 3) -> np.ndarray:
     """(N, N) affinity of L2-normalised features: binary kNN (no self-loops) or RBF."""
     x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     sq = np.sum(x * x, axis=1)
@@ -65,7 +65,7 @@ def solve(probs: np.ndarray, a: np.ndarray, max_steps: int = 100, tol: float = 1
 class Lame:
     """Keeps the last `window` frames' features and probabilities; update() corrects the newest."""
 
-    def __init__(self, window: int = 16, affinity: str = "knn", k: int = 5, max_steps: int = 100):
+    def __init__(self, window: int = 16, affinity: str = "knn", k: int = 3, max_steps: int = 100):
         if window < 1:
             raise ValueError("LAME window must be at least 1 frame")
         self.window, self.kind, self.k, self.max_steps = window, affinity, k, max_steps

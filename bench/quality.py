@@ -3,6 +3,7 @@
     python -m bench.quality --quick        # minutes: 5 corruptions, 500 frames, severity 5, 1 seed
     python -m bench.quality                # 15 corruptions, 2000 frames, severities 3 and 5, 3 seeds
     python -m bench.quality --sweep        # the robust mode's options, one at a time (README)
+    python -m bench.quality --lame-sweep   # LAME window / affinity / neighbours (README)
 
 Every method runs the exported .onnx files through onnxruntime and the agent's own objects
 (agent.pipeline.CameraPipeline: gate, LAME), FP32 and INT8, as users run them:
@@ -10,7 +11,7 @@ Every method runs the exported .onnx files through onnxruntime and the agent's o
     faithful           the published UnMix-TNS (K=16, noisy init, momentum 1-(0.9)^(1/64))
     robust             the single-instance mode (exporters/unmix.py RobustUnMixTNS2d), always at full strength
     gated              robust behind the adaptation gate (agent/gate.py): the agent's default
-    LAME               LAME (16-frame window, kNN 5) on the unadapted model
+    LAME               LAME (16-frame window, kNN 3) on the unadapted model
     gated+LAME         LAME on the gated mode's outputs
 Writes bench/results/quality.json, quality.md and quality_<stream>.png (error over time).
 Also checks EfficientNet-Lite0 on an ordinary stream of scikit-image photos: how often the
@@ -89,7 +90,7 @@ def _pipeline(path: Path, adaptation: str, gated: bool = False, lame: bool = Fal
     session = AdaptiveSession(path, threads=1)
     gate = AdaptationGate(session.info.shift_reference) if gated else None
     guard = CollapseGuard(len(session.info.labels)) if gated else None
-    pipeline = CameraPipeline(session, Lame(16, "knn", 5) if lame else None, "on", raw_every=raw_every, gate=gate,
+    pipeline = CameraPipeline(session, Lame(16, "knn", 3) if lame else None, "on", raw_every=raw_every, gate=gate,
                               guard=guard)
     pipeline.set_adaptation(adaptation)
     return pipeline
@@ -266,6 +267,63 @@ def sweep(workers: int, frames: int = 400) -> str:
     return table
 
 
+class _Recorder:
+    """Takes LAME's place in a pipeline and keeps what LAME would be given."""
+
+    def __init__(self):
+        self.rows: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def update(self, features: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        self.rows.append((features, probs))
+        return probs
+
+    def reset(self) -> None:
+        self.rows.clear()
+
+
+def _lame_sweep_task(task) -> tuple[str, dict]:
+    """Gated and unadapted outputs of one stream, then every LAME variant over them (LAME does not
+    feed back into adaptation, so the outputs are computed once)."""
+    path, stream = task
+    errors = {}
+    for name, adaptation, gated in (("gated", "on", True), ("unadapted", "off", False)):
+        pipeline = _pipeline(path, adaptation, gated=gated)
+        pipeline.lame = recorder = _Recorder()
+        for i, x in enumerate(stream["x"]):
+            pipeline.process(Frame(i, x, 0.0))
+        rows, y = recorder.rows, stream["y"]
+        errors[(name, "none")] = 100 * float(np.mean([np.argmax(p) != t for (_, p), t in zip(rows, y)]))
+        for window, kind, k in LAME_VARIANTS:
+            lame = Lame(window, kind, k)
+            wrong = [np.argmax(lame.update(f, p)) != t for (f, p), t in zip(rows, y)]
+            errors[(name, f"window {window}, {kind} {k}")] = 100 * float(np.mean(wrong))
+    return stream["kind"], errors
+
+
+LAME_VARIANTS = [(w, kind, k) for w in (16, 32, 64) for kind in ("knn", "rbf") for k in (1, 3, 5)]
+
+
+def lame_sweep(workers: int, frames: int = 300) -> str:
+    """LAME's options on the gated and the unadapted INT8 outputs (severity 5, 5 corruptions)."""
+    from exporters.models.fashion_mnist import load_split
+
+    paths = export_models(RESULTS / "models")
+    images, labels = load_split("t10k")
+    corruptions = ["gaussian_noise", "defocus_blur", "fog", "contrast", "jpeg_compression"]
+    streams = [s for s in build_streams(images, labels, corruptions, frames, 5, 0) if s["kind"] in ORDERS]
+    table: dict = {}
+    with ProcessPoolExecutor(workers) as pool:
+        for kind, errors in pool.map(_lame_sweep_task, [(paths["robust/int8"], s) for s in streams]):
+            for key, err in errors.items():
+                table.setdefault(key, {}).setdefault(kind, []).append(err)
+    lines = ["| outputs | LAME | iid | dirichlet | video |", "|---|---|---|---|---|"]
+    for (name, variant), by_kind in table.items():
+        lines.append(f"| {name} | {variant} | " + " | ".join(f"{np.mean(by_kind[k]):.1f}" for k in ORDERS) + " |")
+    text = "\n".join(lines)
+    (RESULTS / "lame_sweep.md").write_text(text + "\n")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -275,9 +333,14 @@ def main() -> None:
     parser.add_argument("--corruptions", nargs="+")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--sweep", action="store_true", help="the robust mode's options, one at a time")
+    parser.add_argument("--lame-sweep", action="store_true", help="LAME's window, affinity and neighbours")
     args = parser.parse_args()
     if args.sweep:
         print(sweep(args.workers))
+        return
+    if args.lame_sweep:
+        RESULTS.mkdir(exist_ok=True)
+        print(lame_sweep(args.workers))
         return
     quick = args.quick
     frames = args.frames or (500 if quick else 2000)
