@@ -96,7 +96,25 @@ def physical_cores() -> int:
     return os.cpu_count() or 1
 
 
-class AdaptiveSession:
+class Checkpoints:
+    """reset/save/load for a session that keeps `info`, `seed`, `frames`, a `state` property and
+    `_set_state` (both backends)."""
+
+    def reset(self) -> None:
+        """Back to the initial components (from the source statistics and the seed)."""
+        self._set_state(initial_state(self.info.adaptation, self.info.source_stats, self.seed))
+        self.frames = 0
+
+    def save(self, path: str | Path) -> None:
+        save_state(path, self.state, self.info.adaptation, frames=self.frames)
+
+    def load(self, path: str | Path) -> None:
+        state, meta = load_state(path, self.info.adaptation)
+        self._set_state(state)
+        self.frames = int(meta.get("frames", 0))
+
+
+class AdaptiveSession(Checkpoints):
     """step() runs one frame; the updated components become the next frame's inputs.
 
     `adapt` is the adaptation strength in [0, 1]: 0 (or False) runs the frame on the source
@@ -147,11 +165,6 @@ class AdaptiveSession:
     @property
     def provider(self) -> str:
         return self.session.get_providers()[0]
-
-    def reset(self) -> None:
-        """Back to the initial components (from the source statistics and the seed)."""
-        self._set_state(initial_state(self.info.adaptation, self.info.source_stats, self.seed))
-        self.frames = 0
 
     def _set_state(self, state: dict) -> None:
         self._current = {i: np.array(state[layer][t], np.float32, order="C") for layer, t, i, _ in self._state_io}
@@ -209,14 +222,6 @@ class AdaptiveSession:
         for layer, t, name_in, _ in self._state_io:
             nested.setdefault(layer, {})[t] = self._current[name_in].copy()
         return nested
-
-    def save(self, path: str | Path) -> None:
-        save_state(path, self.state, self.info.adaptation, frames=self.frames)
-
-    def load(self, path: str | Path) -> None:
-        state, meta = load_state(path, self.info.adaptation)
-        self._set_state(state)
-        self.frames = int(meta.get("frames", 0))
 
 
 def _bind_output(binding, name: str, array: np.ndarray) -> None:

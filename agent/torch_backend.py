@@ -23,8 +23,8 @@ from exporters.export import _classifier, _WithFeatures
 from exporters.unmix import replace_batchnorm
 
 from .contract import ContractError, ModelInfo, read_model_info
-from .runtime import StepOutput
-from .state import initial_state, load_state, save_state
+from .runtime import Checkpoints, StepOutput
+from .state import initial_state
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def torch_cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-class TorchSession:
+class TorchSession(Checkpoints):
     def __init__(self, path: str | Path, device: str = "cuda", threads: int | None = None, seed: int = 0,
                  info: ModelInfo | None = None):
         self.path = Path(path)
@@ -122,20 +122,8 @@ class TorchSession:
     def state(self) -> dict[str, dict[str, np.ndarray]]:
         return {name: {t: v.copy() for t, v in tensors.items()} for name, tensors in self._mirror.items()}
 
-    def reset(self) -> None:
-        self._set_state(initial_state(self.info.adaptation, self.info.source_stats, self.seed))
-        self.frames = 0
-
     def _set_state(self, state: dict) -> None:
         for name, layer in self.layers.items():
             for t, value in state[name].items():
                 getattr(layer, t).copy_(torch.as_tensor(np.asarray(value, np.float32)))
         self._mirror = self._read_state()
-
-    def save(self, path: str | Path) -> None:
-        save_state(path, self.state, self.info.adaptation, frames=self.frames)
-
-    def load(self, path: str | Path) -> None:
-        state, meta = load_state(path, self.info.adaptation)
-        self._set_state(state)
-        self.frames = int(meta.get("frames", 0))
