@@ -32,6 +32,7 @@ from .sources import FileSource, LiveSource, SourceError, open_source
 from .spool import Spool
 from .state import StateError
 
+FIRST_CONNECT_WAIT_S = 5.0
 log = logging.getLogger(__name__)
 
 
@@ -143,6 +144,11 @@ class Agent:
     # -- the main loop ------------------------------------------------------------------------
     def run(self) -> int:
         self.mqtt.start()
+        # give the broker a moment, so a replay's first predictions are not dropped for want of a
+        # connection; a broker that is down at start only delays the loop this long
+        if not self.mqtt.connected.wait(FIRST_CONNECT_WAIT_S):
+            log.warning("no broker connection after %.0f s; running anyway (alerts spool, predictions "
+                        "are dropped and counted until it connects)", FIRST_CONNECT_WAIT_S)
         self.notifier.ready(self._status_line())
         log.info("agent %s running %d camera(s) on %s", self.config.device_id, len(self.cameras),
                  self.cameras[0].pipeline.session.provider)
