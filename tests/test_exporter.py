@@ -162,6 +162,12 @@ def test_int8_is_smaller_has_the_same_interface_and_reports_agreement(effnet, fm
         assert not any(i in dequantized for n in matmuls for i in n.input)
         report = read_model_info(paths["int8"]).calibration
         assert report["heldout_frames"] > 0 and 0.0 <= report["top1_agreement_vs_fp32"] <= 1.0
+        # depthwise convolutions keep float weights: no DequantizeLinear feeds their weight input
+        depthwise = [n for n in int8.graph.node if n.op_type == "Conv"
+                     and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+        assert report["float_depthwise_convolutions"] == len(depthwise)
+        assert not any(n.input[1] in dequantized for n in depthwise)
+    assert read_model_info(effnet["int8"]).calibration["float_depthwise_convolutions"] == 16
     assert read_model_info(fmnist["int8"]).calibration["top1_agreement_vs_fp32"] >= 0.95
 
 
