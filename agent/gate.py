@@ -14,6 +14,8 @@ The shift must come from an unadapted pass: adapted layers make the next layers'
 source-like, so an adapted pass would close the gate it opened. While the strength is 0 the
 frame's own pass is unadapted and serves; while it is above 0 a shadow pass every
 `shadow_every` frames measures it. Thresholds chosen by bench/quality.py (README).
+
+CollapseGuard is the other safety: it watches what adaptation does to the predictions.
 """
 from __future__ import annotations
 

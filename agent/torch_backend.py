@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporters.export import _classifier, _WithFeatures
+from exporters.export import with_features
 from exporters.unmix import replace_batchnorm
 
 from .contract import ContractError, ModelInfo, read_model_info
@@ -66,7 +66,7 @@ class TorchSession(Checkpoints):
         spec = self.info.adaptation
         options = spec.options if spec.mode == "robust" else {"momentum": spec.momentum}
         self.layers = replace_batchnorm(model, state, mode=spec.mode, temperature=spec.temperature, **options)
-        self.model = _WithFeatures(model, _classifier(model)).eval().to(device)
+        self.model = with_features(model).eval().to(device)
         self.device = device
         self.on_gpu = device.type != "cpu"
         name = torch.cuda.get_device_name(device) if self.on_gpu else "cpu"

@@ -38,6 +38,12 @@ class _WithFeatures(nn.Module):
         return logits, torch.flatten(self._captured.pop(), 1)
 
 
+def with_features(model: nn.Module) -> nn.Module:
+    """The model returning (logits, penultimate features): what the graph outputs, and what the
+    agent's torch backend runs."""
+    return _WithFeatures(model, _classifier(model))
+
+
 def _classifier(model: nn.Module) -> nn.Linear:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
@@ -72,7 +78,7 @@ def adaptation_spec(model: nn.Module, mode: str = "robust", components: int = K_
 
 def export_plain(model: nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelProto:
     """Export with BatchNormalization nodes kept (optimize=False stops the Conv+BN fusion)."""
-    wrapped = _WithFeatures(model, _classifier(model)).eval()
+    wrapped = with_features(model).eval()
     with torch.no_grad():
         program = torch.onnx.export(wrapped, (torch.zeros(input_shape),), dynamo=True, optimize=False,
                                     opset_version=OPSET, input_names=[contract.IMAGE],
