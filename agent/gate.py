@@ -51,8 +51,9 @@ class AdaptationGate:
         return float(np.clip((self.level - self.low) / (self.high - self.low), 0.0, 1.0))
 
     def needs_shadow(self, frame: int) -> bool:
-        """Whether `frame` needs an unadapted pass to keep the level measured."""
-        return self.strength > 0 and frame % self.shadow_every == 0
+        """Whether `frame` needs an unadapted pass to keep the level measured (by distance from the
+        last measured frame, so a live source's skipped frames do not skip measurements)."""
+        return self.strength > 0 and (self._last_frame is None or frame - self._last_frame >= self.shadow_every)
 
     def update(self, shift: np.ndarray, frame: int) -> None:
         """`shift` from an unadapted pass of `frame`; sparser observations weigh more, so the level
