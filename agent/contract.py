@@ -234,6 +234,7 @@ def read_model_info(path: str | Path) -> ModelInfo:
         source = json.loads(meta[KEY_SOURCE]) if KEY_SOURCE in meta else None
     except ValueError as exc:
         raise ContractError(f"{path}: malformed {KEY_SOURCE} metadata: {exc}") from exc
-    if source is not None and not (isinstance(source, dict) and isinstance(source.get("builder"), str)):
-        raise ContractError(f"{path}: {KEY_SOURCE} must name a builder 'module:function'")
+    if source is not None and not (isinstance(source, dict) and isinstance(source.get("builder"), str)
+                                   and isinstance(source.get("weights"), (str, type(None)))):
+        raise ContractError(f"{path}: {KEY_SOURCE} must name a builder 'module:function' and a weights path or null")
     return ModelInfo(path, labels, preprocess, adaptation, stats, calibration, reference, source)

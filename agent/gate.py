@@ -19,6 +19,8 @@ CollapseGuard is the other safety: it watches what adaptation does to the predic
 """
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 
 from .contract import ShiftReference
@@ -77,11 +79,11 @@ class CollapseGuard:
         self.reset()
 
     def reset(self) -> None:
-        self._adapted: list[int] = []
-        self._raw: list[int] = []
+        self._adapted: deque[int] = deque(maxlen=self.window)
+        self._raw: deque[int] = deque(maxlen=self.window)
 
-    def _entropy(self, top1: list[int]) -> float:
-        p = np.bincount(top1, minlength=self.classes) / len(top1)
+    def _entropy(self, top1: deque[int]) -> float:
+        p = np.bincount(list(top1), minlength=self.classes) / len(top1)
         p = p[p > 0]
         return float(-(p * np.log(p)).sum())
 
@@ -92,7 +94,6 @@ class CollapseGuard:
         if len(self._adapted) < self.window:
             return False
         collapsed = self._entropy(self._adapted) < self.diversity * self._entropy(self._raw)
-        del self._adapted[0], self._raw[0]
         if collapsed:
             self.fired += 1
             self.reset()

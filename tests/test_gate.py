@@ -128,3 +128,22 @@ def test_a_firing_guard_resets_the_components_and_pauses_adaptation(fmnist):
     assert guard.fired >= 1
     first = next(i for i, r in enumerate(results) if r.strength == 0)
     assert all(r.strength == 0 for r in results[first:first + 29])
+
+
+def test_the_daemon_refuses_to_gate_a_model_without_a_shift_reference(fmnist, tmp_path):
+    import onnx
+    from helpers import agent_config
+
+    from agent.config import ConfigError, load_config
+    from agent.contract import KEY_SHIFT_REFERENCE
+    from agent.daemon import Agent
+
+    model = onnx.load(str(fmnist["int8"]))
+    kept = [p for p in model.metadata_props if p.key != KEY_SHIFT_REFERENCE]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    old = tmp_path / "old.onnx"
+    onnx.save(model, str(old))
+    config = load_config(agent_config(tmp_path, old, tmp_path / "unused.avi", 1))
+    with pytest.raises(ConfigError, match="adaptation.gate.enabled: .* has no shift reference"):
+        Agent(config)
