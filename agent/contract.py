@@ -18,6 +18,11 @@ ADAPT = "adapt"  # float[1]: 1 adapts (mixes and updates components), 0 runs on 
 LOGITS = "logits"
 FEATURES = "features"
 SHIFT = "shift"  # float[1, L]: per-layer KL(frame statistics || source statistics)
+# the folded layout (exporters/folded.py): UnMix-TNS runs in the agent, the graph normalises and measures
+NORM_MEAN = "norm.mean"  # float[C]: the statistics to normalise this frame with, all adapted layers' channels
+NORM_VAR = "norm.var"
+STATS = "stats"  # float[2, C]: this frame's mean and variance of each adapted layer's input
+LAYOUTS = ("graph", "folded")
 
 KEY_FORMAT = "tta.format_version"
 KEY_LABELS = "tta.labels"
@@ -58,6 +63,7 @@ class AdaptationSpec:
     layers: tuple[LayerSpec, ...]
     state_tensors: tuple[str, ...] = ("means", "vars")
     options: dict = field(default_factory=dict)
+    layout: str = "graph"  # "graph": UnMix-TNS inside the graph; "folded": in the agent (exporters/folded.py)
 
     def to_json(self) -> str:
         doc = {
@@ -67,6 +73,7 @@ class AdaptationSpec:
             "temperature": self.temperature,
             "state_tensors": list(self.state_tensors),
             "options": self.options,
+            "layout": self.layout,
             "layers": [vars(layer) for layer in self.layers],
         }
         return json.dumps(doc)
@@ -165,6 +172,8 @@ def _check_types(labels: tuple, preprocess: Preprocess, adaptation: AdaptationSp
     ok(isinstance(adaptation.components, int) and adaptation.components > 0, "tta.adaptation.components must be > 0")
     ok(all(isinstance(t, str) for t in adaptation.state_tensors), "tta.adaptation.state_tensors must be names")
     ok(isinstance(adaptation.options, dict), "tta.adaptation.options must be a mapping")
+    ok(adaptation.layout in LAYOUTS, f"tta.adaptation.layout must be one of {', '.join(LAYOUTS)}")
+    ok(adaptation.layout == "graph" or adaptation.mode == "robust", "the folded layout runs the robust mode only")
     for layer in adaptation.layers:
         ok(isinstance(layer.name, str) and isinstance(layer.source_mean, str) and isinstance(layer.source_var, str)
            and isinstance(layer.channels, int) and layer.channels > 0, f"tta.adaptation layer {layer!r:.80} malformed")
@@ -202,11 +211,13 @@ def read_model_info(path: str | Path) -> ModelInfo:
     inits = {t.name: t for t in model.graph.initializer}
     inputs = {i.name for i in model.graph.input}
     outputs = {o.name for o in model.graph.output}
-    expected_in = {IMAGE, ADAPT}
-    expected_out = {LOGITS, FEATURES, SHIFT}
+    if adaptation.layout == "folded":
+        expected_in, expected_out = {IMAGE, NORM_MEAN, NORM_VAR}, {LOGITS, FEATURES, STATS}
+    else:
+        expected_in, expected_out = {IMAGE, ADAPT}, {LOGITS, FEATURES, SHIFT}
     stats = {}
     for layer in adaptation.layers:
-        for tensor in adaptation.state_tensors:
+        for tensor in adaptation.state_tensors if adaptation.layout == "graph" else ():
             expected_in.add(state_input(layer.name, tensor))
             expected_out.add(state_output(layer.name, tensor))
         try:

@@ -18,6 +18,7 @@ import onnxruntime as ort
 from . import contract
 from .contract import ModelInfo, read_model_info
 from .state import initial_state, load_state, save_state
+from .unmix import RobustMixture
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,9 @@ def open_session(path: str | Path, device: str = "auto", backend: str = "auto", 
         from .torch_backend import TorchSession
 
         return TorchSession(path, device=device, threads=threads, seed=seed, info=info)
-    return AdaptiveSession(path, device=device, threads=threads, seed=seed, info=info)
+    info = info or read_model_info(path)
+    cls = FoldedSession if info.adaptation.layout == "folded" else AdaptiveSession
+    return cls(path, device=device, threads=threads, seed=seed, info=info)
 
 
 def physical_cores() -> int:
@@ -150,6 +153,7 @@ class AdaptiveSession(Checkpoints):
 
     def _open(self, providers: list[str]) -> ort.InferenceSession:
         options = ort.SessionOptions()
+        options.log_severity_level = 3  # the folded layout's source statistics are metadata to the graph: no warnings
         if self.threads:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
@@ -177,13 +181,7 @@ class AdaptiveSession(Checkpoints):
         self._adapt[0] = adapt
         commit = adapt > 0 and update
         target = self._spare if commit else self._scratch
-        try:
-            self._run(image, target)
-        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
-            if self.provider == CPU:
-                raise
-            self._fall_back(exc)
-            self._run(image, target)
+        self._run_or_fall_back(lambda: self._run(image, target))
         if commit:
             self._current, self._spare = self._spare, self._current
             self.frames += 1
@@ -201,6 +199,15 @@ class AdaptiveSession(Checkpoints):
         for name, array in self._outputs.items():
             _bind_output(binding, name, array)
         self.session.run_with_iobinding(binding)
+
+    def _run_or_fall_back(self, run) -> None:
+        try:
+            run()
+        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
+            if self.provider == CPU:
+                raise
+            self._fall_back(exc)
+            run()
 
     def _fall_back(self, exc: Exception) -> None:
         """The accelerator failed: carry on with the CPU and the same components."""
@@ -222,6 +229,67 @@ class AdaptiveSession(Checkpoints):
         for layer, t, name_in, _ in self._state_io:
             nested.setdefault(layer, {})[t] = self._current[name_in].copy()
         return nested
+
+
+class FoldedSession(AdaptiveSession):
+    """The folded layout (exporters/folded.py): the graph normalises with `norm.mean/var` and returns
+    the frame's statistics; UnMix-TNS runs here (agent/unmix.py), all layers in one vectorised step.
+
+    Frame t is normalised with what the components gave after frame t-1 (with frame t-1's own
+    statistics as the instance term): one frame later than the graph layout, which lets the
+    graph stay a plain INT8 network. The components and checkpoints are the robust layout's.
+    """
+
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None,
+                 seed: int = 0, info: ModelInfo | None = None):
+        info = info or read_model_info(path)
+        self.mixture = RobustMixture(info.adaptation, info.source_stats)
+        self._norm_mean = np.empty_like(self.mixture.source_mean)  # what the next frame is normalised with
+        self._norm_var = np.empty_like(self.mixture.source_var)
+        super().__init__(path, device=device, threads=threads, seed=seed, info=info)
+
+    def _output_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {o.name: tuple(o.shape) for o in self.session.get_outputs()}
+        wanted = (contract.LOGITS, contract.FEATURES, contract.STATS)
+        if not all(isinstance(d, int) for name in wanted for d in shapes[name]):
+            raise contract.ContractError(f"{self.path}: outputs {wanted} must have static shapes")
+        return {name: shapes[name] for name in wanted}
+
+    def _set_state(self, state: dict) -> None:
+        self.mixture.set_state(state)
+        self._last = None  # the previous frame's statistics, for the instance term
+
+    @property
+    def state(self) -> dict[str, dict[str, np.ndarray]]:
+        return self.mixture.state()
+
+    def step(self, image: np.ndarray, adapt: float = 1.0, update: bool = True) -> StepOutput:
+        if not 0.0 <= adapt <= 1.0:
+            raise ValueError(f"adaptation strength must be in [0, 1], got {adapt}")
+        m = self.mixture
+        if adapt > 0:
+            mean, var = m.statistics(*(self._last or (None, None)))
+            np.add(m.source_mean, adapt * (mean - m.source_mean), out=self._norm_mean)
+            np.add(m.source_var, adapt * (var - m.source_var), out=self._norm_var)
+        else:
+            self._norm_mean[:], self._norm_var[:] = m.source_mean, m.source_var
+        self._run_or_fall_back(lambda: self._run_folded(image))
+        out = self._outputs
+        mu, var_x = out[contract.STATS][0].copy(), out[contract.STATS][1].copy()
+        if adapt > 0 and update:
+            m.update(mu, var_x, adapt)
+            self.frames += 1
+        self._last = (mu, var_x)
+        return StepOutput(out[contract.LOGITS][0].copy(), out[contract.FEATURES][0].copy(), m.shift(mu, var_x))
+
+    def _run_folded(self, image: np.ndarray) -> None:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(contract.IMAGE, np.ascontiguousarray(image, np.float32))
+        binding.bind_cpu_input(contract.NORM_MEAN, self._norm_mean)
+        binding.bind_cpu_input(contract.NORM_VAR, self._norm_var)
+        for name, array in self._outputs.items():
+            _bind_output(binding, name, array)
+        self.session.run_with_iobinding(binding)
 
 
 def _bind_output(binding, name: str, array: np.ndarray) -> None:

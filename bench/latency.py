@@ -27,7 +27,7 @@ import onnxruntime as ort
 import yaml
 
 from agent.preprocess import Preprocessor
-from agent.runtime import AdaptiveSession
+from agent.runtime import AdaptiveSession, open_session
 from agent.samples import photo_stream, render_sample_video
 
 RESULTS = Path(__file__).with_name("results")
@@ -63,11 +63,12 @@ def adapted_models() -> dict[str, Path]:
     from exporters.cli import main as export
 
     paths = {}
-    for mode in ("robust", "faithful"):
-        out = MODELS / f"efficientnet_lite0.{mode}.onnx"
+    for mode, layout in (("robust", "graph"), ("faithful", "graph"), ("robust", "folded")):
+        name = mode if layout == "graph" else f"{mode}.{layout}"
+        out = MODELS / f"efficientnet_lite0.{name}.onnx"
         if not out.exists():
-            assert export(["efficientnet-lite0", "--mode", mode, "--out", str(out)]) == 0
-        paths[f"{mode}/int8"], paths[f"{mode}/fp32"] = out, out.with_name(out.stem + ".fp32.onnx")
+            assert export(["efficientnet-lite0", "--mode", mode, "--layout", layout, "--out", str(out)]) == 0
+        paths[f"{name}/int8"], paths[f"{name}/fp32"] = out, out.with_name(out.stem + ".fp32.onnx")
     return paths
 
 
@@ -83,7 +84,7 @@ def timer_plain(path: Path, threads: int, images):
 
 
 def timer_adapted(path: Path, threads: int, images):
-    session = AdaptiveSession(path, threads=threads)
+    session = open_session(path, "cpu", "onnxruntime", threads=threads)
 
     def run():
         for x in images:
@@ -221,6 +222,8 @@ def main() -> None:
         "adapted FP32 robust": timer_adapted(paths["robust/fp32"], t, images),
         "adapted INT8 robust": timer_adapted(paths["robust/int8"], t, images),
         "adapted INT8 faithful": timer_adapted(paths["faithful/int8"], t, images),
+        "adapted FP32 folded": timer_adapted(paths["robust.folded/fp32"], t, images),
+        "adapted INT8 folded": timer_adapted(paths["robust.folded/int8"], t, images),
         "torch eager faithful": timer_torch_faithful(t, images),
         "sliding window W=16": timer_sliding_window(16, t, images),
         "sliding window W=64": timer_sliding_window(64, t, images[: max(2, args.frames // 8)]),
@@ -236,6 +239,8 @@ def main() -> None:
     ratios = {
         "adapted INT8 / plain INT8": a / ms["plain INT8"],
         "adapted INT8 faithful / plain INT8": ms["adapted INT8 faithful"] / ms["plain INT8"],
+        "adapted INT8 folded / plain INT8": ms["adapted INT8 folded"] / ms["plain INT8"],
+        "torch eager faithful / adapted INT8 folded": ms["torch eager faithful"] / ms["adapted INT8 folded"],
         "torch eager faithful / adapted INT8": ms["torch eager faithful"] / a,
         "sliding window W=16 / adapted INT8": ms["sliding window W=16"] / a,
         "sliding window W=64 / adapted INT8": ms["sliding window W=64"] / a,

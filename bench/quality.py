@@ -32,7 +32,7 @@ from agent.gate import AdaptationGate, CollapseGuard
 from agent.lame import Lame
 from agent.pipeline import CameraPipeline
 from agent.preprocess import Preprocessor
-from agent.runtime import AdaptiveSession
+from agent.runtime import AdaptiveSession, open_session
 from agent.sources import Frame
 
 from .corruptions import CORRUPTIONS, corrupt
@@ -43,17 +43,19 @@ METHODS = ("unadapted", "faithful", "robust", "gated", "LAME", "gated+LAME")
 STREAMS = ("iid", "dirichlet", "video", "continual", "mixed", "clean")
 
 
-def export_models(folder: Path) -> dict[str, Path]:
-    """FP32 and INT8 Fashion-MNIST models in both modes, exported by the real exporter."""
+def export_models(folder: Path, layout: str = "graph") -> dict[str, Path]:
+    """FP32 and INT8 Fashion-MNIST models in both modes, exported by the real exporter; the robust
+    mode in the given layout (faithful runs in the graph layout only)."""
     from exporters.cli import main as export
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for mode in ("robust", "faithful"):
-        out = folder / f"fashion_mnist.{mode}.onnx"
+        chosen = layout if mode == "robust" else "graph"
+        out = folder / (f"fashion_mnist.{mode}.onnx" if chosen == "graph" else f"fashion_mnist.{mode}.{chosen}.onnx")
         if not out.exists():
-            assert export(["fashion-mnist", "--mode", mode, "--out", str(out), "--calib-frames", "500",
-                           "--holdout-frames", "1000"]) == 0
+            assert export(["fashion-mnist", "--mode", mode, "--layout", chosen, "--out", str(out),
+                           "--calib-frames", "500", "--holdout-frames", "1000"]) == 0
         paths[f"{mode}/int8"] = out
         paths[f"{mode}/fp32"] = out.with_name(out.stem + ".fp32.onnx")
     return paths
@@ -87,7 +89,7 @@ def build_streams(images, labels, corruptions, frames, severity, seed) -> list[d
 
 def _pipeline(path: Path, adaptation: str, gated: bool = False, lame: bool = False, raw_every: int = 0
               ) -> CameraPipeline:
-    session = AdaptiveSession(path, threads=1)
+    session = open_session(path, "cpu", "onnxruntime", threads=1)
     gate = AdaptationGate(session.info.shift_reference) if gated else None
     guard = CollapseGuard(len(session.info.labels)) if gated else None
     pipeline = CameraPipeline(session, Lame(16, "knn", 3) if lame else None, "on", raw_every=raw_every, gate=gate,
@@ -120,7 +122,7 @@ def run_stream(task) -> dict:
             "guard_fired": gated.guard.fired}
 
 
-def effnet_agreement(frames_per_photo: int = 25) -> dict:
+def effnet_agreement(frames_per_photo: int = 25, layout: str = "graph") -> dict:
     """EfficientNet-Lite0 on ordinary photos: share of frames where the adapted top-1 equals the
     unadapted one, over all 12 photos and over the 3 the exporter held out of calibration (and of
     the gate's shift reference)."""
@@ -129,10 +131,13 @@ def effnet_agreement(frames_per_photo: int = 25) -> dict:
 
     folder = RESULTS / "models"
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {mode: folder / f"efficientnet_lite0.{mode}.onnx" for mode in ("robust", "faithful")}
+    paths = {"robust": folder / ("efficientnet_lite0.robust.onnx" if layout == "graph"
+                                 else f"efficientnet_lite0.robust.{layout}.onnx"),
+             "faithful": folder / "efficientnet_lite0.faithful.onnx"}
     for mode, path in paths.items():
         if not path.exists():
-            assert export(["efficientnet-lite0", "--mode", mode, "--out", str(path)]) == 0
+            assert export(["efficientnet-lite0", "--mode", mode, "--layout", layout if mode == "robust" else "graph",
+                           "--out", str(path)]) == 0
     frames = [frame for _, frame in photo_stream(frames_per_photo)]
     held_out = np.array([(i // frames_per_photo) % 4 == 3 for i in range(len(frames))])  # as exporters/cli.py
     result = {}
@@ -332,6 +337,8 @@ def main() -> None:
     parser.add_argument("--severities", type=int, nargs="+")
     parser.add_argument("--corruptions", nargs="+")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--layout", choices=("graph", "folded"), default="graph",
+                        help="the robust mode's model layout (tta-export --layout)")
     parser.add_argument("--sweep", action="store_true", help="the robust mode's options, one at a time")
     parser.add_argument("--lame-sweep", action="store_true", help="LAME's window, affinity and neighbours")
     args = parser.parse_args()
@@ -349,7 +356,7 @@ def main() -> None:
     corruptions = args.corruptions or (["gaussian_noise", "defocus_blur", "fog", "contrast", "jpeg_compression"]
                                        if quick else list(CORRUPTIONS))
     RESULTS.mkdir(exist_ok=True)
-    paths = export_models(RESULTS / "models")
+    paths = export_models(RESULTS / "models", args.layout)
     from exporters.models.fashion_mnist import load_split
 
     images, labels = load_split("t10k")
@@ -365,14 +372,16 @@ def main() -> None:
                     print(f"severity {severity} seed {seed}: {i + 1}/{len(tasks)} streams "
                           f"({time.time() - started:.0f} s)", flush=True)
     summary = summarize(runs)
-    effnet = effnet_agreement(10 if quick else 25)
+    effnet = effnet_agreement(10 if quick else 25, args.layout)
     strengths = {kind: float(np.mean([r["strength"] for r in runs if r["kind"] == kind])) for kind in STREAMS}
     fired = {kind: int(sum(r["guard_fired"] for r in runs if r["kind"] == kind)) for kind in STREAMS}
-    report = {"config": {"frames": frames, "seeds": seeds, "severities": severities, "corruptions": corruptions},
+    report = {"config": {"layout": args.layout, "frames": frames, "seeds": seeds, "severities": severities,
+                         "corruptions": corruptions},
               "summary": summary, "efficientnet_ordinary_stream": effnet, "gate_strength": strengths,
               "guard_fired": fired,
               "seconds": round(time.time() - started)}
-    (RESULTS / "quality.json").write_text(json.dumps(report, indent=1))
+    suffix = "" if args.layout == "graph" else f".{args.layout}"
+    (RESULTS / f"quality{suffix}.json").write_text(json.dumps(report, indent=1))
     table = markdown(summary, severities, ("int8", "fp32"))
     effnet_line = "\n".join(
         [f"\nEfficientNet-Lite0 INT8 on an ordinary stream of {effnet['gated']['frames']} photo frames, top-1 "
@@ -382,7 +391,7 @@ def main() -> None:
     effnet_line += "\nMean gate strength per stream (0: unadapted, 1: full): " + ", ".join(
         f"{kind} {v:.2f}" for kind, v in strengths.items()) + "\n"
     effnet_line += f"\nCollapse guard firings (all streams of each kind, INT8 and FP32): {fired}\n"
-    (RESULTS / "quality.md").write_text(table + "\n" + effnet_line)
+    (RESULTS / f"quality{suffix}.md").write_text(table + "\n" + effnet_line)
     print(table)
     print(effnet_line)
     for path in plot(runs, severities[0], RESULTS):

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from agent import contract
-from agent.contract import Preprocess, read_model_info
+from agent.contract import LAYOUTS, Preprocess, read_model_info
 from agent.state import initial_state, save_state
 
 from .export import ExportError, adaptation_spec, build_adaptive, save_atomic, set_metadata
@@ -132,7 +132,7 @@ def export(args) -> dict:
     if args.adapt_layers is not None:
         layers = list(batchnorm_layers(model))[: args.adapt_layers]
     spec = adaptation_spec(model, mode=args.mode, components=args.components, momentum=args.momentum,
-                           temperature=args.temperature, layers=layers)
+                           temperature=args.temperature, layers=layers, layout=args.layout)
     log.info("exporting %d adapted layers, mode %s, K=%d", len(spec.layers), spec.mode, spec.components)
     onnx_model = build_adaptive(model, shape, spec, labels, Preprocess.from_json(json.dumps(preprocess)))
     set_metadata(onnx_model, {contract.KEY_SOURCE: json.dumps(source)})  # for the agent's torch backend
@@ -159,6 +159,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", choices=("minmax", "percentile", "entropy"), default="percentile")
     p.add_argument("--mode", choices=MODES, default="robust",
                    help="robust: the single-instance variant (default); faithful: the published algorithm")
+    p.add_argument("--layout", choices=LAYOUTS, default="graph",
+                   help="graph: UnMix-TNS inside the ONNX graph; folded: BatchNorm folded into the INT8 "
+                        "convolutions, UnMix-TNS in the agent (robust mode only; exporters/folded.py)")
     p.add_argument("--components", type=int, default=K_DEFAULT, help="K, UnMix-TNS components per layer")
     p.add_argument("--adapt-layers", type=int, metavar="N",
                    help="adapt only the first N BatchNorm layers (the rest keep source statistics, folded)")

@@ -53,7 +53,8 @@ def _classifier(model: nn.Module) -> nn.Linear:
 
 def adaptation_spec(model: nn.Module, mode: str = "robust", components: int = K_DEFAULT,
                     momentum: float = MOMENTUM_BATCH1, temperature: float = TEMPERATURE,
-                    layers: list[str] | None = None, options: dict | None = None) -> AdaptationSpec:
+                    layers: list[str] | None = None, options: dict | None = None,
+                    layout: str = "graph") -> AdaptationSpec:
     bns = batchnorm_layers(model)
     if not bns:
         raise ExportError("the model has no BatchNorm2d layer: there is nothing for UnMix-TNS to adapt")
@@ -69,9 +70,11 @@ def adaptation_spec(model: nn.Module, mode: str = "robust", components: int = K_
     if mode == "robust":
         return AdaptationSpec(mode=mode, components=components, momentum=momentum, temperature=temperature,
                               layers=specs, state_tensors=("means", "vars", "counts"),
-                              options={**ROBUST_OPTIONS, **(options or {})})
+                              options={**ROBUST_OPTIONS, **(options or {})}, layout=layout)
     if mode != "faithful":
         raise ExportError(f"unknown adaptation mode {mode!r} (faithful or robust)")
+    if layout != "graph":
+        raise ExportError("the faithful mode runs in the graph layout only (--layout graph)")
     return AdaptationSpec(mode=mode, components=components, momentum=momentum, temperature=temperature,
                           layers=specs)
 
@@ -100,7 +103,13 @@ def build_adaptive(model: nn.Module, input_shape: tuple[int, ...], spec: Adaptat
                    labels: list[str], preprocess: Preprocess) -> onnx.ModelProto:
     if len(labels) != _classifier(model).out_features:
         raise ExportError(f"{len(labels)} labels for a classifier with {_classifier(model).out_features} outputs")
-    adaptive = _fold_constants(make_adaptive(export_plain(model, input_shape), spec))
+    plain = export_plain(model, input_shape)
+    if spec.layout == "folded":
+        from .folded import build_fp32
+
+        adaptive = build_fp32(_fold_constants(plain), spec)
+    else:
+        adaptive = _fold_constants(make_adaptive(plain, spec))
     onnx.checker.check_model(adaptive, full_check=True)
     set_metadata(adaptive, {
         contract.KEY_FORMAT: str(contract.FORMAT_VERSION),

@@ -24,13 +24,15 @@ from tqdm import tqdm
 from agent import contract
 from agent.contract import ModelInfo, ShiftReference
 from agent.preprocess import FrameError, Preprocessor
-from agent.runtime import AdaptiveSession
+from agent.runtime import AdaptiveSession, open_session
 
+from . import folded
 from .export import ExportError, save_atomic, set_metadata
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 QUANTIZED_OPS = ["Conv", "Gemm"]
+FOLDED_QUANTIZED_OPS = ["Conv", "Gemm", "Add", "Clip", "Relu"]  # BatchNorm folded: the whole chain stays INT8
 CHUNK = 16
 
 
@@ -109,14 +111,8 @@ def _usable(frames: list[np.ndarray], preprocess: Preprocessor) -> list[np.ndarr
     return kept
 
 
-def quantize(fp32_path: Path, out_path: Path, info: ModelInfo, calib: list[np.ndarray], holdout: list[np.ndarray],
-             method: str = "percentile") -> dict:
-    """Write the INT8 model to out_path atomically; returns the calibration report stored in its metadata."""
-    preprocess = Preprocessor(info.preprocess)
-    calib, holdout = _usable(calib, preprocess), _usable(holdout, preprocess)
-    if not calib or not holdout:
-        raise ExportError(f"need calibration and held-out frames, got {len(calib)} and {len(holdout)} usable")
-    feeds = _feeds_through_float_graph(fp32_path, info, calib)
+def _quantize_static(source: Path, target: Path, feeds: list[dict], method: str, exclude: list[str],
+                     ops: list[str]) -> None:
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
     # collect in chunks of CHUNK feeds: onnxruntime otherwise holds every intermediate tensor of
@@ -126,18 +122,43 @@ def quantize(fp32_path: Path, out_path: Path, info: ModelInfo, calib: list[np.nd
                "CalibStridedMinMax": min(CHUNK, len(feeds))}
     if method == "percentile":
         options["CalibPercentile"] = 99.999
-    depthwise = _depthwise_convolutions(onnx.load(str(fp32_path)))
+    quantize_static(str(source), str(target), _Reader(feeds), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=ops, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=methods[method], extra_options=options,
+                    nodes_to_exclude=exclude)
+
+
+def quantize(fp32_path: Path, out_path: Path, info: ModelInfo, calib: list[np.ndarray], holdout: list[np.ndarray],
+             method: str = "percentile") -> dict:
+    """Write the INT8 model to out_path atomically; returns the calibration report stored in its metadata."""
+    preprocess = Preprocessor(info.preprocess)
+    calib, holdout = _usable(calib, preprocess), _usable(holdout, preprocess)
+    if not calib or not holdout:
+        raise ExportError(f"need calibration and held-out frames, got {len(calib)} and {len(holdout)} usable")
     with tempfile.TemporaryDirectory() as tmp:
         tmp_out = Path(tmp) / "int8.onnx"
-        quantize_static(str(fp32_path), str(tmp_out), _Reader(feeds), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=QUANTIZED_OPS, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=methods[method], extra_options=options,
-                        nodes_to_exclude=depthwise)
+        if info.adaptation.layout == "folded":
+            def plain_qdq(model: onnx.ModelProto, feeds: list[dict]) -> onnx.ModelProto:
+                onnx.save(model, str(Path(tmp) / "folded.onnx"))
+                _quantize_static(Path(tmp) / "folded.onnx", Path(tmp) / "qdq.onnx", feeds, method, [],
+                                 FOLDED_QUANTIZED_OPS)
+                return onnx.load(str(Path(tmp) / "qdq.onnx"))
+
+            images = [preprocess(frame) for frame in calib]
+            onnx.save(folded.int8_model(onnx.load(str(fp32_path)), info.adaptation, images, plain_qdq), str(tmp_out))
+            excluded = []
+            ops = FOLDED_QUANTIZED_OPS
+        else:
+            excluded = _depthwise_convolutions(onnx.load(str(fp32_path)))
+            _quantize_static(fp32_path, tmp_out, _feeds_through_float_graph(fp32_path, info, calib), method, excluded,
+                             QUANTIZED_OPS)
+            ops = QUANTIZED_OPS
         model = onnx.load(str(tmp_out))
-        report = {"method": method, "calibration_frames": len(calib), "heldout_frames": len(holdout),
+        report = {"method": method, "layout": info.adaptation.layout, "calibration_frames": len(calib),
+                  "heldout_frames": len(holdout),
                   "top1_agreement_vs_fp32": top1_agreement(fp32_path, tmp_out, info, holdout),
                   "top1_agreement_vs_fp32_source_stats": top1_agreement(fp32_path, tmp_out, info, holdout, adapt=False),
-                  "quantized_ops": QUANTIZED_OPS, "float_depthwise_convolutions": len(depthwise)}
+                  "quantized_ops": ops, "float_depthwise_convolutions": len(excluded)}
         set_metadata(model, {contract.KEY_CALIBRATION: json.dumps(report),
                              contract.KEY_SHIFT_REFERENCE: shift_reference(tmp_out, info, calib).to_json()})
         save_atomic(model, out_path)
@@ -152,7 +173,7 @@ def _depthwise_convolutions(model: onnx.ModelProto) -> list[str]:
 def shift_reference(path: Path, info: ModelInfo, frames: list[np.ndarray]) -> ShiftReference:
     """The per-layer shift of clean frames through this very file, unadapted (INT8 shifts differ a little)."""
     preprocess = Preprocessor(info.preprocess)
-    session = AdaptiveSession(path, info=info)
+    session = open_session(path, "cpu", "onnxruntime", info=info)
     shifts = np.stack([session.step(preprocess(f), adapt=False).shift for f in frames]).astype(np.float64)
     logs = np.log1p(np.maximum(shifts, 0.0))
     mean, std = logs.mean(0), np.maximum(logs.std(0), 1e-6)
@@ -170,7 +191,7 @@ def top1_agreement(fp32_path: Path, int8_path: Path, info: ModelInfo, frames: li
     """Share of frames where both models pick the same class: adapted (each carrying its own
     components through the stream) or on the source statistics (quantization alone)."""
     preprocess = Preprocessor(info.preprocess)
-    fp32, int8 = AdaptiveSession(fp32_path, info=info), AdaptiveSession(int8_path, info=info)
+    fp32, int8 = (open_session(p, "cpu", "onnxruntime", info=info) for p in (fp32_path, int8_path))
     same = []
     for frame in frames:
         image = preprocess(frame)

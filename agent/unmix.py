@@ -1,0 +1,78 @@
+"""Robust single-instance UnMix-TNS for every adapted layer at once, in numpy (the folded layout).
+
+The same arithmetic as exporters/unmix.py RobustUnMixTNS2d, with all layers' channels
+concatenated: per-layer sums (cosine similarities, shift scores) are np.add.reduceat over
+channel segments, so one frame is a dozen array operations whatever the number of layers.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .contract import AdaptationSpec
+
+
+class RobustMixture:
+    """Components of every layer; `update` moves them with one frame's statistics, `statistics`
+    gives what to normalise the next frame with."""
+
+    def __init__(self, spec: AdaptationSpec, source_stats: dict):
+        o = spec.options
+        self.names = [layer.name for layer in spec.layers]
+        self.sizes = np.array([layer.channels for layer in spec.layers])
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
+        self.layer_of = np.repeat(np.arange(len(self.sizes)), self.sizes)
+        self.eps = np.repeat([layer.eps for layer in spec.layers], self.sizes).astype(np.float32)
+        self.source_mean = np.concatenate([source_stats[n][0] for n in self.names]).astype(np.float32)
+        self.source_var = np.concatenate([source_stats[n][1] for n in self.names]).astype(np.float32)
+        self.k, self.temperature = spec.components, spec.temperature
+        self.decay, self.support, self.prior, self.instance = o["decay"], o["support"], o["prior"], o["instance"]
+        self.seeds = (o["seed_similarity"] - 1e-3 * np.arange(self.k, dtype=np.float32))[:, None]
+
+    def set_state(self, state: dict) -> None:
+        self.means = np.concatenate([state[n]["means"] for n in self.names], axis=1).astype(np.float32)
+        self.vars = np.concatenate([state[n]["vars"] for n in self.names], axis=1).astype(np.float32)
+        self.counts = np.concatenate([state[n]["counts"] for n in self.names], axis=1).astype(np.float32)  # (K, L)
+
+    def state(self) -> dict[str, dict[str, np.ndarray]]:
+        means, variances = np.split(self.means, self.starts[1:], axis=1), np.split(self.vars, self.starts[1:], axis=1)
+        return {n: {"means": m.copy(), "vars": v.copy(), "counts": self.counts[:, [i]].copy()}
+                for i, (n, m, v) in enumerate(zip(self.names, means, variances))}
+
+    def _per_layer_sum(self, values: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(values, self.starts, axis=-1)
+
+    def update(self, mu: np.ndarray, var_x: np.ndarray, strength: float = 1.0) -> None:
+        centred = self.means - self.source_mean
+        u = mu - self.source_mean
+        norms = np.sqrt(self._per_layer_sum(centred * centred)) * np.sqrt(self._per_layer_sum(u * u))
+        cos = self._per_layer_sum(centred * u) / np.maximum(norms, 1e-12)  # (K, L)
+        similarity = np.where(self.counts < 1e-3, self.seeds, cos)
+        logits = similarity / self.temperature
+        p = np.exp(logits - logits.max(0))
+        p /= p.sum(0)
+        self.counts += strength * (p - self.counts * self.decay)
+        rate = (strength * p / np.maximum(self.counts, 1e-12))[:, self.layer_of]  # (K, C)
+        d_mean = mu - self.means
+        self.vars += rate * (var_x - self.vars) + rate * (1 - rate) * d_mean * d_mean
+        self.means += rate * d_mean
+
+    def statistics(self, mu: np.ndarray | None = None, var_x: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """The source prior mixed with every component by its support, and the given frame's own
+        statistics with weight `instance` (none after a reset or a restore)."""
+        weight = (self.counts / (self.counts + self.support))[:, self.layer_of]
+        total = weight.sum(0) + self.prior
+        mean = (self.source_mean * self.prior + (weight * self.means).sum(0)) / total
+        second = ((self.source_var + self.source_mean ** 2) * self.prior
+                  + (weight * (self.vars + self.means ** 2)).sum(0)) / total
+        if mu is not None:
+            mean = mean + self.instance * (mu - mean)
+            second = second + self.instance * (var_x + mu * mu - second)
+        return mean.astype(np.float32), np.maximum(second - mean * mean, 0.0).astype(np.float32)
+
+    def shift(self, mu: np.ndarray, var_x: np.ndarray) -> np.ndarray:
+        """Per layer, KL(N(frame) || N(source)) averaged over channels, as the graph layout's `shift`."""
+        vs = self.source_var + self.eps
+        ratio = (var_x + self.eps) / vs
+        terms = (mu - self.source_mean) ** 2 / vs + ratio - np.log(ratio) - 1
+        return (0.5 * self._per_layer_sum(terms) / self.sizes).astype(np.float32)

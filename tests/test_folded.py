@@ -1,0 +1,169 @@
+"""The folded layout: BatchNorm folded into INT8 convolutions, UnMix-TNS in the agent (numpy)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from agent import contract
+from agent.contract import AdaptationSpec, LayerSpec, read_model_info
+from agent.preprocess import Preprocessor
+from agent.runtime import FoldedSession, open_session
+from agent.state import initial_state
+from agent.unmix import RobustMixture
+from exporters.cli import main as export_main
+from exporters.export import adaptation_spec
+from exporters.models import fashion_mnist as fm
+from exporters.unmix import ROBUST_OPTIONS, RobustUnMixTNS2d
+
+
+@pytest.fixture(scope="module")
+def folded(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("folded") / "fm.onnx"
+    assert export_main(["fashion-mnist", "--layout", "folded", "--out", str(out), "--calib-frames", "200",
+                        "--holdout-frames", "500"]) == 0
+    return {"int8": out, "fp32": out.with_name("fm.fp32.onnx")}
+
+
+@pytest.fixture(scope="module")
+def test_images():
+    images, labels = fm.load_split("t10k")
+    preprocess = Preprocessor(contract.Preprocess.from_json(json.dumps(fm.PREPROCESS)))
+    return [preprocess(x) for x in images[:120]], labels[:120]
+
+
+def _spec(channels: list[int]) -> tuple[AdaptationSpec, dict, list[nn.BatchNorm2d]]:
+    rng = np.random.default_rng(0)
+    layers, stats, bns = [], {}, []
+    for i, c in enumerate(channels):
+        bn = nn.BatchNorm2d(c, eps=1e-3)
+        bn.running_mean.copy_(torch.from_numpy(rng.normal(size=c).astype(np.float32)))
+        bn.running_var.copy_(torch.from_numpy(rng.uniform(0.5, 2, size=c).astype(np.float32)))
+        layers.append(LayerSpec(f"l{i}", c, 1e-3, f"l{i}.running_mean", f"l{i}.running_var"))
+        stats[f"l{i}"] = (bn.running_mean.numpy().copy(), bn.running_var.numpy().copy())
+        bns.append(bn)
+    spec = AdaptationSpec("robust", 4, 0.0, 0.07, tuple(layers), ("means", "vars", "counts"), dict(ROBUST_OPTIONS),
+                          "folded")
+    return spec, stats, bns
+
+
+def test_numpy_mixture_is_the_torch_reference_for_every_layer_at_once():
+    """Same frame statistics in, same components and normalisation statistics out, at several strengths."""
+    spec, stats, bns = _spec([3, 7, 5])
+    state = initial_state(spec, stats)
+    mixture = RobustMixture(spec, stats)
+    mixture.set_state(state)
+    torch_layers = [RobustUnMixTNS2d(bn, state[f"l{i}"]["means"], state[f"l{i}"]["vars"], state[f"l{i}"]["counts"])
+                    for i, bn in enumerate(bns)]
+    rng = np.random.default_rng(1)
+    for frame in range(60):
+        strength = [1.0, 0.4, 0.0][frame % 3]
+        shift = 2.0 if frame > 30 else 0.0  # a second regime seeds another component
+        mu = [(stats[f"l{i}"][0] + shift + rng.normal(scale=0.3, size=bn.num_features)).astype(np.float32)
+              for i, bn in enumerate(bns)]
+        var = [(stats[f"l{i}"][1] * rng.uniform(0.5, 1.5, size=bn.num_features)).astype(np.float32)
+               for i, bn in enumerate(bns)]
+        expected = [layer.mix_and_update(torch.from_numpy(m), torch.from_numpy(v), strength)
+                    for layer, m, v in zip(torch_layers, mu, var)]
+        mixture.update(np.concatenate(mu), np.concatenate(var), strength)
+        mean, variance = mixture.statistics(np.concatenate(mu), np.concatenate(var))
+        np.testing.assert_allclose(mean, np.concatenate([e[0].numpy() for e in expected]), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(variance, np.concatenate([e[1].numpy() for e in expected]), rtol=1e-4, atol=1e-5)
+    for i, layer in enumerate(torch_layers):
+        for name, value in mixture.state()[f"l{i}"].items():
+            np.testing.assert_allclose(value, layer.get_state()[name], rtol=1e-4, atol=1e-4)  # float32 drift, 60 frames
+
+
+def test_the_folded_file_carries_the_contract_and_opens_as_a_folded_session(folded):
+    info = read_model_info(folded["int8"])
+    assert info.adaptation.layout == "folded" and info.shift_reference is not None
+    model = onnx.load(str(folded["int8"]))
+    ops = {n.op_type for n in model.graph.node}
+    assert "QLinearConv" in ops and "BatchNormalization" not in ops  # BatchNorm really folded into INT8 convs
+    assert {i.name for i in model.graph.input} == {contract.IMAGE, contract.NORM_MEAN, contract.NORM_VAR}
+    assert isinstance(open_session(folded["int8"], "cpu", "onnxruntime"), FoldedSession)
+
+
+def test_int8_agrees_with_fp32_as_the_exporter_reports(folded):
+    report = read_model_info(folded["int8"]).calibration
+    assert report["layout"] == "folded"
+    assert report["top1_agreement_vs_fp32_source_stats"] >= 0.99
+    assert report["top1_agreement_vs_fp32"] >= 0.98
+
+
+def test_fp32_graph_measures_the_sampled_batchnorm_inputs_and_normalises_like_torch(folded, test_images):
+    """On source statistics the graph is the torch model; its statistics are those of every r-th
+    position of each BatchNorm's input, as torch computes them."""
+    session = open_session(folded["fp32"], "cpu", "onnxruntime")
+    model = fm.pretrained().eval()
+    inputs = {}
+    for name, bn in model.named_modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.register_forward_pre_hook(lambda m, a, name=name: inputs.__setitem__(name, a[0]))
+    image = test_images[0][3]
+    out = session.step(image, adapt=0.0)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(image))
+    np.testing.assert_allclose(out.logits, logits[0].numpy(), atol=1e-4)
+    stats = session._outputs[contract.STATS]
+    offset = 0
+    for layer in session.info.adaptation.layers:
+        x = inputs[layer.name][0]
+        r = max(1, x.shape[-1] // 7)
+        sample = x[:, ::r, ::r]
+        np.testing.assert_allclose(stats[0, offset:offset + layer.channels], sample.mean((1, 2)).numpy(),
+                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(stats[1, offset:offset + layer.channels],
+                                   sample.var((1, 2), unbiased=False).numpy(), rtol=1e-3, atol=1e-5)
+        offset += layer.channels
+
+
+def test_int8_statistics_and_shift_follow_fp32(folded, test_images):
+    fp32, int8 = (open_session(folded[k], "cpu", "onnxruntime") for k in ("fp32", "int8"))
+    for image in test_images[0][:20]:
+        a, b = fp32.step(image, adapt=0.0), int8.step(image, adapt=0.0)
+        np.testing.assert_allclose(b.shift, a.shift, rtol=0.1, atol=0.02)
+
+
+def test_a_frame_is_normalised_with_the_components_after_the_previous_frame(folded, test_images):
+    session = open_session(folded["fp32"], "cpu", "onnxruntime")
+    reference = open_session(folded["fp32"], "cpu", "onnxruntime")
+    images = test_images[0]
+    first = session.step(images[0], adapt=1.0)
+    np.testing.assert_allclose(first.logits, reference.step(images[0], adapt=0.0).logits, atol=1e-5)
+    assert session.frames == 1 and np.any(session.state[session.info.layer_names[0]]["counts"] > 0)
+    # the second frame's statistics: the mixture after frame 1 with frame 1 as the instance term
+    mu, var = session._outputs[contract.STATS]
+    expected_mean, _ = session.mixture.statistics(mu.copy(), var.copy())
+    session.step(images[1], adapt=1.0)
+    np.testing.assert_allclose(session._norm_mean, expected_mean, rtol=1e-6)
+
+
+def test_adaptation_helps_on_a_shifted_stream_and_checkpoints_resume(folded, test_images, tmp_path):
+    """Contrast-reduced Fashion-MNIST: the folded INT8 model adapted beats it unadapted; a saved and
+    fresh session loading the checkpoint continues exactly as the saving session does from it (a
+    checkpoint holds the components, not the previous frame's instance term)."""
+    images, labels = test_images
+    shifted = [(x * 0.3).astype(np.float32) for x in images]  # contrast 0.3 around the normalised mean 0
+    adapted, plain = (open_session(folded["int8"], "cpu", "onnxruntime") for _ in range(2))
+    right = {"adapted": 0, "plain": 0}
+    for x, y in zip(shifted, labels):
+        right["adapted"] += int(np.argmax(adapted.step(x).logits) == y)
+        right["plain"] += int(np.argmax(plain.step(x, adapt=0.0).logits) == y)
+    assert right["adapted"] > right["plain"] + 5, right
+    adapted.save(tmp_path / "state.npz")
+    resumed = open_session(folded["int8"], "cpu", "onnxruntime")
+    resumed.load(tmp_path / "state.npz")
+    adapted.load(tmp_path / "state.npz")
+    assert resumed.frames == adapted.frames == len(shifted)
+    for x in shifted[:5]:
+        np.testing.assert_array_equal(resumed.step(x).logits, adapted.step(x).logits)
+
+
+def test_faithful_mode_is_refused_in_the_folded_layout():
+    with pytest.raises(Exception, match="graph layout"):
+        adaptation_spec(fm.pretrained(), mode="faithful", layout="folded")
