@@ -32,6 +32,7 @@ class RobustMixture:
         self.means = np.concatenate([state[n]["means"] for n in self.names], axis=1).astype(np.float32)
         self.vars = np.concatenate([state[n]["vars"] for n in self.names], axis=1).astype(np.float32)
         self.counts = np.concatenate([state[n]["counts"] for n in self.names], axis=1).astype(np.float32)  # (K, L)
+        self._work, self._work2, self._work3, self._rate = (np.empty_like(self.means) for _ in range(4))
 
     def state(self) -> dict[str, dict[str, np.ndarray]]:
         means, variances = np.split(self.means, self.starts[1:], axis=1), np.split(self.vars, self.starts[1:], axis=1)
@@ -42,29 +43,40 @@ class RobustMixture:
         return np.add.reduceat(values, self.starts, axis=-1)
 
     def update(self, mu: np.ndarray, var_x: np.ndarray, strength: float = 1.0) -> None:
-        centred = self.means - self.source_mean
+        # in place on (K, C) scratch arrays: a frame is a few dozen passes over K x C floats
         u = mu - self.source_mean
-        norms = np.sqrt(self._per_layer_sum(centred * centred)) * np.sqrt(self._per_layer_sum(u * u))
-        cos = self._per_layer_sum(centred * u) / np.maximum(norms, 1e-12)  # (K, L)
-        similarity = np.where(self.counts < 1e-3, self.seeds, cos)
-        logits = similarity / self.temperature
+        work = np.subtract(self.means, self.source_mean, out=self._work)
+        np.multiply(work, work, out=self._work2)
+        norms = np.sqrt(self._per_layer_sum(self._work2)) * np.sqrt(self._per_layer_sum(u * u))
+        np.multiply(work, u, out=self._work2)
+        cos = self._per_layer_sum(self._work2) / np.maximum(norms, 1e-12)  # (K, L)
+        logits = np.where(self.counts < 1e-3, self.seeds, cos) / self.temperature
         p = np.exp(logits - logits.max(0))
         p /= p.sum(0)
         self.counts += strength * (p - self.counts * self.decay)
-        rate = (strength * p / np.maximum(self.counts, 1e-12))[:, self.layer_of]  # (K, C)
-        d_mean = mu - self.means
-        self.vars += rate * (var_x - self.vars) + rate * (1 - rate) * d_mean * d_mean
-        self.means += rate * d_mean
+        rate = np.take(strength * p / np.maximum(self.counts, 1e-12), self.layer_of, axis=1, out=self._rate)
+        d_mean = np.subtract(mu, self.means, out=self._work)
+        # vars += rate (var_x - vars + (1 - rate) d^2): the weighted mixture of component and frame
+        spread = np.multiply(d_mean, d_mean, out=self._work2)
+        spread -= np.multiply(rate, spread, out=self._work3)
+        spread += var_x
+        spread -= self.vars
+        spread *= rate
+        self.vars += spread
+        d_mean *= rate
+        self.means += d_mean
 
     def statistics(self, mu: np.ndarray | None = None, var_x: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
         """The source prior mixed with every component by its support, and the given frame's own
         statistics with weight `instance` (none after a reset or a restore)."""
-        weight = (self.counts / (self.counts + self.support))[:, self.layer_of]
+        weight = np.take(self.counts / (self.counts + self.support), self.layer_of, axis=1, out=self._rate)
         total = weight.sum(0) + self.prior
-        mean = (self.source_mean * self.prior + (weight * self.means).sum(0)) / total
+        mean = (self.source_mean * self.prior + np.einsum("kc,kc->c", weight, self.means)) / total
+        second_k = np.multiply(self.means, self.means, out=self._work)
+        second_k += self.vars
         second = ((self.source_var + self.source_mean ** 2) * self.prior
-                  + (weight * (self.vars + self.means ** 2)).sum(0)) / total
+                  + np.einsum("kc,kc->c", weight, second_k)) / total
         if mu is not None:
             mean = mean + self.instance * (mu - mean)
             second = second + self.instance * (var_x + mu * mu - second)

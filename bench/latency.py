@@ -6,11 +6,14 @@ Per frame, median over rounds, every variant timed in each round in turn:
     plain FP32 / plain INT8       the model with BatchNorm folded into the convolutions (the limit)
     adapted FP32 / INT8 robust    the agent's exported model, components fed back every frame
     adapted INT8 faithful         the published algorithm in the same graph layout
+    adapted FP32 / INT8 folded    the folded layout (exporters/folded.py): BatchNorm folded into the
+                                  INT8 convolutions, UnMix-TNS in numpy (agent/unmix.py)
     torch eager faithful          exporters/unmix.py's UnMix-TNS reference in torch, eager
     sliding window W=16 / 64      the TTA-benchmark practice: W buffered frames through the network
                                   (BatchNorm on the window's statistics) for every new frame
-Plus end-to-end replay (decode + preprocess + inference + LAME + drift) against inference
-alone, and the daemon's peak RSS with whether torch was loaded. Writes bench/results/latency.json/.md.
+Plus, for both layouts, end-to-end replay (decode + preprocess + inference + LAME + drift)
+against inference alone and the daemon's peak RSS with whether torch was loaded, and the
+thread scaling (1 .. physical cores). Writes bench/results/latency.json/.md.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import onnxruntime as ort
 import yaml
 
 from agent.preprocess import Preprocessor
-from agent.runtime import AdaptiveSession, open_session
+from agent.runtime import open_session
 from agent.samples import photo_stream, render_sample_video
 
 RESULTS = Path(__file__).with_name("results")
@@ -158,7 +161,7 @@ def replay_throughput(model: Path, video: Path, threads: int) -> tuple[float, fl
     from agent.replay import replay
     from agent.sources import FileSource
 
-    session = AdaptiveSession(model, threads=threads)
+    session = open_session(model, "cpu", "onnxruntime", threads=threads)
     pipeline = CameraPipeline(session, Lame(16), "auto", DriftDetector(session.info.layer_names))
     start = time.perf_counter()
     summary, _ = replay(pipeline, FileSource(video), None, progress=False)
@@ -171,7 +174,7 @@ def replay_throughput(model: Path, video: Path, threads: int) -> tuple[float, fl
         if not ok:
             break
         images.append(preprocess(frame))
-    alone = AdaptiveSession(model, threads=threads)
+    alone = open_session(model, "cpu", "onnxruntime", threads=threads)
     start = time.perf_counter()
     for x in images:
         alone.step(x)
@@ -203,6 +206,22 @@ def daemon_footprint(model: Path, video: Path, threads: int) -> dict:
     return {"peak_rss_mb": round(peak / 1024, 1), "torch_loaded": torch_loaded, "exit_code": proc.returncode}
 
 
+def thread_scaling(plain_int8: Path, paths: dict, images, rounds: int) -> dict[int, dict[str, float]]:
+    """ms per frame at 1 .. physical-core threads (the agent's default is the physical core count)."""
+    from agent.runtime import physical_cores
+
+    table = {}
+    for threads in sorted({1, 2, physical_cores()}):
+        if threads > physical_cores():
+            continue
+        table[threads] = interleaved({
+            "plain INT8": timer_plain(plain_int8, threads, images),
+            "adapted INT8 graph": timer_adapted(paths["robust/int8"], threads, images),
+            "adapted INT8 folded": timer_adapted(paths["robust.folded/int8"], threads, images)},
+            len(images), rounds)
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
@@ -211,7 +230,7 @@ def main() -> None:
     args = parser.parse_args()
     MODELS.mkdir(parents=True, exist_ok=True)
     paths = adapted_models()
-    preprocess = Preprocessor(AdaptiveSession(paths["robust/int8"]).info.preprocess)
+    preprocess = Preprocessor(open_session(paths["robust/int8"], "cpu", "onnxruntime").info.preprocess)
     photos = [frame for _, frame in photo_stream(8)]
     plain_fp32, plain_int8 = plain_models(photos[::2], preprocess)
     images = [preprocess(f) for f in photos[1::4][: args.frames]]
@@ -233,8 +252,11 @@ def main() -> None:
     video = RESULTS / "sample.mp4"
     if not video.exists():
         render_sample_video(video)
-    end_to_end, inference = replay_throughput(paths["robust/int8"], video, t)
-    footprint = daemon_footprint(paths["robust/int8"], video, t)
+    replays, footprints = {}, {}
+    for layout, key in (("graph", "robust/int8"), ("folded", "robust.folded/int8")):
+        replays[layout] = replay_throughput(paths[key], video, t)
+        footprints[layout] = daemon_footprint(paths[key], video, t)
+    scaling = thread_scaling(plain_int8, paths, images, args.rounds)
     a = ms["adapted INT8 robust"]
     ratios = {
         "adapted INT8 / plain INT8": a / ms["plain INT8"],
@@ -246,17 +268,22 @@ def main() -> None:
         "sliding window W=64 / adapted INT8": ms["sliding window W=64"] / a,
         "plain INT8 / plain FP32": ms["plain INT8"] / ms["plain FP32"],
         "adapted INT8 / adapted FP32": a / ms["adapted FP32 robust"],
-        "end-to-end replay / inference-only throughput": end_to_end / inference,
+        **{f"end-to-end replay / inference-only throughput, {layout}": e2e / alone
+           for layout, (e2e, alone) in replays.items()},
     }
     report = {"threads": t, "frames": len(images), "rounds": args.rounds, "ms_per_frame": ms, "ratios": ratios,
-              "replay_fps": end_to_end, "inference_fps": inference, "daemon": footprint}
+              "replay_fps": {k: v[0] for k, v in replays.items()},
+              "inference_fps": {k: v[1] for k, v in replays.items()}, "daemon": footprints, "threads_scaling": scaling}
     (RESULTS / "latency.json").write_text(json.dumps(report, indent=1))
     lines = [f"EfficientNet-Lite0, batch 1, {t} thread(s), median of {args.rounds} interleaved rounds "
              f"of {len(images)} frames", "", "| variant | ms / frame |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in ms.items()]
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
-    lines += ["", f"daemon over the sample video: peak RSS {footprint['peak_rss_mb']} MB, torch loaded: "
-                  f"{footprint['torch_loaded']}"]
+    lines += [""] + [f"daemon over the sample video, {layout} layout: peak RSS {f['peak_rss_mb']} MB, torch loaded: "
+                     f"{f['torch_loaded']}" for layout, f in footprints.items()]
+    lines += ["", "| threads | " + " | ".join(next(iter(scaling.values()))) + " |",
+              "|---|" + "---|" * len(next(iter(scaling.values())))]
+    lines += [f"| {n} | " + " | ".join(f"{v:.1f}" for v in row.values()) + " |" for n, row in scaling.items()]
     (RESULTS / "latency.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -351,10 +351,16 @@ def _int8_statistics(b: _Int8Builder, spec: AdaptationSpec, parts_of: dict, bran
     for layer in order:
         offsets[layer] = np.arange(start, start + spec_layers[layer].channels)
         start += spec_layers[layer].channels
-    permutation = b.const("stats/order", np.concatenate([offsets[x.name] for x in spec.layers]).astype(np.int64))
+    order = np.concatenate([offsets[x.name] for x in spec.layers]).astype(np.int64)
     for rows, name in ((means, "mean"), (seconds, "second")):
-        b.added.append(helper.make_node("Concat", rows, [f"stats/{name}_grouped"], axis=1))
-        b.added.append(helper.make_node("Gather", [f"stats/{name}_grouped", permutation], [f"stats/{name}_u"], axis=1))
+        grouped = rows[0] if len(rows) == 1 else f"stats/{name}_grouped"
+        if len(rows) > 1:
+            b.added.append(helper.make_node("Concat", rows, [grouped], axis=1))
+        if np.array_equal(order, np.arange(len(order))):  # one grid in spec order (EfficientNet): no Gather
+            b.added.append(helper.make_node("Identity", [grouped], [f"stats/{name}_u"]))
+        else:
+            b.added.append(helper.make_node("Gather", [grouped, b.const("stats/order", order)], [f"stats/{name}_u"],
+                                            axis=1))
     cat = lambda values: np.concatenate(values).astype(np.float32)[None]  # noqa: E731
     src_mean = cat([batchnorms[x.name][2] for x in spec.layers])
     src_var = cat([batchnorms[x.name][3] for x in spec.layers])
