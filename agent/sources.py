@@ -7,6 +7,7 @@ the stream with exponential backoff when frames stop coming.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import cv2
 import numpy as np
 
 log = logging.getLogger(__name__)
+READ_AHEAD = 8  # frames a file replay decodes ahead of the model
 
 
 class SourceError(RuntimeError):
@@ -101,12 +103,42 @@ class FileSource:
         return None
 
     def frames(self) -> Iterator[Frame]:
-        while not self.finished:
-            frame = self.poll()
-            if frame is not None:
-                yield frame
-            elif not self.finished:
-                time.sleep(0.002)
+        """Every frame in order. Unpaced, a thread decodes up to READ_AHEAD frames ahead, so decoding
+        overlaps the model (both release the GIL) instead of adding to each frame's time."""
+        if self.paced:
+            while not self.finished:
+                frame = self.poll()
+                if frame is not None:
+                    yield frame
+                elif not self.finished:
+                    time.sleep(0.002)
+            return
+        decoded: queue.Queue[Frame | BaseException | None] = queue.Queue(READ_AHEAD)
+
+        def decode() -> None:
+            try:
+                while not self.finished:
+                    frame = self.poll()
+                    if frame is not None:
+                        decoded.put(frame)
+            except BaseException as exc:  # handed to the consumer, raised there
+                decoded.put(exc)
+            decoded.put(None)
+
+        thread = threading.Thread(target=decode, name=f"decode-{self.path.name}", daemon=True)
+        thread.start()
+        try:
+            while (item := decoded.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.finished = True
+            while thread.is_alive():  # unblock a decoder waiting on a full queue
+                try:
+                    decoded.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.01)
 
     def stop(self) -> None:
         self.finished = True

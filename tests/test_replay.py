@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import socket
+import threading
 import time
 
 import cv2
@@ -106,6 +107,24 @@ def test_truncated_video_is_read_up_to_the_damage_and_reported(tmp_path):
     assert source.counters.read == len(frames)
     if source.frame_count:  # the AVI header still promises 50 frames
         assert source.truncated and "truncated" in source.counters.errors[0]
+
+
+def test_unpaced_replay_decodes_ahead_in_order_and_stops_its_decoder(tmp_path):
+    """Frames written with their index as brightness come back complete and in order through the
+    read-ahead thread; leaving the loop early ends the decoder instead of leaving it blocked."""
+    path = tmp_path / "ordered.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(40):
+        writer.write(np.full((48, 64, 3), i * 6, np.uint8))
+    writer.release()
+    frames = list(FileSource(path).frames())
+    assert [f.index for f in frames] == list(range(40))
+    assert np.all(np.abs(np.array([f.image.mean() for f in frames]) - np.arange(40) * 6) < 3)
+    source = FileSource(path)
+    for frame in source.frames():
+        if frame.index == 3:
+            break
+    assert not any(t.name == f"decode-{path.name}" and t.is_alive() for t in threading.enumerate())
 
 
 def test_a_url_that_never_answers_is_retried_with_backoff_without_crashing():
