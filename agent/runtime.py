@@ -126,6 +126,8 @@ class AdaptiveSession(Checkpoints):
     (agent/gate.py sets it). `update=False` adapts without moving the components (frozen).
     """
 
+    OUTPUTS = (contract.LOGITS, contract.FEATURES, contract.SHIFT)  # read every frame into preallocated arrays
+
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None,
                  seed: int = 0, info: ModelInfo | None = None):
         self.path = Path(path)
@@ -161,7 +163,7 @@ class AdaptiveSession(Checkpoints):
 
     def _output_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {o.name: tuple(o.shape) for o in self.session.get_outputs()}
-        wanted = (contract.LOGITS, contract.FEATURES, contract.SHIFT)
+        wanted = self.OUTPUTS
         if not all(isinstance(d, int) for name in wanted for d in shapes[name]):
             raise contract.ContractError(f"{self.path}: outputs {wanted} must have static shapes")
         return {name: shapes[name] for name in wanted}
@@ -240,6 +242,8 @@ class FoldedSession(AdaptiveSession):
     graph stay a plain INT8 network. The components and checkpoints are the robust layout's.
     """
 
+    OUTPUTS = (contract.LOGITS, contract.FEATURES, contract.STATS)
+
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None,
                  seed: int = 0, info: ModelInfo | None = None):
         info = info or read_model_info(path)
@@ -247,13 +251,6 @@ class FoldedSession(AdaptiveSession):
         self._norm_mean = np.empty_like(self.mixture.source_mean)  # what the next frame is normalised with
         self._norm_var = np.empty_like(self.mixture.source_var)
         super().__init__(path, device=device, threads=threads, seed=seed, info=info)
-
-    def _output_shapes(self) -> dict[str, tuple[int, ...]]:
-        shapes = {o.name: tuple(o.shape) for o in self.session.get_outputs()}
-        wanted = (contract.LOGITS, contract.FEATURES, contract.STATS)
-        if not all(isinstance(d, int) for name in wanted for d in shapes[name]):
-            raise contract.ContractError(f"{self.path}: outputs {wanted} must have static shapes")
-        return {name: shapes[name] for name in wanted}
 
     def _set_state(self, state: dict) -> None:
         self.mixture.set_state(state)
