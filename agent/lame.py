@@ -39,23 +39,27 @@ def affinity(features: np.ndarray, kind: str = "knn", k: int = 3) -> np.ndarray:
 
 
 def energy(z: np.ndarray, probs: np.ndarray, a: np.ndarray) -> float:
-    z_safe = np.maximum(z, LOG_FLOOR)
-    kl = np.sum(z * (np.log(z_safe) - np.log(np.maximum(probs, LOG_FLOOR))))
-    return float(kl - np.sum(a * (z @ z.T)))
+    return _energy(z, np.log(np.maximum(z, LOG_FLOOR)), np.log(np.maximum(probs, LOG_FLOOR)), a)
+
+
+def _energy(z: np.ndarray, log_z: np.ndarray, log_p: np.ndarray, a: np.ndarray) -> float:
+    return float(np.sum(z * (log_z - log_p)) - np.sum(a * (z @ z.T)))
 
 
 def solve(probs: np.ndarray, a: np.ndarray, max_steps: int = 100, tol: float = 1e-8) -> np.ndarray:
-    """Fixed-point iterations until the energy stops falling."""
+    """Fixed-point iterations until the energy stops falling. log z comes from the softmax itself,
+    so an iteration takes no logarithm over the (window x classes) array."""
     probs = np.asarray(probs, np.float64)
     log_p = np.log(np.maximum(probs, LOG_FLOOR))
     z = probs.copy()
-    previous = energy(z, probs, a)
+    previous = _energy(z, log_p, log_p, a)
     for _ in range(max_steps):
         logits = log_p + a @ z
         logits -= logits.max(axis=1, keepdims=True)
         z = np.exp(logits)
-        z /= z.sum(axis=1, keepdims=True)
-        current = energy(z, probs, a)
+        total = z.sum(axis=1, keepdims=True)
+        z /= total
+        current = _energy(z, logits - np.log(total), log_p, a)
         if abs(previous - current) <= tol * max(abs(previous), 1e-12):
             break
         previous = current

@@ -15,19 +15,19 @@ class Preprocessor:
     def __init__(self, spec: Preprocess):
         self.spec = spec
         channels = 1 if spec.channel_order == "GRAY" else 3
-        self.mean = np.asarray(spec.mean, np.float32).reshape(channels, 1, 1)
-        self.inv_std = (1.0 / np.asarray(spec.std, np.float32)).reshape(channels, 1, 1)
+        self.mean = np.asarray(spec.mean, np.float32)
+        self.inv_std = 1.0 / np.asarray(spec.std, np.float32)
         self.channels = channels
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         """Returns float32 (1, C, H, W); raises FrameError for frames that are not images."""
-        image = self._to_channels(frame)
-        image = self._resize_crop(image)
-        if image.ndim == 2:
-            image = image[None]
-        else:
-            image = image.transpose(2, 0, 1)
-        return ((image.astype(np.float32) - self.mean) * self.inv_std)[None]
+        image = self._resize_crop(self._to_channels(frame))
+        planes = image[:, :, None] if image.ndim == 2 else image
+        out = np.empty((1, self.channels, *planes.shape[:2]), np.float32)
+        for c in range(self.channels):  # one pass per channel plane, straight into the NCHW tensor
+            np.subtract(planes[:, :, c], self.mean[c], out=out[0, c], dtype=np.float32)
+            out[0, c] *= self.inv_std[c]
+        return out
 
     def _to_channels(self, frame: np.ndarray) -> np.ndarray:
         if not isinstance(frame, np.ndarray) or frame.size == 0:

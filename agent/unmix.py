@@ -20,7 +20,6 @@ class RobustMixture:
         self.names = [layer.name for layer in spec.layers]
         self.sizes = np.array([layer.channels for layer in spec.layers])
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
-        self.layer_of = np.repeat(np.arange(len(self.sizes)), self.sizes)
         self.eps = np.repeat([layer.eps for layer in spec.layers], self.sizes).astype(np.float32)
         self.source_mean = np.concatenate([source_stats[n][0] for n in self.names]).astype(np.float32)
         self.source_var = np.concatenate([source_stats[n][1] for n in self.names]).astype(np.float32)
@@ -32,7 +31,7 @@ class RobustMixture:
         self.means = np.concatenate([state[n]["means"] for n in self.names], axis=1).astype(np.float32)
         self.vars = np.concatenate([state[n]["vars"] for n in self.names], axis=1).astype(np.float32)
         self.counts = np.concatenate([state[n]["counts"] for n in self.names], axis=1).astype(np.float32)  # (K, L)
-        self._work, self._work2, self._work3, self._rate = (np.empty_like(self.means) for _ in range(4))
+        self._work, self._work2, self._work3 = (np.empty_like(self.means) for _ in range(3))
 
     def state(self) -> dict[str, dict[str, np.ndarray]]:
         means, variances = np.split(self.means, self.starts[1:], axis=1), np.split(self.vars, self.starts[1:], axis=1)
@@ -54,7 +53,7 @@ class RobustMixture:
         p = np.exp(logits - logits.max(0))
         p /= p.sum(0)
         self.counts += strength * (p - self.counts * self.decay)
-        rate = np.take(strength * p / np.maximum(self.counts, 1e-12), self.layer_of, axis=1, out=self._rate)
+        rate = np.repeat(strength * p / np.maximum(self.counts, 1e-12), self.sizes, axis=1)  # (K, C)
         d_mean = np.subtract(mu, self.means, out=self._work)
         # vars += rate (var_x - vars + (1 - rate) d^2): the weighted mixture of component and frame
         spread = np.multiply(d_mean, d_mean, out=self._work2)
@@ -70,7 +69,7 @@ class RobustMixture:
                    ) -> tuple[np.ndarray, np.ndarray]:
         """The source prior mixed with every component by its support, and the given frame's own
         statistics with weight `instance` (none after a reset or a restore)."""
-        weight = np.take(self.counts / (self.counts + self.support), self.layer_of, axis=1, out=self._rate)
+        weight = np.repeat(self.counts / (self.counts + self.support), self.sizes, axis=1)
         total = weight.sum(0) + self.prior
         mean = (self.source_mean * self.prior + np.einsum("kc,kc->c", weight, self.means)) / total
         second_k = np.multiply(self.means, self.means, out=self._work)
