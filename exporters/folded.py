@@ -33,6 +33,7 @@ from agent import contract
 from agent.contract import AdaptationSpec
 
 from .export import ExportError
+from .graph import batchnorm_nodes
 
 MIN_POSITIONS = 49  # statistics positions per layer (7x7); fewer cost less, more are less noisy
 STATS_RANGE = 8.0  # source standard deviations either side of the source mean that INT8 statistics can see
@@ -116,8 +117,7 @@ def _conv_before(model: onnx.ModelProto, bn: onnx.NodeProto, layer: str) -> onnx
 def sampling(model: onnx.ModelProto, spec: AdaptationSpec) -> dict[str, tuple[int, tuple[int, int]]]:
     """Per layer, the largest power-of-two subsampling r that keeps MIN_POSITIONS positions, and the
     statistics grid it gives."""
-    bns = {node.input[1].removesuffix(".weight"): node for node in model.graph.node
-           if node.op_type == "BatchNormalization"}
+    bns = batchnorm_nodes(model)
     inferred = shape_inference.infer_shapes(model)
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
@@ -137,8 +137,6 @@ def sampling(model: onnx.ModelProto, spec: AdaptationSpec) -> dict[str, tuple[in
 def _split_norm(graph: onnx.GraphProto, nodes: list, spec: AdaptationSpec, vectors: dict[str, str]) -> None:
     """Each (channels of all layers,) vector in `vectors` split into per-layer tensors '<name>/<layer>'."""
     sizes = "norm/sizes"
-    if any(t.name == sizes for t in graph.initializer):
-        graph.initializer.remove(next(t for t in graph.initializer if t.name == sizes))
     graph.initializer.append(numpy_helper.from_array(np.array([x.channels for x in spec.layers], np.int64), sizes))
     for name, vector in vectors.items():
         nodes.append(helper.make_node("Split", [vector, sizes], [f"{name}/{x.name}" for x in spec.layers], axis=0))
@@ -155,7 +153,7 @@ def adaptive_fp32(model: onnx.ModelProto, spec: AdaptationSpec, sampled: dict) -
     """BatchNormalization on the `norm.mean` / `norm.var` inputs; statistics of its input on the sampled positions."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    bns = {node.input[1].removesuffix(".weight"): node for node in graph.node if node.op_type == "BatchNormalization"}
+    bns = batchnorm_nodes(model)
     consts = {"stats/axes": np.array([2, 3], np.int64), "stats/starts": np.zeros(2, np.int64),
               "stats/ends": np.full(2, 1 << 30, np.int64), "stats/zero": np.zeros((), np.float32)}
     consts.update({f"stats/steps{r}": np.array([r, r], np.int64) for r, _ in sampled.values()})
@@ -199,7 +197,7 @@ def fold_batchnorm(model: onnx.ModelProto, spec: AdaptationSpec) -> tuple[onnx.M
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     values = _constants(model)
-    bns = {node.input[1].removesuffix(".weight"): node for node in graph.node if node.op_type == "BatchNormalization"}
+    bns = batchnorm_nodes(model)
     folded, convs, batchnorms = set(), {}, {}
     for i, node in enumerate(graph.node):
         if not node.name:
