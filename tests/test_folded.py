@@ -16,7 +16,7 @@ from agent.runtime import FoldedSession, open_session
 from agent.state import initial_state
 from agent.unmix import RobustMixture
 from exporters.cli import main as export_main
-from exporters.export import adaptation_spec
+from exporters.export import ExportError, adaptation_spec
 from exporters.models import fashion_mnist as fm
 from exporters.unmix import ROBUST_OPTIONS, RobustUnMixTNS2d
 
@@ -165,5 +165,15 @@ def test_adaptation_helps_on_a_shifted_stream_and_checkpoints_resume(folded, tes
 
 
 def test_faithful_mode_is_refused_in_the_folded_layout():
-    with pytest.raises(Exception, match="graph layout"):
+    with pytest.raises(ExportError, match="graph layout"):
         adaptation_spec(fm.pretrained(), mode="faithful", layout="folded")
+
+
+def test_a_folded_file_without_its_statistics_output_is_refused_by_name(folded, tmp_path):
+    model = onnx.load(str(folded["int8"]))
+    kept = [o for o in model.graph.output if o.name != contract.STATS]
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+    onnx.save(model, str(tmp_path / "broken.onnx"))
+    with pytest.raises(contract.ContractError, match="stats"):
+        read_model_info(tmp_path / "broken.onnx")
