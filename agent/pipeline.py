@@ -40,7 +40,7 @@ class FrameResult:
     strength: float  # adaptation strength used for this frame (0: the unadapted model)
     corrected: np.ndarray | None  # LAME over the window (None when LAME is off)
     lame_applied: bool  # whether probs is the LAME output (auto: only on label-correlated streams)
-    shift: float  # mean per-layer shift score
+    shift: float | None  # mean per-layer shift score; None when the frame measured no statistics
     drift: DriftEvent | None = None
 
 
@@ -115,11 +115,10 @@ class CameraPipeline:
         out = self.session.step(image, adapt=strength, update=self.adaptation == "on")
         adapted = softmax(out.logits)
         unadapted = out if strength == 0 else None
-        shadow = (self.raw_every and frame.index % self.raw_every == 0) or (
-            self.gate is not None and self.gate.needs_shadow(frame.index))
-        if unadapted is None and shadow:
-            unadapted = self.session.step(image, adapt=0.0)
-        if unadapted is not None and self.gate is not None:
+        gate_shadow = self.gate is not None and self.gate.needs_shadow(frame.index)
+        if unadapted is None and (gate_shadow or (self.raw_every and frame.index % self.raw_every == 0)):
+            unadapted = self.session.step(image, adapt=0.0, measure=gate_shadow)
+        if unadapted is not None and unadapted.shift is not None and self.gate is not None:
             self.gate.update(unadapted.shift, frame.index)
         raw = None if unadapted is None else softmax(unadapted.logits)
         self.paused = max(0, self.paused - 1)
@@ -133,7 +132,8 @@ class CameraPipeline:
         corrected = None if self.lame is None else self.lame.update(out.features, adapted)
         applied = corrected is not None and self.lame_active
         probs = corrected if applied else adapted
-        event = self.drift.update(out.shift, frame.index, frame.captured)
+        measured = out.shift is not None
+        event = self.drift.update(out.shift, frame.index, frame.captured) if measured else None
         self.counters.processed += 1
         return FrameResult(frame.index, frame.captured, (time.perf_counter() - start) * 1000, probs, adapted, raw,
-                           strength, corrected, applied, float(out.shift.mean()), event)
+                           strength, corrected, applied, float(out.shift.mean()) if measured else None, event)

@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import contract
+from .baked import BakedNormalisation
 from .contract import ModelInfo, read_model_info
 from .state import initial_state, load_state, save_state
 from .unmix import RobustMixture
@@ -31,7 +32,12 @@ DEVICES = ("auto", "cpu", "cuda")
 class StepOutput:
     logits: np.ndarray  # (classes,)
     features: np.ndarray  # (D,)
-    shift: np.ndarray  # (layers,)
+    shift: np.ndarray | None  # (layers,); None on a frame that measured no statistics (FoldedSession)
+
+
+def _check_strength(adapt: float) -> None:
+    if not 0.0 <= adapt <= 1.0:
+        raise ValueError(f"adaptation strength must be in [0, 1], got {adapt}")
 
 
 @dataclass
@@ -58,9 +64,11 @@ BACKENDS = ("auto", "onnxruntime", "torch")
 
 
 def open_session(path: str | Path, device: str = "auto", backend: str = "auto", threads: int | None = None,
-                 seed: int = 0, info: ModelInfo | None = None):
+                 seed: int = 0, info: ModelInfo | None = None, statistics_every: int = 1, rebuild_every: int = 32):
     """onnxruntime, unless torch is asked for, or `cuda` is asked for and torch is the only way to a
-    GPU here (onnxruntime without a GPU provider). torch is imported only in those two cases."""
+    GPU here (onnxruntime without a GPU provider). torch is imported only in those two cases.
+    `statistics_every` / `rebuild_every` are the folded layout's cadence (FoldedSession); the graph
+    layout measures every frame."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto" and device == "cuda" and choose_providers("cuda").providers == [CPU]:
@@ -75,8 +83,10 @@ def open_session(path: str | Path, device: str = "auto", backend: str = "auto", 
 
         return TorchSession(path, device=device, threads=threads, seed=seed, info=info)
     info = info or read_model_info(path)
-    cls = FoldedSession if info.adaptation.layout == "folded" else AdaptiveSession
-    return cls(path, device=device, threads=threads, seed=seed, info=info)
+    if info.adaptation.layout == "folded":
+        return FoldedSession(path, device=device, threads=threads, seed=seed, info=info,
+                             statistics_every=statistics_every, rebuild_every=rebuild_every)
+    return AdaptiveSession(path, device=device, threads=threads, seed=seed, info=info)
 
 
 def physical_cores() -> int:
@@ -124,6 +134,8 @@ class AdaptiveSession(Checkpoints):
     statistics and leaves the components as they are (the unadapted model), 1 (or True) is
     full UnMix-TNS, values between blend the two and move the components that much less
     (agent/gate.py sets it). `update=False` adapts without moving the components (frozen).
+    `measure=True` asks for this frame's shift whatever the session's cadence (the graph layout
+    measures every frame; FoldedSession may not).
     """
 
     OUTPUTS = (contract.LOGITS, contract.FEATURES, contract.SHIFT)  # read every frame into preallocated arrays
@@ -153,13 +165,16 @@ class AdaptiveSession(Checkpoints):
         self.frames = 0
         self.reset()
 
-    def _open(self, providers: list[str]) -> ort.InferenceSession:
+    def _session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # the folded layout's source statistics are metadata to the graph: no warnings
         if self.threads:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
-        return ort.InferenceSession(str(self.path), options, providers=providers)
+        return options
+
+    def _open(self, providers: list[str]) -> ort.InferenceSession:
+        return ort.InferenceSession(str(self.path), self._session_options(), providers=providers)
 
     def _output_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {o.name: tuple(o.shape) for o in self.session.get_outputs()}
@@ -177,9 +192,8 @@ class AdaptiveSession(Checkpoints):
         self._spare = {i: np.empty_like(a) for i, a in self._current.items()}
         self._scratch = {i: np.empty_like(a) for i, a in self._current.items()}
 
-    def step(self, image: np.ndarray, adapt: float = 1.0, update: bool = True) -> StepOutput:
-        if not 0.0 <= adapt <= 1.0:
-            raise ValueError(f"adaptation strength must be in [0, 1], got {adapt}")
+    def step(self, image: np.ndarray, adapt: float = 1.0, update: bool = True, measure: bool = False) -> StepOutput:
+        _check_strength(adapt)
         self._adapt[0] = adapt
         commit = adapt > 0 and update
         target = self._spare if commit else self._scratch
@@ -237,32 +251,65 @@ class FoldedSession(AdaptiveSession):
     """The folded layout (exporters/folded.py): the graph normalises with `norm.mean/var` and returns
     the frame's statistics; UnMix-TNS runs here (agent/unmix.py), all layers in one vectorised step.
 
-    Frame t is normalised with what the components gave after frame t-1 (with frame t-1's own
-    statistics as the instance term): one frame later than the graph layout, which lets the
-    graph stay a plain INT8 network. The components and checkpoints are the robust layout's.
+    A frame is normalised with what the components gave after the last measured frame (with that
+    frame's own statistics as the instance term): later than the graph layout, which lets the
+    graph stay a plain INT8 network. Statistics are measured on every `statistics_every`-th
+    adapted frame (and, apart, every `statistics_every`-th unadapted one), or when the caller
+    asks (`measure`); only those frames move the components (each update decays them for the
+    frames it stands for) and report a shift. The frames between run without the statistics
+    branch, through a session with the normalisation baked in (agent/baked.py): the source
+    statistics for unadapted frames, and for adapted frames the components' statistics at the
+    last bake, rebuilt every `rebuild_every` adapted frames or when the strength moved. The
+    components and checkpoints are the robust layout's.
     """
 
     OUTPUTS = (contract.LOGITS, contract.FEATURES, contract.STATS)
+    BAKED_OUTPUTS = (contract.LOGITS, contract.FEATURES)
+    STRENGTH_STEP = 0.05  # an adapted bake is rebuilt when the strength moved further than this
 
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None,
-                 seed: int = 0, info: ModelInfo | None = None):
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, seed: int = 0,
+                 info: ModelInfo | None = None, statistics_every: int = 1, rebuild_every: int = 32):
+        if statistics_every < 1 or rebuild_every < 1:
+            raise ValueError(f"statistics_every and rebuild_every must be >= 1, got {statistics_every}, "
+                             f"{rebuild_every}")
         info = info or read_model_info(path)
+        self.statistics_every, self.rebuild_every = statistics_every, rebuild_every
         self.mixture = RobustMixture(info.adaptation, info.source_stats)
-        self._norm_mean = np.empty_like(self.mixture.source_mean)  # what the next frame is normalised with
+        self._norm_mean = np.empty_like(self.mixture.source_mean)  # what the measured frame is normalised with
         self._norm_var = np.empty_like(self.mixture.source_var)
+        self._source: ort.InferenceSession | None = None
+        self._adapted: ort.InferenceSession | None = None
+        self._unmeasured = {False: 0, True: 0}  # unadapted / adapted frames since the last measured one
         super().__init__(path, device=device, threads=threads, seed=seed, info=info)
+        self._baker = (BakedNormalisation(path, (self.mixture.source_mean, self.mixture.source_var),
+                                          self._session_options, self.session.get_providers())
+                       if statistics_every > 1 else None)
 
     def _set_state(self, state: dict) -> None:
         self.mixture.set_state(state)
-        self._last = None  # the previous frame's statistics, for the instance term
+        self._last = None  # the last measured frame's statistics, for the instance term
+        self._adapted, self._baked_strength, self._since_bake = None, 0.0, 0
 
     @property
     def state(self) -> dict[str, dict[str, np.ndarray]]:
         return self.mixture.state()
 
-    def step(self, image: np.ndarray, adapt: float = 1.0, update: bool = True) -> StepOutput:
-        if not 0.0 <= adapt <= 1.0:
-            raise ValueError(f"adaptation strength must be in [0, 1], got {adapt}")
+    def step(self, image: np.ndarray, adapt: float = 1.0, update: bool = True, measure: bool = False) -> StepOutput:
+        _check_strength(adapt)
+        adapted = adapt > 0
+        if measure or self._unmeasured[adapted] + 1 >= self.statistics_every:
+            shift = self._measured_step(image, adapt, update and adapted)
+        else:
+            self._unmeasured[adapted] += 1
+            self._run_or_fall_back(lambda: self._run_baked(image, adapt))
+            shift = None
+        if adapted:
+            self._since_bake += 1
+            self.frames += update
+        out = self._outputs
+        return StepOutput(out[contract.LOGITS][0].copy(), out[contract.FEATURES][0].copy(), shift)
+
+    def _normalisation(self, adapt: float) -> tuple[np.ndarray, np.ndarray]:
         m = self.mixture
         if adapt > 0:
             mean, var = m.statistics(*(self._last or (None, None)))
@@ -270,16 +317,20 @@ class FoldedSession(AdaptiveSession):
             np.add(m.source_var, adapt * (var - m.source_var), out=self._norm_var)
         else:
             self._norm_mean[:], self._norm_var[:] = m.source_mean, m.source_var
-        self._run_or_fall_back(lambda: self._run_folded(image))
-        out = self._outputs
-        mu, var_x = out[contract.STATS][0].copy(), out[contract.STATS][1].copy()
-        if adapt > 0 and update:
-            m.update(mu, var_x, adapt)
-            self.frames += 1
-        self._last = (mu, var_x)
-        return StepOutput(out[contract.LOGITS][0].copy(), out[contract.FEATURES][0].copy(), m.shift(mu, var_x))
+        return self._norm_mean, self._norm_var
 
-    def _run_folded(self, image: np.ndarray) -> None:
+    def _measured_step(self, image: np.ndarray, adapt: float, update: bool) -> np.ndarray:
+        self._normalisation(adapt)
+        self._run_or_fall_back(lambda: self._run_measuring(image))
+        stats = self._outputs[contract.STATS]
+        mu, var_x = stats[0].copy(), stats[1].copy()
+        if update:
+            self.mixture.update(mu, var_x, adapt, frames=self._unmeasured[True] + 1)
+        self._unmeasured[adapt > 0] = 0
+        self._last = (mu, var_x)
+        return self.mixture.shift(mu, var_x)
+
+    def _run_measuring(self, image: np.ndarray) -> None:
         binding = self.session.io_binding()
         binding.bind_cpu_input(contract.IMAGE, np.ascontiguousarray(image, np.float32))
         binding.bind_cpu_input(contract.NORM_MEAN, self._norm_mean)
@@ -287,6 +338,29 @@ class FoldedSession(AdaptiveSession):
         for name, array in self._outputs.items():
             _bind_output(binding, name, array)
         self.session.run_with_iobinding(binding)
+
+    def _run_baked(self, image: np.ndarray, adapt: float) -> None:
+        if adapt == 0:
+            if self._source is None:
+                self._source = self._baker.session(*self._normalisation(0.0))
+            session = self._source
+        else:
+            if (self._adapted is None or self._since_bake >= self.rebuild_every
+                    or abs(adapt - self._baked_strength) > self.STRENGTH_STEP):
+                self._adapted = self._baker.session(*self._normalisation(adapt))
+                self._baked_strength, self._since_bake = adapt, 0
+            session = self._adapted
+        binding = session.io_binding()
+        binding.bind_cpu_input(contract.IMAGE, np.ascontiguousarray(image, np.float32))
+        for name in self.BAKED_OUTPUTS:
+            _bind_output(binding, name, self._outputs[name])
+        session.run_with_iobinding(binding)
+
+    def _fall_back(self, exc: Exception) -> None:
+        super()._fall_back(exc)
+        if self._baker is not None:
+            self._baker.providers = [CPU]
+        self._source = self._adapted = None
 
 
 def _bind_output(binding, name: str, array: np.ndarray) -> None:

@@ -74,7 +74,8 @@ class TorchSession(Checkpoints):
         self._mirror = {name: {t: np.array(v, np.float32) for t, v in tensors.items()}
                         for name, tensors in state.items()}
 
-    def step(self, image: np.ndarray, adapt: float = 1.0, update: bool = True) -> StepOutput:
+    def step(self, image: np.ndarray, adapt: float = 1.0, update: bool = True, measure: bool = False) -> StepOutput:
+        """As AdaptiveSession.step; every frame is measured."""
         if not 0.0 <= adapt <= 1.0:
             raise ValueError(f"adaptation strength must be in [0, 1], got {adapt}")
         commit = adapt > 0 and update

@@ -41,7 +41,8 @@ class RobustMixture:
     def _per_layer_sum(self, values: np.ndarray) -> np.ndarray:
         return np.add.reduceat(values, self.starts, axis=-1)
 
-    def update(self, mu: np.ndarray, var_x: np.ndarray, strength: float = 1.0) -> None:
+    def update(self, mu: np.ndarray, var_x: np.ndarray, strength: float = 1.0, frames: int = 1) -> None:
+        """One measured frame standing for `frames` frames: the components forget for all of them."""
         # in place on (K, C) scratch arrays: a frame is a few dozen passes over K x C floats
         u = mu - self.source_mean
         work = np.subtract(self.means, self.source_mean, out=self._work)
@@ -52,7 +53,7 @@ class RobustMixture:
         logits = np.where(self.counts < 1e-3, self.seeds, cos) / self.temperature
         p = np.exp(logits - logits.max(0))
         p /= p.sum(0)
-        self.counts += strength * (p - self.counts * self.decay)
+        self.counts += strength * (p - self.counts * (1 - (1 - self.decay) ** frames))
         rate = np.repeat(strength * p / np.maximum(self.counts, 1e-12), self.sizes, axis=1)  # (K, C)
         d_mean = np.subtract(mu, self.means, out=self._work)
         # vars += rate (var_x - vars + (1 - rate) d^2): the weighted mixture of component and frame

@@ -87,9 +87,9 @@ def build_streams(images, labels, corruptions, frames, severity, seed) -> list[d
     return streams
 
 
-def _pipeline(path: Path, adaptation: str, gated: bool = False, lame: bool = False, raw_every: int = 0
-              ) -> CameraPipeline:
-    session = open_session(path, "cpu", "onnxruntime", threads=1)
+def _pipeline(path: Path, adaptation: str, gated: bool = False, lame: bool = False, raw_every: int = 0,
+              cadence: dict | None = None) -> CameraPipeline:
+    session = open_session(path, "cpu", "onnxruntime", threads=1, **(cadence or {}))
     gate = AdaptationGate(session.info.shift_reference) if gated else None
     guard = CollapseGuard(len(session.info.labels)) if gated else None
     pipeline = CameraPipeline(session, Lame(16, "knn", 3) if lame else None, "on", raw_every=raw_every, gate=gate,
@@ -100,10 +100,10 @@ def _pipeline(path: Path, adaptation: str, gated: bool = False, lame: bool = Fal
 
 def run_stream(task) -> dict:
     """Every method on one stream at one precision; returns per-frame correctness and gate strength."""
-    paths, precision, stream = task
+    paths, precision, stream, cadence = task
     unadapted = _pipeline(paths[f"robust/{precision}"], "off", lame=True)  # LAME alone rides on it
-    robust = _pipeline(paths[f"robust/{precision}"], "on")
-    gated = _pipeline(paths[f"robust/{precision}"], "on", gated=True, lame=True)
+    robust = _pipeline(paths[f"robust/{precision}"], "on", cadence=cadence)
+    gated = _pipeline(paths[f"robust/{precision}"], "on", gated=True, lame=True, cadence=cadence)
     faithful = _pipeline(paths[f"faithful/{precision}"], "on")
     correct = {m: np.zeros(len(stream["y"]), bool) for m in METHODS}
     strength = np.zeros(len(stream["y"]))
@@ -122,7 +122,7 @@ def run_stream(task) -> dict:
             "guard_fired": gated.guard.fired}
 
 
-def effnet_agreement(frames_per_photo: int = 25, layout: str = "graph") -> dict:
+def effnet_agreement(frames_per_photo: int = 25, layout: str = "graph", cadence: dict | None = None) -> dict:
     """EfficientNet-Lite0 on ordinary photos: share of frames where the adapted top-1 equals the
     unadapted one, over all 12 photos and over the 3 the exporter held out of calibration (and of
     the gate's shift reference)."""
@@ -143,7 +143,7 @@ def effnet_agreement(frames_per_photo: int = 25, layout: str = "graph") -> dict:
     result = {}
     for method, path, gated in (("gated", paths["robust"], True), ("robust", paths["robust"], False),
                                 ("faithful", paths["faithful"], False)):
-        pipeline = _pipeline(path, "on", gated=gated, raw_every=1)
+        pipeline = _pipeline(path, "on", gated=gated, raw_every=1, cadence=None if method == "faithful" else cadence)
         same = np.array([np.argmax(r.adapted) == np.argmax(r.raw)
                          for r in (pipeline.process(Frame(i, f, 0.0)) for i, f in enumerate(frames))])
         result[method] = {"frames": len(same), "agreement": float(same.mean()), "first_frame": bool(same[0]),
@@ -339,6 +339,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--layout", choices=("graph", "folded"), default="graph",
                         help="the robust mode's model layout (tta-export --layout)")
+    parser.add_argument("--statistics-every", type=int, default=1,
+                        help="folded layout: measure statistics every N frames (FoldedSession)")
+    parser.add_argument("--rebuild-every", type=int, default=32,
+                        help="folded layout: rebuild the baked normalisation every N adapted frames")
     parser.add_argument("--sweep", action="store_true", help="the robust mode's options, one at a time")
     parser.add_argument("--lame-sweep", action="store_true", help="LAME's window, affinity and neighbours")
     args = parser.parse_args()
@@ -357,6 +361,9 @@ def main() -> None:
                                        if quick else list(CORRUPTIONS))
     RESULTS.mkdir(exist_ok=True)
     paths = export_models(RESULTS / "models", args.layout)
+    cadence = {"statistics_every": args.statistics_every, "rebuild_every": args.rebuild_every}
+    if args.layout == "graph" and args.statistics_every != 1:
+        parser.error("--statistics-every applies to the folded layout")
     from exporters.models.fashion_mnist import load_split
 
     images, labels = load_split("t10k")
@@ -366,21 +373,23 @@ def main() -> None:
         for severity in severities:
             for seed in range(seeds):
                 streams = build_streams(images, labels, corruptions, frames, severity, seed)
-                tasks = [(paths, precision, s) for s in streams for precision in ("int8", "fp32")]
+                tasks = [(paths, precision, s, cadence) for s in streams for precision in ("int8", "fp32")]
                 for i, result in enumerate(pool.map(run_stream, tasks)):
                     runs.append({**result, "severity": severity, "seed": seed})
                     print(f"severity {severity} seed {seed}: {i + 1}/{len(tasks)} streams "
                           f"({time.time() - started:.0f} s)", flush=True)
     summary = summarize(runs)
-    effnet = effnet_agreement(10 if quick else 25, args.layout)
+    effnet = effnet_agreement(10 if quick else 25, args.layout, cadence)
     strengths = {kind: float(np.mean([r["strength"] for r in runs if r["kind"] == kind])) for kind in STREAMS}
     fired = {kind: int(sum(r["guard_fired"] for r in runs if r["kind"] == kind)) for kind in STREAMS}
-    report = {"config": {"layout": args.layout, "frames": frames, "seeds": seeds, "severities": severities,
-                         "corruptions": corruptions},
+    report = {"config": {"layout": args.layout, **cadence, "frames": frames, "seeds": seeds,
+                         "severities": severities, "corruptions": corruptions},
               "summary": summary, "efficientnet_ordinary_stream": effnet, "gate_strength": strengths,
               "guard_fired": fired,
               "seconds": round(time.time() - started)}
     suffix = "" if args.layout == "graph" else f".{args.layout}"
+    if args.statistics_every > 1:
+        suffix += f".every{args.statistics_every}.rebuild{args.rebuild_every}"
     (RESULTS / f"quality{suffix}.json").write_text(json.dumps(report, indent=1))
     table = markdown(summary, severities, ("int8", "fp32"))
     effnet_line = "\n".join(

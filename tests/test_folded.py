@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from agent import contract
+from agent.baked import BakedNormalisation
 from agent.contract import AdaptationSpec, LayerSpec, read_model_info
 from agent.preprocess import Preprocessor
 from agent.runtime import FoldedSession, open_session
@@ -120,6 +121,67 @@ def test_fp32_graph_measures_the_sampled_batchnorm_inputs_and_normalises_like_to
         np.testing.assert_allclose(stats[1, offset:offset + layer.channels],
                                    sample.var((1, 2), unbiased=False).numpy(), rtol=1e-3, atol=1e-5)
         offset += layer.channels
+
+
+def test_one_update_standing_for_several_frames_forgets_for_all_of_them():
+    spec, stats, _ = _spec([3, 5])
+    mixture = RobustMixture(spec, stats)
+    mixture.set_state(initial_state(spec, stats))
+    rng = np.random.default_rng(2)
+    for frames in (1, 1, 4, 16):
+        before = mixture.counts.sum(0)
+        mu = np.concatenate([stats[f"l{i}"][0] + rng.normal(size=c) for i, c in enumerate((3, 5))])
+        mixture.update(mu.astype(np.float32), np.concatenate([stats["l0"][1], stats["l1"][1]]), frames=frames)
+        # assignments sum to 1 per layer; the rest is the old support decayed for `frames` frames
+        np.testing.assert_allclose(mixture.counts.sum(0), before * (1 - spec.options["decay"]) ** frames + 1,
+                                   rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_a_baked_session_normalises_as_the_graph_does_with_the_same_statistics(folded, test_images, precision):
+    """The bake writes its constants into the model: onnxruntime's fusions (BatchNorm into Conv in
+    FP32) must see them, so the baked answer equals the graph's for the same statistics and differs
+    from the source statistics' answer."""
+    session = open_session(folded[precision], "cpu", "onnxruntime")
+    source = (session.mixture.source_mean, session.mixture.source_var)
+    baker = BakedNormalisation(folded[precision], source, session._session_options, ["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    mean = (source[0] + 0.5 * np.sqrt(source[1]) * rng.standard_normal(source[0].shape)).astype(np.float32)
+    var = (source[1] * rng.uniform(0.5, 2.0, source[1].shape)).astype(np.float32)
+    baked, at_source = baker.session(mean, var), baker.session(*source)
+    assert [o.name for o in baked.get_outputs()] == [contract.LOGITS, contract.FEATURES]
+    for image in test_images[0][:5]:
+        graph = session.session.run([contract.LOGITS], {contract.IMAGE: image, contract.NORM_MEAN: mean,
+                                                        contract.NORM_VAR: var})[0]
+        got = baked.run([contract.LOGITS], {contract.IMAGE: image})[0]
+        np.testing.assert_allclose(got, graph, atol=1e-4)
+        assert np.abs(got - at_source.run([contract.LOGITS], {contract.IMAGE: image})[0]).max() > 1e-2
+
+
+def test_statistics_every_n_frames_and_baked_frames_between(folded, test_images):
+    """statistics_every=4: adapted frames 4, 8, ... measure (shift, component update); the others run
+    the bake of the components' statistics; an unadapted frame measures when asked."""
+    images = test_images[0]
+    session = open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=4, rebuild_every=6)
+    counts = []
+    for i, image in enumerate(images[:12]):
+        before = session.mixture.counts.copy()
+        out = session.step(image, adapt=1.0)
+        measured = (i + 1) % 4 == 0
+        assert (out.shift is not None) == measured, i
+        assert np.array_equal(before, session.mixture.counts) != measured, i
+        counts.append(session.mixture.counts.sum())
+        if not measured:  # this frame ran the bake: the graph with the statistics the bake was built from
+            mean, var = session._norm_mean, session._norm_var
+            graph = session.session.run([contract.LOGITS], {contract.IMAGE: image, contract.NORM_MEAN: mean,
+                                                            contract.NORM_VAR: var})[0][0]
+            if session._since_bake == 1:  # built on this frame, so _norm_* still hold its statistics
+                np.testing.assert_allclose(out.logits, graph, atol=1e-4)
+    assert session.frames == 12
+    assert session.step(images[12], adapt=0.0).shift is None
+    assert session.step(images[13], adapt=0.0, measure=True).shift is not None
+    session.reset()
+    assert session._adapted is None
 
 
 def test_int8_statistics_and_shift_follow_fp32(folded, test_images):
