@@ -13,7 +13,7 @@ from .gate import AdaptationGate
 from .lame import Lame
 from .pipeline import LAME_MODES, CameraPipeline
 from .replay import LabelsError, format_table, plot_report, read_labels, replay, write_json
-from .runtime import BACKENDS, DEVICES, open_session
+from .runtime import BACKENDS, DEVICES, REBAKE_DIVERGENCE, STATISTICS_EVERY, open_session
 from .sources import FileSource, SourceError
 from .state import StateError
 
@@ -21,7 +21,8 @@ log = logging.getLogger("tta-agent")
 
 
 def cmd_replay(args) -> int:
-    session = open_session(args.model, device=args.device, backend=args.backend, threads=args.threads, seed=args.seed)
+    session = open_session(args.model, device=args.device, backend=args.backend, threads=args.threads, seed=args.seed,
+                           statistics_every=args.statistics_every, rebake_divergence=args.rebake_divergence)
     if args.state:
         session.load(args.state)
     labels = read_labels(args.labels, session.info.labels) if args.labels else None
@@ -95,6 +96,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--affinity", choices=("knn", "rbf"), default="knn")
     r.add_argument("--knn", type=int, default=3)
     r.add_argument("--raw-every", type=int, default=0, help="also run the unadapted model every N frames")
+    r.add_argument("--statistics-every", type=int, default=STATISTICS_EVERY,
+                   help="folded-layout models: measure statistics every N frames")
+    r.add_argument("--rebake-divergence", type=float, default=REBAKE_DIVERGENCE,
+                   help="folded-layout models: rebuild the baked normalisation once the statistics are this far "
+                        "from it (mean KL per layer)")
     r.add_argument("--drift-warmup", type=int, default=100, help="frames that set the usual shift level")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--state", type=Path, help="start from these components (.npz)")

@@ -15,6 +15,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .runtime import REBAKE_DIVERGENCE, STATISTICS_EVERY
+
 MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -66,6 +68,12 @@ class AdaptationConfig(Section):
     _switch = field_validator("mode", mode="before")(_yaml_switch)
     seed: int = Field(0, ge=0)
     raw_every: int = Field(30, ge=0, description="run the unadapted model every N frames (0: never)")
+    statistics_every: int = Field(STATISTICS_EVERY, ge=1, le=100_000,
+                                  description="folded-layout models: measure statistics and move the components "
+                                              "every N frames (graph-layout models measure every frame)")
+    rebake_divergence: float = Field(REBAKE_DIVERGENCE, ge=0, le=100,
+                                     description="folded-layout models: rebuild the baked normalisation once the "
+                                                 "components' statistics are this far from it (mean KL per layer)")
     gate: GateConfig = GateConfig()
     guard: GuardConfig = GuardConfig()
 

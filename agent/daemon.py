@@ -93,9 +93,10 @@ class Agent:
 
     def _camera(self, cfg) -> Camera:
         model = self.config.model
+        a = self.config.adaptation
         session = open_session(model.path, device=model.device, backend=model.backend,
-                               threads=model.threads or physical_cores(), seed=self.config.adaptation.seed,
-                               info=self.info)
+                               threads=model.threads or physical_cores(), seed=a.seed, info=self.info,
+                               statistics_every=a.statistics_every, rebake_divergence=a.rebake_divergence)
         checkpoint = self._checkpoint_path(cfg.name)
         if checkpoint.exists():
             try:

@@ -61,13 +61,16 @@ def choose_providers(device: str, available: list[str] | None = None) -> Provide
 
 
 BACKENDS = ("auto", "onnxruntime", "torch")
+# the folded layout's cadence (FoldedSession), chosen by bench/latency.py and bench/quality.py (README)
+STATISTICS_EVERY, REBAKE_DIVERGENCE = 8, 0.003
 
 
 def open_session(path: str | Path, device: str = "auto", backend: str = "auto", threads: int | None = None,
-                 seed: int = 0, info: ModelInfo | None = None, statistics_every: int = 1, rebuild_every: int = 32):
+                 seed: int = 0, info: ModelInfo | None = None, statistics_every: int = STATISTICS_EVERY,
+                 rebake_divergence: float = REBAKE_DIVERGENCE):
     """onnxruntime, unless torch is asked for, or `cuda` is asked for and torch is the only way to a
     GPU here (onnxruntime without a GPU provider). torch is imported only in those two cases.
-    `statistics_every` / `rebuild_every` are the folded layout's cadence (FoldedSession); the graph
+    `statistics_every` / `rebake_divergence` are the folded layout's cadence (FoldedSession); the graph
     layout measures every frame."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -85,7 +88,7 @@ def open_session(path: str | Path, device: str = "auto", backend: str = "auto", 
     info = info or read_model_info(path)
     if info.adaptation.layout == "folded":
         return FoldedSession(path, device=device, threads=threads, seed=seed, info=info,
-                             statistics_every=statistics_every, rebuild_every=rebuild_every)
+                             statistics_every=statistics_every, rebake_divergence=rebake_divergence)
     return AdaptiveSession(path, device=device, threads=threads, seed=seed, info=info)
 
 
@@ -258,28 +261,28 @@ class FoldedSession(AdaptiveSession):
     asks (`measure`); only those frames move the components (each update decays them for the
     frames it stands for) and report a shift. The frames between run without the statistics
     branch, through a session with the normalisation baked in (agent/baked.py): the source
-    statistics for unadapted frames, and for adapted frames the components' statistics at the
-    last bake, rebuilt every `rebuild_every` adapted frames or when the strength moved. The
-    components and checkpoints are the robust layout's.
+    statistics for unadapted frames; for adapted ones the components' statistics at the last
+    bake, rebuilt once a measured frame's normalisation has moved more than `rebake_divergence`
+    (mean per-layer KL) from it, so a camera that has settled costs no rebuilds. The components
+    and checkpoints are the robust layout's.
     """
 
     OUTPUTS = (contract.LOGITS, contract.FEATURES, contract.STATS)
     BAKED_OUTPUTS = (contract.LOGITS, contract.FEATURES)
-    STRENGTH_STEP = 0.05  # an adapted bake is rebuilt when the strength moved further than this
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, seed: int = 0,
-                 info: ModelInfo | None = None, statistics_every: int = 1, rebuild_every: int = 32):
-        if statistics_every < 1 or rebuild_every < 1:
-            raise ValueError(f"statistics_every and rebuild_every must be >= 1, got {statistics_every}, "
-                             f"{rebuild_every}")
+                 info: ModelInfo | None = None, statistics_every: int = STATISTICS_EVERY,
+                 rebake_divergence: float = REBAKE_DIVERGENCE):
+        if statistics_every < 1 or not rebake_divergence >= 0:
+            raise ValueError(f"statistics_every must be >= 1 and rebake_divergence >= 0, got {statistics_every}, "
+                             f"{rebake_divergence}")
         info = info or read_model_info(path)
-        self.statistics_every, self.rebuild_every = statistics_every, rebuild_every
+        self.statistics_every, self.rebake_divergence = statistics_every, rebake_divergence
         self.mixture = RobustMixture(info.adaptation, info.source_stats)
         self._norm_mean = np.empty_like(self.mixture.source_mean)  # what the measured frame is normalised with
         self._norm_var = np.empty_like(self.mixture.source_var)
         self._source: ort.InferenceSession | None = None
-        self._adapted: ort.InferenceSession | None = None
-        self._unmeasured = {False: 0, True: 0}  # unadapted / adapted frames since the last measured one
+        self.bakes = 0
         super().__init__(path, device=device, threads=threads, seed=seed, info=info)
         self._baker = (BakedNormalisation(path, (self.mixture.source_mean, self.mixture.source_var),
                                           self._session_options, self.session.get_providers())
@@ -288,7 +291,10 @@ class FoldedSession(AdaptiveSession):
     def _set_state(self, state: dict) -> None:
         self.mixture.set_state(state)
         self._last = None  # the last measured frame's statistics, for the instance term
-        self._adapted, self._baked_strength, self._since_bake = None, 0.0, 0
+        self._unmeasured = {False: 0, True: 0}  # unadapted / adapted frames since the last measured one
+        self._adapted: ort.InferenceSession | None = None
+        self._baked: tuple[np.ndarray, np.ndarray] | None = None  # the statistics self._adapted normalises with
+        self._stale = True
 
     @property
     def state(self) -> dict[str, dict[str, np.ndarray]]:
@@ -304,7 +310,6 @@ class FoldedSession(AdaptiveSession):
             self._run_or_fall_back(lambda: self._run_baked(image, adapt))
             shift = None
         if adapted:
-            self._since_bake += 1
             self.frames += update
         out = self._outputs
         return StepOutput(out[contract.LOGITS][0].copy(), out[contract.FEATURES][0].copy(), shift)
@@ -328,6 +333,9 @@ class FoldedSession(AdaptiveSession):
             self.mixture.update(mu, var_x, adapt, frames=self._unmeasured[True] + 1)
         self._unmeasured[adapt > 0] = 0
         self._last = (mu, var_x)
+        if adapt > 0 and self._baked is not None and not self._stale:
+            moved = self.mixture.divergence(*self._normalisation(adapt), *self._baked).mean()
+            self._stale = moved > self.rebake_divergence
         return self.mixture.shift(mu, var_x)
 
     def _run_measuring(self, image: np.ndarray) -> None:
@@ -345,10 +353,11 @@ class FoldedSession(AdaptiveSession):
                 self._source = self._baker.session(*self._normalisation(0.0))
             session = self._source
         else:
-            if (self._adapted is None or self._since_bake >= self.rebuild_every
-                    or abs(adapt - self._baked_strength) > self.STRENGTH_STEP):
-                self._adapted = self._baker.session(*self._normalisation(adapt))
-                self._baked_strength, self._since_bake = adapt, 0
+            if self._adapted is None or self._stale:
+                mean, var = self._normalisation(adapt)
+                self._adapted = self._baker.session(mean, var)
+                self._baked, self._stale = (mean.copy(), var.copy()), False
+                self.bakes += 1
             session = self._adapted
         binding = session.io_binding()
         binding.bind_cpu_input(contract.IMAGE, np.ascontiguousarray(image, np.float32))

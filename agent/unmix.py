@@ -82,9 +82,13 @@ class RobustMixture:
             second = second + self.instance * (var_x + mu * mu - second)
         return mean.astype(np.float32), np.maximum(second - mean * mean, 0.0).astype(np.float32)
 
-    def shift(self, mu: np.ndarray, var_x: np.ndarray) -> np.ndarray:
-        """Per layer, KL(N(frame) || N(source)) averaged over channels, as the graph layout's `shift`."""
-        vs = self.source_var + self.eps
+    def divergence(self, mu: np.ndarray, var_x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+        """Per layer, KL(N(mu, var_x) || N(mean, var)) averaged over channels."""
+        vs = var + self.eps
         ratio = (var_x + self.eps) / vs
-        terms = (mu - self.source_mean) ** 2 / vs + ratio - np.log(ratio) - 1
+        terms = (mu - mean) ** 2 / vs + ratio - np.log(ratio) - 1
         return (0.5 * self._per_layer_sum(terms) / self.sizes).astype(np.float32)
+
+    def shift(self, mu: np.ndarray, var_x: np.ndarray) -> np.ndarray:
+        """A frame's divergence from the source statistics, as the graph layout's `shift`."""
+        return self.divergence(mu, var_x, self.source_mean, self.source_var)

@@ -7,7 +7,10 @@ Per frame, median over rounds, every variant timed in each round in turn:
     adapted FP32 / INT8 robust    the agent's exported model, components fed back every frame
     adapted INT8 faithful         the published algorithm in the same graph layout
     adapted FP32 / INT8 folded    the folded layout (exporters/folded.py): BatchNorm folded into the
-                                  INT8 convolutions, UnMix-TNS in numpy (agent/unmix.py)
+                                  INT8 convolutions, UnMix-TNS in numpy (agent/unmix.py), statistics
+                                  measured every 8th frame, the frames between on a baked session
+                                  (agent/runtime.py FoldedSession); also at every frame and every 16th.
+                                  These run FOLDED_FRAMES frames a round (rebuilds are occasional).
     torch eager faithful          exporters/unmix.py's UnMix-TNS reference in torch, eager
     sliding window W=16 / 64      the TTA-benchmark practice: W buffered frames through the network
                                   (BatchNorm on the window's statistics) for every new frame
@@ -75,23 +78,29 @@ def adapted_models() -> dict[str, Path]:
     return paths
 
 
+FOLDED_FRAMES = 64  # per round for the folded layout: eight measured frames of the default cadence
+
+
 def timer_plain(path: Path, threads: int, images):
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def run():
+    def run() -> int:
         for x in images:
             session.run(None, {"image": x})
+        return len(images)
     return run
 
 
-def timer_adapted(path: Path, threads: int, images):
-    session = open_session(path, "cpu", "onnxruntime", threads=threads)
+def timer_adapted(path: Path, threads: int, images, **cadence):
+    session = open_session(path, "cpu", "onnxruntime", threads=threads, **cadence)
 
-    def run():
+    def run() -> int:
         for x in images:
             session.step(x)
+        return len(images)
+    run.session = session
     return run
 
 
@@ -109,10 +118,11 @@ def timer_torch_faithful(threads: int, images):
     replace_batchnorm(model, initial_state(info.adaptation, info.source_stats, 0), mode="faithful")
     tensors = [torch.from_numpy(x) for x in images]
 
-    def run():
+    def run() -> int:
         with torch.no_grad():
             for x in tensors:
                 model(x)
+        return len(tensors)
     return run
 
 
@@ -130,14 +140,15 @@ def timer_sliding_window(window: int, threads: int, images):
             m.running_mean = m.running_var = None
     batch = torch.from_numpy(np.concatenate([images[i % len(images)] for i in range(window)]))
 
-    def run():
+    def run() -> int:
         with torch.no_grad():
             for _ in images:
                 model(batch)
+        return len(images)
     return run
 
 
-def interleaved(timers: dict, frames: int, rounds: int) -> dict[str, float]:
+def interleaved(timers: dict, rounds: int) -> dict[str, float]:
     """Median ms per frame over rounds; each round runs every variant once, in turn."""
     times: dict[str, list[float]] = {name: [] for name in timers}
     for run in timers.values():
@@ -145,7 +156,7 @@ def interleaved(timers: dict, frames: int, rounds: int) -> dict[str, float]:
     for r in range(rounds):
         for name, run in timers.items():
             start = time.perf_counter()
-            run()
+            frames = run()
             times[name].append((time.perf_counter() - start) * 1000 / frames)
         print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in times.items()), flush=True)
     return {name: float(np.median(v)) for name, v in times.items()}
@@ -206,6 +217,10 @@ def daemon_footprint(model: Path, video: Path, threads: int) -> dict:
     return {"peak_rss_mb": round(peak / 1024, 1), "torch_loaded": torch_loaded, "exit_code": proc.returncode}
 
 
+def _cycle(images: list, n: int) -> list:
+    return [images[i % len(images)] for i in range(n)]
+
+
 def thread_scaling(plain_int8: Path, paths: dict, images, rounds: int) -> dict[int, dict[str, float]]:
     """ms per frame at 1 .. physical-core threads (the agent's default is the physical core count)."""
     from agent.runtime import physical_cores
@@ -217,8 +232,8 @@ def thread_scaling(plain_int8: Path, paths: dict, images, rounds: int) -> dict[i
         table[threads] = interleaved({
             "plain INT8": timer_plain(plain_int8, threads, images),
             "adapted INT8 graph": timer_adapted(paths["robust/int8"], threads, images),
-            "adapted INT8 folded": timer_adapted(paths["robust.folded/int8"], threads, images)},
-            len(images), rounds)
+            "adapted INT8 folded": timer_adapted(paths["robust.folded/int8"], threads, _cycle(images, FOLDED_FRAMES))},
+            rounds)
     return table
 
 
@@ -234,6 +249,7 @@ def main() -> None:
     photos = [frame for _, frame in photo_stream(8)]
     plain_fp32, plain_int8 = plain_models(photos[::2], preprocess)
     images = [preprocess(f) for f in photos[1::4][: args.frames]]
+    folded_images = _cycle(images, FOLDED_FRAMES)
     t = args.threads
     timers = {
         "plain FP32": timer_plain(plain_fp32, t, images),
@@ -241,14 +257,19 @@ def main() -> None:
         "adapted FP32 robust": timer_adapted(paths["robust/fp32"], t, images),
         "adapted INT8 robust": timer_adapted(paths["robust/int8"], t, images),
         "adapted INT8 faithful": timer_adapted(paths["faithful/int8"], t, images),
-        "adapted FP32 folded": timer_adapted(paths["robust.folded/fp32"], t, images),
-        "adapted INT8 folded": timer_adapted(paths["robust.folded/int8"], t, images),
+        "adapted FP32 folded": timer_adapted(paths["robust.folded/fp32"], t, folded_images),
+        "adapted INT8 folded": timer_adapted(paths["robust.folded/int8"], t, folded_images),
+        "adapted INT8 folded, statistics every frame": timer_adapted(paths["robust.folded/int8"], t, folded_images,
+                                                                     statistics_every=1),
+        "adapted INT8 folded, statistics every 16th": timer_adapted(paths["robust.folded/int8"], t, folded_images,
+                                                                    statistics_every=16),
         "torch eager faithful": timer_torch_faithful(t, images),
         "sliding window W=16": timer_sliding_window(16, t, images),
         "sliding window W=64": timer_sliding_window(64, t, images[: max(2, args.frames // 8)]),
     }
-    ms = interleaved(timers, len(images), args.rounds)
-    ms["sliding window W=64"] *= len(images) / max(2, args.frames // 8)  # it ran fewer frames
+    ms = interleaved(timers, args.rounds)
+    bakes = {name: run.session.bakes for name, run in timers.items() if hasattr(getattr(run, "session", None), "bakes")}
+    folded_frames = (args.rounds + 1) * FOLDED_FRAMES
     video = RESULTS / "sample.mp4"
     if not video.exists():
         render_sample_video(video)
@@ -262,7 +283,13 @@ def main() -> None:
         "adapted INT8 / plain INT8": a / ms["plain INT8"],
         "adapted INT8 faithful / plain INT8": ms["adapted INT8 faithful"] / ms["plain INT8"],
         "adapted INT8 folded / plain INT8": ms["adapted INT8 folded"] / ms["plain INT8"],
+        "adapted INT8 folded, statistics every 16th / plain INT8":
+            ms["adapted INT8 folded, statistics every 16th"] / ms["plain INT8"],
+        "adapted INT8 folded, statistics every frame / plain INT8":
+            ms["adapted INT8 folded, statistics every frame"] / ms["plain INT8"],
         "torch eager faithful / adapted INT8 folded": ms["torch eager faithful"] / ms["adapted INT8 folded"],
+        "sliding window W=16 / adapted INT8 folded": ms["sliding window W=16"] / ms["adapted INT8 folded"],
+        "sliding window W=64 / adapted INT8 folded": ms["sliding window W=64"] / ms["adapted INT8 folded"],
         "torch eager faithful / adapted INT8": ms["torch eager faithful"] / a,
         "sliding window W=16 / adapted INT8": ms["sliding window W=16"] / a,
         "sliding window W=64 / adapted INT8": ms["sliding window W=64"] / a,
@@ -271,14 +298,18 @@ def main() -> None:
         **{f"end-to-end replay / inference-only throughput, {layout}": e2e / alone
            for layout, (e2e, alone) in replays.items()},
     }
-    report = {"threads": t, "frames": len(images), "rounds": args.rounds, "ms_per_frame": ms, "ratios": ratios,
+    report = {"threads": t, "frames": len(images), "folded_frames": FOLDED_FRAMES, "rounds": args.rounds,
+              "ms_per_frame": ms, "ratios": ratios, "folded_bakes": {k: (v, folded_frames) for k, v in bakes.items()},
               "replay_fps": {k: v[0] for k, v in replays.items()},
               "inference_fps": {k: v[1] for k, v in replays.items()}, "daemon": footprints, "threads_scaling": scaling}
     (RESULTS / "latency.json").write_text(json.dumps(report, indent=1))
     lines = [f"EfficientNet-Lite0, batch 1, {t} thread(s), median of {args.rounds} interleaved rounds "
-             f"of {len(images)} frames", "", "| variant | ms / frame |", "|---|---|"]
+             f"of {len(images)} frames ({FOLDED_FRAMES} for the folded layout)", "", "| variant | ms / frame |",
+             "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in ms.items()]
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
+    lines += ["", "baked-session rebuilds (folded): " + ", ".join(
+        f"{k}: {v} in {folded_frames} frames" for k, v in bakes.items())]
     lines += [""] + [f"daemon over the sample video, {layout} layout: peak RSS {f['peak_rss_mb']} MB, torch loaded: "
                      f"{f['torch_loaded']}" for layout, f in footprints.items()]
     lines += ["", "| threads | " + " | ".join(next(iter(scaling.values()))) + " |",

@@ -32,7 +32,7 @@ from agent.gate import AdaptationGate, CollapseGuard
 from agent.lame import Lame
 from agent.pipeline import CameraPipeline
 from agent.preprocess import Preprocessor
-from agent.runtime import AdaptiveSession, open_session
+from agent.runtime import REBAKE_DIVERGENCE, STATISTICS_EVERY, AdaptiveSession, open_session
 from agent.sources import Frame
 
 from .corruptions import CORRUPTIONS, corrupt
@@ -339,10 +339,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--layout", choices=("graph", "folded"), default="graph",
                         help="the robust mode's model layout (tta-export --layout)")
-    parser.add_argument("--statistics-every", type=int, default=1,
+    parser.add_argument("--statistics-every", type=int, default=STATISTICS_EVERY,
                         help="folded layout: measure statistics every N frames (FoldedSession)")
-    parser.add_argument("--rebuild-every", type=int, default=32,
-                        help="folded layout: rebuild the baked normalisation every N adapted frames")
+    parser.add_argument("--rebake-divergence", type=float, default=REBAKE_DIVERGENCE,
+                        help="folded layout: rebuild the baked normalisation this far (mean KL) from the statistics")
     parser.add_argument("--sweep", action="store_true", help="the robust mode's options, one at a time")
     parser.add_argument("--lame-sweep", action="store_true", help="LAME's window, affinity and neighbours")
     args = parser.parse_args()
@@ -361,9 +361,7 @@ def main() -> None:
                                        if quick else list(CORRUPTIONS))
     RESULTS.mkdir(exist_ok=True)
     paths = export_models(RESULTS / "models", args.layout)
-    cadence = {"statistics_every": args.statistics_every, "rebuild_every": args.rebuild_every}
-    if args.layout == "graph" and args.statistics_every != 1:
-        parser.error("--statistics-every applies to the folded layout")
+    cadence = {"statistics_every": args.statistics_every, "rebake_divergence": args.rebake_divergence}
     from exporters.models.fashion_mnist import load_split
 
     images, labels = load_split("t10k")
@@ -388,8 +386,9 @@ def main() -> None:
               "guard_fired": fired,
               "seconds": round(time.time() - started)}
     suffix = "" if args.layout == "graph" else f".{args.layout}"
-    if args.statistics_every > 1:
-        suffix += f".every{args.statistics_every}.rebuild{args.rebuild_every}"
+    if args.layout == "folded" and cadence != {"statistics_every": STATISTICS_EVERY,
+                                               "rebake_divergence": REBAKE_DIVERGENCE}:
+        suffix += f".every{args.statistics_every}.rebake{args.rebake_divergence:g}"
     (RESULTS / f"quality{suffix}.json").write_text(json.dumps(report, indent=1))
     table = markdown(summary, severities, ("int8", "fp32"))
     effnet_line = "\n".join(

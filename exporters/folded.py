@@ -105,12 +105,11 @@ def fuse_padding(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _conv_before(model: onnx.ModelProto, bn: onnx.NodeProto, layer: str) -> onnx.NodeProto:
+def _conv_before(model: onnx.ModelProto, bn: onnx.NodeProto) -> onnx.NodeProto | None:
     producers = {o: n for n in model.graph.node for o in n.output}
     conv = producers.get(bn.input[0])
     if conv is None or conv.op_type != "Conv" or len(_consumers(model)[bn.input[0]]) != 1:
-        raise ExportError(f"layer {layer}: the folded layout needs a Conv read only by this BatchNorm; "
-                          f"export with --layout graph")
+        return None
     return conv
 
 
@@ -191,34 +190,40 @@ def adaptive_fp32(model: onnx.ModelProto, spec: AdaptationSpec, sampled: dict) -
 
 
 def fold_batchnorm(model: onnx.ModelProto, spec: AdaptationSpec) -> tuple[onnx.ModelProto, dict[str, str], dict]:
-    """The plain model with the source statistics folded into each adapted layer's convolution
-    (what gets calibrated and quantized); returns it, each layer's convolution node name, and each
-    layer's (gamma, beta, source mean, source variance, convolution bias)."""
+    """The plain model with the source statistics folded into the convolution before every BatchNorm
+    that follows one (what gets calibrated and quantized; layers not adapted stay folded for good);
+    returns it, each adapted layer's convolution node name, and each adapted layer's (gamma, beta,
+    source mean, source variance, convolution bias)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     values = _constants(model)
-    bns = batchnorm_nodes(model)
+    adapted = {layer.name: layer.eps for layer in spec.layers}
     folded, convs, batchnorms = set(), {}, {}
     for i, node in enumerate(graph.node):
         if not node.name:
             node.name = f"{node.op_type}_{i}"
-    for layer in spec.layers:
-        bn = bns[layer.name]
-        conv = _conv_before(model, bn, layer.name)
+    for layer, bn in batchnorm_nodes(model).items():
+        conv = _conv_before(model, bn)
+        if conv is None:
+            if layer in adapted:
+                raise ExportError(f"layer {layer}: the folded layout needs a Conv read only by this BatchNorm; "
+                                  f"export with --layout graph")
+            continue
+        eps = adapted.get(layer, _attrs(bn).get("epsilon", 1e-5))
         gamma, beta, mean, var = (values[name].astype(np.float64) for name in bn.input[1:5])
-        scale = gamma / np.sqrt(var + layer.eps)
+        scale = gamma / np.sqrt(var + eps)
         weight = values[conv.input[1]].astype(np.float64)
         bias = (values[conv.input[2]].astype(np.float64) if len(conv.input) > 2 and conv.input[2]
                 else np.zeros_like(gamma))
-        batchnorms[layer.name] = (gamma, beta, mean, var, bias)
-        w_name, b_name = f"{layer.name}.folded_weight", f"{layer.name}.folded_bias"
+        w_name, b_name = f"{layer}.folded_weight", f"{layer}.folded_bias"
         graph.initializer.append(numpy_helper.from_array(
             (weight * scale.reshape(-1, *[1] * (weight.ndim - 1))).astype(np.float32), w_name))
         graph.initializer.append(numpy_helper.from_array((beta + (bias - mean) * scale).astype(np.float32), b_name))
         conv.input[:] = [conv.input[0], w_name, b_name]
         conv.output[0] = bn.output[0]
         folded.add(bn.name)
-        convs[layer.name] = conv.name
+        if layer in adapted:
+            convs[layer], batchnorms[layer] = conv.name, (gamma, beta, mean, var, bias)
     kept = [n for n in graph.node if n.name not in folded]
     del graph.node[:]
     graph.node.extend(kept)

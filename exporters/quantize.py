@@ -177,7 +177,7 @@ def shift_reference(path: Path, info: ModelInfo, frames: list[np.ndarray]) -> Sh
     """The per-layer shift of clean frames through this very file, unadapted (INT8 shifts differ a little)."""
     preprocess = Preprocessor(info.preprocess)
     session = open_session(path, "cpu", "onnxruntime", info=info)
-    shifts = np.stack([session.step(preprocess(f), adapt=False).shift for f in frames]).astype(np.float64)
+    shifts = np.stack([session.step(preprocess(f), adapt=False, measure=True).shift for f in frames]).astype(np.float64)
     logs = np.log1p(np.maximum(shifts, 0.0))
     mean, std = logs.mean(0), np.maximum(logs.std(0), 1e-6)
     return ShiftReference(mean, std, ((logs - mean) / std).mean(1))

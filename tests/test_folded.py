@@ -34,7 +34,7 @@ def folded(tmp_path_factory) -> dict:
 def test_images():
     images, labels = fm.load_split("t10k")
     preprocess = Preprocessor(contract.Preprocess.from_json(json.dumps(fm.PREPROCESS)))
-    return [preprocess(x) for x in images[:120]], labels[:120]
+    return [preprocess(x) for x in images[:400]], labels[:400]
 
 
 def _spec(channels: list[int]) -> tuple[AdaptationSpec, dict, list[nn.BatchNorm2d]]:
@@ -106,7 +106,7 @@ def test_fp32_graph_measures_the_sampled_batchnorm_inputs_and_normalises_like_to
         if isinstance(bn, nn.BatchNorm2d):
             bn.register_forward_pre_hook(lambda m, a, name=name: inputs.__setitem__(name, a[0]))
     image = test_images[0][3]
-    out = session.step(image, adapt=0.0)
+    out = session.step(image, adapt=0.0, measure=True)
     with torch.no_grad():
         logits = model(torch.from_numpy(image))
     np.testing.assert_allclose(out.logits, logits[0].numpy(), atol=1e-4)
@@ -160,9 +160,10 @@ def test_a_baked_session_normalises_as_the_graph_does_with_the_same_statistics(f
 
 def test_statistics_every_n_frames_and_baked_frames_between(folded, test_images):
     """statistics_every=4: adapted frames 4, 8, ... measure (shift, component update); the others run
-    the bake of the components' statistics; an unadapted frame measures when asked."""
+    the bake of the components' statistics, rebuilt when they moved (always, at divergence 0); an
+    unadapted frame measures when asked."""
     images = test_images[0]
-    session = open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=4, rebuild_every=6)
+    session = open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=4, rebake_divergence=0.0)
     counts = []
     for i, image in enumerate(images[:12]):
         before = session.mixture.counts.copy()
@@ -175,9 +176,8 @@ def test_statistics_every_n_frames_and_baked_frames_between(folded, test_images)
             mean, var = session._norm_mean, session._norm_var
             graph = session.session.run([contract.LOGITS], {contract.IMAGE: image, contract.NORM_MEAN: mean,
                                                             contract.NORM_VAR: var})[0][0]
-            if session._since_bake == 1:  # built on this frame, so _norm_* still hold its statistics
-                np.testing.assert_allclose(out.logits, graph, atol=1e-4)
-    assert session.frames == 12
+            np.testing.assert_allclose(out.logits, graph, atol=1e-4)  # baked after the last update: _norm_* hold it
+    assert session.frames == 12 and session.bakes == 3  # frames 1, 5 and 9 (each after a measured frame moved)
     assert session.step(images[12], adapt=0.0).shift is None
     assert session.step(images[13], adapt=0.0, measure=True).shift is not None
     session.reset()
@@ -187,13 +187,13 @@ def test_statistics_every_n_frames_and_baked_frames_between(folded, test_images)
 def test_int8_statistics_and_shift_follow_fp32(folded, test_images):
     fp32, int8 = (open_session(folded[k], "cpu", "onnxruntime") for k in ("fp32", "int8"))
     for image in test_images[0][:20]:
-        a, b = fp32.step(image, adapt=0.0), int8.step(image, adapt=0.0)
+        a, b = fp32.step(image, adapt=0.0, measure=True), int8.step(image, adapt=0.0, measure=True)
         np.testing.assert_allclose(b.shift, a.shift, rtol=0.1, atol=0.02)
 
 
 def test_a_frame_is_normalised_with_the_components_after_the_previous_frame(folded, test_images):
-    session = open_session(folded["fp32"], "cpu", "onnxruntime")
-    reference = open_session(folded["fp32"], "cpu", "onnxruntime")
+    session = open_session(folded["fp32"], "cpu", "onnxruntime", statistics_every=1)
+    reference = open_session(folded["fp32"], "cpu", "onnxruntime", statistics_every=1)
     images = test_images[0]
     first = session.step(images[0], adapt=1.0)
     np.testing.assert_allclose(first.logits, reference.step(images[0], adapt=0.0).logits, atol=1e-5)
