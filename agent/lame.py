@@ -39,27 +39,30 @@ def affinity(features: np.ndarray, kind: str = "knn", k: int = 3) -> np.ndarray:
 
 
 def energy(z: np.ndarray, probs: np.ndarray, a: np.ndarray) -> float:
-    return _energy(z, np.log(np.maximum(z, LOG_FLOOR)), np.log(np.maximum(probs, LOG_FLOOR)), a)
+    return _energy_given(z, np.log(np.maximum(z, LOG_FLOOR)), np.log(np.maximum(probs, LOG_FLOOR)), a @ z)
 
 
-def _energy(z: np.ndarray, log_z: np.ndarray, log_p: np.ndarray, a: np.ndarray) -> float:
-    return float(np.sum(z * (log_z - log_p)) - np.sum(a * (z @ z.T)))
+def _energy_given(z: np.ndarray, log_z: np.ndarray, log_p: np.ndarray, az: np.ndarray) -> float:
+    # sum_ij A_ij z_i.z_j = sum(z * (A z)): the product the next iteration needs anyway
+    return float(np.sum(z * (log_z - log_p - az)))
 
 
 def solve(probs: np.ndarray, a: np.ndarray, max_steps: int = 100, tol: float = 1e-8) -> np.ndarray:
-    """Fixed-point iterations until the energy stops falling. log z comes from the softmax itself,
-    so an iteration takes no logarithm over the (window x classes) array."""
+    """Fixed-point iterations until the energy stops falling. log z comes from the softmax itself and
+    the energy's pairwise term from the iteration's own A z, so an iteration is one small matrix
+    product and one softmax over the (window x classes) array."""
     probs = np.asarray(probs, np.float64)
     log_p = np.log(np.maximum(probs, LOG_FLOOR))
-    z = probs.copy()
-    previous = _energy(z, log_p, log_p, a)
+    z, az = probs.copy(), a @ probs
+    previous = _energy_given(z, log_p, log_p, az)
     for _ in range(max_steps):
-        logits = log_p + a @ z
+        logits = log_p + az
         logits -= logits.max(axis=1, keepdims=True)
         z = np.exp(logits)
         total = z.sum(axis=1, keepdims=True)
         z /= total
-        current = _energy(z, logits - np.log(total), log_p, a)
+        az = a @ z
+        current = _energy_given(z, logits - np.log(total), log_p, az)
         if abs(previous - current) <= tol * max(abs(previous), 1e-12):
             break
         previous = current
