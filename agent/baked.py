@@ -6,7 +6,8 @@ every adapted convolution to the generic kernel and costs 1.6 plain INT8 frames 
 EfficientNet-Lite0. Building a session costs about 4 frames, so the agent normalises most
 frames with a session whose normalisation is constant, rebuilt now and then from the
 components, and runs the file's own graph (normalisation inputs, `stats` output) only on the
-frames that measure statistics.
+adapted frames that measure statistics; unadapted ones measure through a constant session that
+keeps the statistics branch.
 
 From the file, once: the nodes that compute from `norm.mean` / `norm.var` alone become a small
 evaluator model; the rest of the graph, without them and without the statistics branch, is a
@@ -50,8 +51,11 @@ class BakedNormalisation:
         self._options, self.providers = options, providers
         self._evaluator = ort.InferenceSession(
             self._evaluator_model(model, norm_nodes).SerializeToString(), options(), providers=["CPUExecutionProvider"])
-        self._template = self._template_model(model, rest, self.evaluate(*source))
-        self._slots = {t.name: t for t in self._template.graph.initializer if t.name in self.boundary}
+        values = self.evaluate(*source)
+        self._templates = {measuring: self._template_model(model, rest, values, measuring)
+                           for measuring in (False, True)}
+        self._slots = {measuring: {t.name: t for t in template.graph.initializer if t.name in self.boundary}
+                       for measuring, template in self._templates.items()}
 
     def _evaluator_model(self, model: onnx.ModelProto, norm_nodes: list) -> onnx.ModelProto:
         used = {name for node in norm_nodes for name in node.input}
@@ -62,10 +66,10 @@ class BakedNormalisation:
             [t for t in model.graph.initializer if t.name in used])
         return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
-    def _template_model(self, model: onnx.ModelProto, rest: list, values: dict) -> onnx.ModelProto:
-        outputs = [o for o in model.graph.output if o.name != contract.STATS]
+    def _template_model(self, model: onnx.ModelProto, rest: list, values: dict, measuring: bool) -> onnx.ModelProto:
+        outputs = [o for o in model.graph.output if measuring or o.name != contract.STATS]
         nodes, wanted = [], {o.name for o in outputs}
-        for node in reversed(rest):  # keep what the remaining outputs need: the statistics branch goes
+        for node in reversed(rest):  # keep what the outputs need: without `stats`, the statistics branch goes
             if any(name in wanted for name in node.output):
                 nodes.append(node)
                 wanted.update(node.input)
@@ -82,8 +86,9 @@ class BakedNormalisation:
         values = self._evaluator.run(self.boundary, {contract.NORM_MEAN: mean, contract.NORM_VAR: var})
         return dict(zip(self.boundary, values))
 
-    def session(self, mean: np.ndarray, var: np.ndarray) -> ort.InferenceSession:
-        """A session that normalises every frame with (mean, var)."""
+    def session(self, mean: np.ndarray, var: np.ndarray, measuring: bool = False) -> ort.InferenceSession:
+        """A session that normalises every frame with (mean, var); `measuring` keeps the `stats` output."""
         for name, value in self.evaluate(mean, var).items():
-            self._slots[name].CopyFrom(numpy_helper.from_array(value, name))
-        return ort.InferenceSession(self._template.SerializeToString(), self._options(), providers=self.providers)
+            self._slots[measuring][name].CopyFrom(numpy_helper.from_array(value, name))
+        return ort.InferenceSession(self._templates[measuring].SerializeToString(), self._options(),
+                                    providers=self.providers)

