@@ -295,7 +295,7 @@ class FoldedSession(AdaptiveSession):
         self._unmeasured = {False: 0, True: 0}  # unadapted / adapted frames since the last measured one
         self._adapted: ort.InferenceSession | None = None
         self._baked: tuple[np.ndarray, np.ndarray] | None = None  # the statistics self._adapted normalises with
-        self._stale = True
+        self._stale = True  # the components moved: self._adapted must be rebuilt from them
 
     @property
     def state(self) -> dict[str, dict[str, np.ndarray]]:
@@ -361,11 +361,13 @@ class FoldedSession(AdaptiveSession):
                 self._source = self._baker.session(*self._normalisation(0.0))
             session = self._source
         else:
-            if self._adapted is None or self._stale:
+            if self._stale:
                 mean, var = self._normalisation(adapt)
                 self._adapted = self._baker.session(mean, var)
                 self._baked, self._stale = (mean.copy(), var.copy()), False
                 self.bakes += 1
+            elif self._adapted is None:  # lost with the accelerator: the same bake again, on the CPU
+                self._adapted = self._baker.session(*self._baked)
             session = self._adapted
         binding = session.io_binding()
         binding.bind_cpu_input(contract.IMAGE, np.ascontiguousarray(image, np.float32))

@@ -162,3 +162,19 @@ def start_daemon(config: Path, env: dict | None = None, log: Path | None = None)
     out = open(log, "ab") if log else subprocess.DEVNULL
     return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)], cwd=ROOT,
                             env=environment, stdout=out, stderr=subprocess.STDOUT)
+
+
+class FailingGpuSession:
+    """Stands in for a CUDA session that dies mid-run: no GPU exists on the CI machine, so this is a mock."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def get_providers(self):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def io_binding(self):
+        return self.real.io_binding()
+
+    def run_with_iobinding(self, binding):
+        raise RuntimeError("CUDA failure 700: an illegal memory access was encountered")

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import FailingGpuSession
 from torch import nn
 
 from agent import contract
@@ -188,6 +189,27 @@ def test_statistics_every_n_frames_and_baked_frames_between(folded, test_images)
                                every_frame.step(images[13], adapt=0.0).shift, rtol=1e-4, atol=1e-6)
     session.reset()
     assert session._adapted is None
+
+
+def test_a_baked_session_failing_on_the_gpu_falls_back_to_the_cpu_with_the_same_components(folded, test_images):
+    """Both the measuring graph and the bake run on the accelerator; when the bake dies, the session
+    reopens on the CPU, bakes again there, reruns the frame and carries on as its CPU twin."""
+    images = test_images[0]
+    session, twin = (open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=4) for _ in range(2))
+    for image in images[:6]:  # frame 4 measured; frames 5 and 6 run the adapted bake
+        session.step(image)
+        twin.step(image)
+    session.session = FailingGpuSession(session.session)  # the provider the fallback checks
+    session._adapted = FailingGpuSession(session._adapted)
+    out, expected = session.step(images[6]), twin.step(images[6])
+    assert session.provider == "CPUExecutionProvider" and session.fallbacks == 1
+    np.testing.assert_array_equal(out.logits, expected.logits)
+    for image in images[7:12]:
+        np.testing.assert_array_equal(session.step(image).logits, twin.step(image).logits)
+    assert session.frames == twin.frames == 12
+    for layer, tensors in twin.state.items():
+        for name, value in tensors.items():
+            np.testing.assert_array_equal(session.state[layer][name], value)
 
 
 def test_int8_statistics_and_shift_follow_fp32(folded, test_images):

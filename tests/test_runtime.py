@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import FailingGpuSession
 
 from agent.contract import ContractError
 from agent.preprocess import FrameError, Preprocessor
@@ -30,22 +31,6 @@ def test_provider_choice_prefers_gpu_providers_when_offered():
         choose_providers("tpu")
 
 
-class _FailingGpuSession:
-    """Stands in for a CUDA session that dies mid-run: no GPU exists on the CI machine, so this is a mock."""
-
-    def __init__(self, real):
-        self.real = real
-
-    def get_providers(self):
-        return ["CUDAExecutionProvider", CPU]
-
-    def io_binding(self):
-        return self.real.io_binding()
-
-    def run_with_iobinding(self, binding):
-        raise RuntimeError("CUDA failure 700: an illegal memory access was encountered")
-
-
 def test_gpu_failure_mid_run_falls_back_to_cpu_with_the_same_state(fmnist, images):
     session = AdaptiveSession(fmnist["int8"])
     twin = AdaptiveSession(fmnist["int8"])
@@ -53,7 +38,7 @@ def test_gpu_failure_mid_run_falls_back_to_cpu_with_the_same_state(fmnist, image
     for image in images[:5]:
         session.step(preprocess(image))
         twin.step(preprocess(image))
-    session.session = _FailingGpuSession(session.session)
+    session.session = FailingGpuSession(session.session)
     out = session.step(preprocess(images[5]))  # fails on the "GPU", is rerun on the CPU
     expected = twin.step(preprocess(images[5]))
     assert session.provider == CPU and session.fallbacks == 1
