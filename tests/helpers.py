@@ -165,10 +165,11 @@ def start_daemon(config: Path, env: dict | None = None, log: Path | None = None)
 
 
 class FailingGpuSession:
-    """Stands in for a CUDA session that dies mid-run: no GPU exists on the CI machine, so this is a mock."""
+    """Stands in for a CUDA session that dies mid-run: no GPU exists on the CI machine, so this is a mock
+    (everything around it, the fallback and the daemon, is real)."""
 
-    def __init__(self, real):
-        self.real = real
+    def __init__(self, real, error: str = "CUDA failure 700: an illegal memory access was encountered"):
+        self.real, self.error = real, error
 
     def get_providers(self):
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -177,4 +178,4 @@ class FailingGpuSession:
         return self.real.io_binding()
 
     def run_with_iobinding(self, binding):
-        raise RuntimeError("CUDA failure 700: an illegal memory access was encountered")
+        raise RuntimeError(self.error)

@@ -13,7 +13,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from helpers import Mosquitto, Subscriber, agent_config, fmnist_video, start_daemon, wait_for
+from helpers import FailingGpuSession, Mosquitto, Subscriber, agent_config, fmnist_video, start_daemon, wait_for
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "agent" / "schemas"
 
@@ -301,23 +301,6 @@ def test_the_recommended_acl_lets_operators_command_and_stops_dashboards(tmp_pat
         broker.stop()
 
 
-class _DyingGpuSession:
-    """No GPU on CI: this stands in for an onnxruntime CUDA session that fails on its first frame
-    (a mock of the device); everything around it, the fallback and the daemon, is real."""
-
-    def __init__(self, real):
-        self.real = real
-
-    def get_providers(self):
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-
-    def io_binding(self):
-        return self.real.io_binding()
-
-    def run_with_iobinding(self, binding):
-        raise RuntimeError("CUDA failure 999: unknown error (device lost)")
-
-
 def test_gpu_failure_in_the_daemon_publishes_degraded_and_loses_no_frame(tmp_path, broker, fmnist, drift_video):
     from agent.config import load_config
     from agent.daemon import Agent
@@ -328,7 +311,7 @@ def test_gpu_failure_in_the_daemon_publishes_degraded_and_loses_no_frame(tmp_pat
                                                 "replay": {"paced": False}}]))
     agent = Agent(config)
     session = agent.cameras[0].pipeline.session
-    session.session = _DyingGpuSession(session.session)
+    session.session = FailingGpuSession(session.session, "CUDA failure 999: unknown error (device lost)")
     assert agent.run() == 0
     assert wait_for(lambda: any(s["status"] == "degraded" for s in sub.payloads("stats")), 10)
     sub.stop()
