@@ -39,30 +39,37 @@ def affinity(features: np.ndarray, kind: str = "knn", k: int = 3) -> np.ndarray:
 
 
 def energy(z: np.ndarray, probs: np.ndarray, a: np.ndarray) -> float:
-    return _energy_given(z, np.log(np.maximum(z, LOG_FLOOR)), np.log(np.maximum(probs, LOG_FLOOR)), a @ z)
+    az = a @ z
+    return float(np.sum(z * (np.log(np.maximum(z, LOG_FLOOR)) - np.log(np.maximum(probs, LOG_FLOOR)) - az),
+                        dtype=np.float64))
 
 
-def _energy_given(z: np.ndarray, log_z: np.ndarray, log_p: np.ndarray, az: np.ndarray) -> float:
-    # sum_ij A_ij z_i.z_j = sum(z * (A z)): the product the next iteration needs anyway
-    return float(np.sum(z * (log_z - log_p - az)))
+def solve(probs: np.ndarray, a: np.ndarray, max_steps: int = 100, tol: float = 1e-8,
+          log_p: np.ndarray | None = None) -> np.ndarray:
+    """Fixed-point iterations until the energy stops falling, in float32 as the official code runs.
 
-
-def solve(probs: np.ndarray, a: np.ndarray, max_steps: int = 100, tol: float = 1e-8) -> np.ndarray:
-    """Fixed-point iterations until the energy stops falling. log z comes from the softmax itself and
-    the energy's pairwise term from the iteration's own A z, so an iteration is one small matrix
-    product and one softmax over the (window x classes) array."""
-    probs = np.asarray(probs, np.float64)
-    log_p = np.log(np.maximum(probs, LOG_FLOOR))
-    z, az = probs.copy(), a @ probs
-    previous = _energy_given(z, log_p, log_p, az)
+    An iteration is one small matrix product, one exp and three reductions over the (window x classes)
+    array: with z = exp(log p + A z' - m) / t (z' the previous iterate, m the row max, t the row
+    sum), log z - log p - A z = A z' - A z - (m + log t), so the energy needs no log of z and its
+    pairwise term is the product the next iteration uses anyway. Sums are plain numpy reductions,
+    not BLAS dot products: on a busy 2-core box OpenBLAS hands those to a second thread and waits."""
+    probs = np.asarray(probs, np.float32)
+    a = np.asarray(a, np.float32)
+    log_p = np.log(np.maximum(probs, LOG_FLOOR)) if log_p is None else log_p
+    az = a @ probs
+    previous = -float(np.sum(probs * az, dtype=np.float64))
+    z = np.empty_like(probs)
     for _ in range(max_steps):
-        logits = log_p + az
-        logits -= logits.max(axis=1, keepdims=True)
-        z = np.exp(logits)
+        np.add(log_p, az, out=z)
+        top = z.max(axis=1, keepdims=True)
+        z -= top
+        np.exp(z, out=z)
         total = z.sum(axis=1, keepdims=True)
         z /= total
-        az = a @ z
-        current = _energy_given(z, logits - np.log(total), log_p, az)
+        az_next = a @ z
+        az -= az_next
+        current = float(np.sum(z * az, dtype=np.float64) - np.sum(top + np.log(total), dtype=np.float64))
+        az = az_next
         if abs(previous - current) <= tol * max(abs(previous), 1e-12):
             break
         previous = current
@@ -78,17 +85,20 @@ class Lame:
         self.window, self.kind, self.k, self.max_steps = window, affinity, k, max_steps
         self.features: deque[np.ndarray] = deque(maxlen=window)
         self.probs: deque[np.ndarray] = deque(maxlen=window)
+        self.log_probs: deque[np.ndarray] = deque(maxlen=window)  # each frame's, taken once
 
     def update(self, features: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        probs = np.asarray(probs, np.float32)
         self.features.append(np.asarray(features, np.float32))
-        self.probs.append(np.asarray(probs, np.float64))
-        p = np.stack(self.probs)
-        z = solve(p, affinity(np.stack(self.features), self.kind, self.k).astype(np.float64), self.max_steps)
-        return z[-1]
+        self.probs.append(probs)
+        self.log_probs.append(np.log(np.maximum(probs, LOG_FLOOR)))
+        a = affinity(np.stack(self.features), self.kind, self.k)
+        return solve(np.stack(self.probs), a, self.max_steps, log_p=np.stack(self.log_probs))[-1]
 
     def reset(self) -> None:
         self.features.clear()
         self.probs.clear()
+        self.log_probs.clear()
 
 
 class CorrelationMonitor:
