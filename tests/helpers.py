@@ -15,8 +15,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import onnx
 import paho.mqtt.client as paho
 import yaml
+from onnx import numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,3 +181,18 @@ class FailingGpuSession:
 
     def run_with_iobinding(self, binding):
         raise RuntimeError(self.error)
+
+
+def quantized_weights(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, np.ndarray]]:
+    """(node, INT8 weight) for every quantized Conv/Gemm, in QDQ (DequantizeLinear feeding the weight)
+    or QLinearConv form."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    found = []
+    for node in model.graph.node:
+        if node.op_type == "QLinearConv":
+            found.append((node, values[node.input[3]]))
+        elif node.op_type in ("Conv", "Gemm") and getattr(producers.get(node.input[1]), "op_type",
+                                                            "") == "DequantizeLinear":
+            found.append((node, values[producers[node.input[1]].input[0]]))
+    return found

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import quantized_weights
 
 from agent import contract
 from agent.contract import read_model_info
@@ -169,6 +170,15 @@ def test_int8_is_smaller_has_the_same_interface_and_reports_agreement(effnet, fm
         assert not any(n.input[1] in dequantized for n in depthwise)
     assert read_model_info(effnet["int8"]).calibration["float_depthwise_convolutions"] == 16
     assert read_model_info(fmnist["int8"]).calibration["top1_agreement_vs_fp32"] >= 0.95
+
+
+def test_dense_weights_have_seven_bits_so_u8s8_kernels_cannot_saturate(effnet):
+    weights = quantized_weights(onnx.load(str(effnet["int8"])))
+    assert len(weights) == 34  # EfficientNet-Lite0: 33 dense convolutions and the classifier
+    for node, w in weights:
+        assert w.dtype == np.int8 and -64 <= w.min() and w.max() <= 64, node.name
+        assert np.abs(w).max() >= 60, node.name  # the 7-bit range used, not a smaller one
+    assert read_model_info(effnet["int8"]).calibration["seven_bit_weights"] == 34
 
 
 def test_state_file_round_trip_and_seeded_init(effnet, effnet_faithful, tmp_path):

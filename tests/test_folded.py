@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import FailingGpuSession
+from helpers import FailingGpuSession, quantized_weights
 from torch import nn
 
 from agent import contract
@@ -95,6 +95,14 @@ def test_int8_agrees_with_fp32_as_the_exporter_reports(folded):
     assert report["layout"] == "folded"
     assert report["top1_agreement_vs_fp32_source_stats"] >= 0.99
     assert report["top1_agreement_vs_fp32"] >= 0.98
+
+
+def test_dense_weights_have_seven_bits_so_u8s8_kernels_cannot_saturate(folded):
+    model = onnx.load(str(folded["int8"]))
+    weights = {node.input[3]: w for node, w in quantized_weights(model) if node.op_type == "QLinearConv"}
+    assert all(-64 <= w.min() and w.max() <= 64 and np.abs(w).max() >= 60 for w in weights.values())
+    gemms = sum(n.op_type == "Gemm" for n in model.graph.node)  # the classifier stays QDQ
+    assert read_model_info(folded["int8"]).calibration["seven_bit_weights"] == len(weights) + gemms
 
 
 def test_fp32_graph_measures_the_sampled_batchnorm_inputs_and_normalises_like_torch(folded, test_images):
