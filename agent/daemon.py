@@ -197,7 +197,7 @@ class Agent:
                 "adapted": _top_k(result.probs, labels, k), "raw": _top_k(result.raw, labels, k),
                 "lame_applied": result.lame_applied, "adaptation": camera.pipeline.adaptation,
                 "adaptation_strength": round(result.strength, 3),
-                "shift_score": round(camera.pipeline.drift.last_z, 3),
+                "shift_score": round(result.shift_z, 3),
             })
         if result.drift is not None:
             event = result.drift

@@ -89,8 +89,7 @@ def run_demo(config_path: Path) -> int:
     record = ReplayRecord()
     agent = Agent(config, config_path, broker=(host, port))
     labels = read_labels(sidecar_path(video), agent.info.labels) if sidecar_path(video).exists() else {}
-    agent.sinks.append(lambda camera, result: record.add(result, agent.cameras[0].pipeline.drift.last_z,
-                                                         labels.get(result.frame)))
+    agent.sinks.append(lambda camera, result: record.add(result, labels.get(result.frame)))
     view = LiveView(host, port, config.mqtt.prefix)
     print(f"agent {config.device_id}: {video.name} through {config.model.path.name}, MQTT on {host}:{port}")
     try:

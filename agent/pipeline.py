@@ -1,13 +1,15 @@
-"""One camera's per-frame work: preprocess -> adaptive model -> LAME -> drift, as a small stateful object.
+"""One camera's per-frame work: preprocess -> adaptive model -> drift -> LAME, as a small stateful object.
 
-The loops (replay, daemon) feed frames to `process` and hand the results to their sinks
-(progress bar, report, MQTT); nothing here knows where frames come from or go.
+The loops (replay, daemon) feed frames to `process` (or a whole stream to `stream`) and hand the
+results to their sinks (progress bar, report, MQTT); nothing here knows where frames come from or go.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +18,7 @@ from .drift import DriftDetector, DriftEvent
 from .gate import AdaptationGate, CollapseGuard
 from .lame import CorrelationMonitor, Lame
 from .preprocess import FrameError, Preprocessor
-from .runtime import AdaptiveSession
+from .runtime import AdaptiveSession, StepOutput
 from .sources import Frame
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,23 @@ class FrameResult:
     corrected: np.ndarray | None  # LAME over the window (None when LAME is off)
     lame_applied: bool  # whether probs is the LAME output (auto: only on label-correlated streams)
     shift: float | None  # mean per-layer shift score; None when the frame measured no statistics
+    shift_z: float  # the drift detector's standardised shift after this frame
     drift: DriftEvent | None = None
+
+
+@dataclass
+class _Inferred:
+    """A frame through the model, gate, guard and drift detector, waiting for LAME."""
+    frame: Frame
+    start: float
+    out: StepOutput
+    adapted: np.ndarray
+    raw: np.ndarray | None
+    strength: float
+    lame_active: bool
+    shift: float | None
+    shift_z: float
+    drift: DriftEvent | None
 
 
 @dataclass
@@ -103,6 +121,30 @@ class CameraPipeline:
 
     def process(self, frame: Frame) -> FrameResult | None:
         """None when the frame is rejected (counted by reason)."""
+        inferred = self._infer(frame)
+        return None if inferred is None else self._correct(inferred)
+
+    def stream(self, frames: Iterable[Frame]) -> Iterator[FrameResult]:
+        """process() over a stream, with each frame's LAME on a worker thread while the next frame runs
+        through the model (onnxruntime and numpy's loops release the GIL), so on a box with a core
+        to spare LAME costs no throughput. Results come in frame order; the pipeline must not be
+        reset while a stream runs."""
+        if self.lame is None:
+            yield from filter(None, map(self.process, frames))
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="lame") as worker:
+            pending: Future[FrameResult] | None = None
+            for frame in frames:
+                inferred = self._infer(frame)
+                if inferred is None:
+                    continue
+                if pending is not None:
+                    yield pending.result()
+                pending = worker.submit(self._correct, inferred)
+            if pending is not None:
+                yield pending.result()
+
+    def _infer(self, frame: Frame) -> _Inferred | None:
         start = time.perf_counter()
         try:
             image = self.preprocess(frame.image)
@@ -127,13 +169,16 @@ class CameraPipeline:
                         "paused for %d frames", frame.index, self.guard.hold)
             self.session.reset()
             self.paused = self.guard.hold
-        top1 = int(np.argmax(adapted))
-        self.correlation.update(top1)
-        corrected = None if self.lame is None else self.lame.update(out.features, adapted)
-        applied = corrected is not None and self.lame_active
-        probs = corrected if applied else adapted
+        self.correlation.update(int(np.argmax(adapted)))
         measured = out.shift is not None
         event = self.drift.update(out.shift, frame.index, frame.captured) if measured else None
         self.counters.processed += 1
-        return FrameResult(frame.index, frame.captured, (time.perf_counter() - start) * 1000, probs, adapted, raw,
-                           strength, corrected, applied, float(out.shift.mean()) if measured else None, event)
+        return _Inferred(frame, start, out, adapted, raw, strength, self.lame_active,
+                         float(out.shift.mean()) if measured else None, self.drift.last_z, event)
+
+    def _correct(self, x: _Inferred) -> FrameResult:
+        corrected = None if self.lame is None else self.lame.update(x.out.features, x.adapted)
+        applied = corrected is not None and x.lame_active
+        return FrameResult(x.frame.index, x.frame.captured, (time.perf_counter() - x.start) * 1000,
+                           corrected if applied else x.adapted, x.adapted, x.raw, x.strength, corrected, applied,
+                           x.shift, x.shift_z, x.drift)

@@ -78,10 +78,10 @@ class ReplayRecord:
     conditions: list[str] = field(default_factory=list)
     events: list[DriftEvent] = field(default_factory=list)
 
-    def add(self, result: FrameResult, drift_z: float, label: FrameLabel | None) -> None:
+    def add(self, result: FrameResult, label: FrameLabel | None) -> None:
         self.frames.append(result.frame)
         self.latency_ms.append(result.latency_ms)
-        self.shift_z.append(drift_z)
+        self.shift_z.append(result.shift_z)
         if result.drift:
             self.events.append(result.drift)
         if label is not None and result.raw is not None:
@@ -98,12 +98,9 @@ def replay(pipeline: CameraPipeline, source: FileSource, labels: dict[int, Frame
     started = time.monotonic()
     bar = tqdm(total=source.frame_count or None, unit="frame", disable=not progress, desc=source.path.name)
     with bar:
-        for frame in source.frames():
-            result = pipeline.process(frame)
-            bar.update(1)
-            if result is None:
-                continue
-            record.add(result, pipeline.drift.last_z, labels.get(frame.index) if labels else None)
+        for result in pipeline.stream(source.frames()):
+            bar.update(pipeline.counters.processed + pipeline.counters.rejected_total - bar.n)
+            record.add(result, labels.get(result.frame) if labels else None)
             if result.drift:
                 bar.write(f"frame {result.frame}: drift {result.drift.type} (score {result.drift.score:.1f}, "
                           f"layers {', '.join(t['layer'] for t in result.drift.top_layers)})")

@@ -52,6 +52,26 @@ def test_replay_accounts_for_every_frame_and_raises_drift_around_the_change(effn
     assert summary["accuracy_by_condition"]["clean"]["unadapted"] > 0.9
 
 
+def test_stream_overlapping_lame_gives_what_process_gives_frame_by_frame(effnet, sample_video):
+    """stream() runs LAME on a worker thread a frame behind the model; nothing may change but the timing."""
+    def pipeline():
+        session = AdaptiveSession(effnet["int8"])
+        return CameraPipeline(session, Lame(window=16), "on", DriftDetector(session.info.layer_names), raw_every=5)
+
+    one_by_one, overlapped = pipeline(), pipeline()
+    expected = [one_by_one.process(f) for f in FileSource(sample_video, end=150).frames()]
+    streamed = list(overlapped.stream(FileSource(sample_video, end=150).frames()))
+    assert [r.frame for r in streamed] == [r.frame for r in expected] == list(range(150))
+    for a, b in zip(streamed, expected):
+        np.testing.assert_array_equal(a.probs, b.probs)
+        np.testing.assert_array_equal(a.corrected, b.corrected)
+        assert (a.shift, a.shift_z, a.lame_applied) == (b.shift, b.shift_z, b.lame_applied)
+        drift = [None if r.drift is None else (r.drift.type, r.drift.score, r.drift.top_layers) for r in (a, b)]
+        assert drift[0] == drift[1]  # episode ids are random, times are the capture clock's
+    assert any(r.drift for r in streamed)
+    assert not np.array_equal(expected[-1].probs, expected[-1].adapted)  # LAME really ran and moved the answer
+
+
 def test_replay_cli_prints_the_table_and_writes_the_report(effnet, sample_video, tmp_path, capsys):
     report, summary = tmp_path / "report.png", tmp_path / "summary.json"
     code = agent_main(["replay", str(sample_video), "--model", str(effnet["int8"]), "--labels",
