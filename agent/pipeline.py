@@ -125,17 +125,15 @@ class CameraPipeline:
         return None if inferred is None else self._correct(inferred)
 
     def stream(self, frames: Iterable[Frame]) -> Iterator[FrameResult]:
-        """process() over a stream, with each frame's LAME on a worker thread while the next frame runs
-        through the model (onnxruntime and numpy's loops release the GIL), so on a box with a core
-        to spare LAME costs no throughput. Results come in frame order; the pipeline must not be
+        """process() over a stream, pipelined: while a frame runs through the model, a worker thread
+        finishes the frame before it (LAME) and preprocesses the frame after it (onnxruntime, OpenCV
+        and numpy's loops release the GIL), so on a box with a core to spare neither costs
+        throughput. Results come in frame order, equal to process()'s; the pipeline must not be
         reset while a stream runs."""
-        if self.lame is None:
-            yield from filter(None, map(self.process, frames))
-            return
-        with ThreadPoolExecutor(1, thread_name_prefix="lame") as worker:
+        with ThreadPoolExecutor(1, thread_name_prefix="pipeline") as worker:
             pending: Future[FrameResult] | None = None
-            for frame in frames:
-                inferred = self._infer(frame)
+            for frame, image, start in self._prepared(frames, worker):
+                inferred = self._infer(frame, image, start)
                 if inferred is None:
                     continue
                 if pending is not None:
@@ -144,10 +142,24 @@ class CameraPipeline:
             if pending is not None:
                 yield pending.result()
 
-    def _infer(self, frame: Frame) -> _Inferred | None:
-        start = time.perf_counter()
+    def _prepared(self, frames: Iterable[Frame], worker: ThreadPoolExecutor
+                  ) -> Iterator[tuple[Frame, Future[np.ndarray], float]]:
+        """Each frame with its preprocessing submitted one frame ahead of its turn."""
+        ahead = None
+        for frame in frames:
+            current = (frame, worker.submit(self.preprocess, frame.image), time.perf_counter())
+            if ahead is not None:
+                yield ahead
+            ahead = current
+        if ahead is not None:
+            yield ahead
+
+    def _infer(self, frame: Frame, image: Future[np.ndarray] | None = None, start: float | None = None
+               ) -> _Inferred | None:
+        """`image`: the frame's preprocessing already under way (stream), else it is done here."""
+        start = time.perf_counter() if start is None else start
         try:
-            image = self.preprocess(frame.image)
+            image = self.preprocess(frame.image) if image is None else image.result()
         except FrameError as exc:
             self.counters.rejected[str(exc)] += 1
             if self.counters.rejected[str(exc)] == 1:

@@ -18,7 +18,7 @@ from agent.pipeline import CameraPipeline
 from agent.replay import LabelsError, read_labels, replay
 from agent.runtime import AdaptiveSession
 from agent.samples import render_sample_video, sidecar_path
-from agent.sources import FileSource, LiveSource, SourceError
+from agent.sources import FileSource, Frame, LiveSource, SourceError
 
 FRAMES_PER_PHOTO = 30  # 4 photos x 4 conditions (clean, fog, night, clean) = 480 frames
 
@@ -53,15 +53,19 @@ def test_replay_accounts_for_every_frame_and_raises_drift_around_the_change(effn
 
 
 def test_stream_overlapping_lame_gives_what_process_gives_frame_by_frame(effnet, sample_video):
-    """stream() runs LAME on a worker thread a frame behind the model; nothing may change but the timing."""
+    """stream() preprocesses a frame ahead and runs LAME a frame behind the model on a worker thread;
+    nothing may change but the timing."""
     def pipeline():
         session = AdaptiveSession(effnet["int8"])
         return CameraPipeline(session, Lame(window=16), "on", DriftDetector(session.info.layer_names), raw_every=5)
 
+    frames = list(FileSource(sample_video, end=150).frames())
+    frames.insert(75, Frame(999, np.zeros((0, 0), np.uint8), 0.0))  # rejected, in either way of running
     one_by_one, overlapped = pipeline(), pipeline()
-    expected = [one_by_one.process(f) for f in FileSource(sample_video, end=150).frames()]
-    streamed = list(overlapped.stream(FileSource(sample_video, end=150).frames()))
+    expected = [r for r in map(one_by_one.process, frames) if r is not None]
+    streamed = list(overlapped.stream(iter(frames)))
     assert [r.frame for r in streamed] == [r.frame for r in expected] == list(range(150))
+    assert overlapped.counters.rejected == one_by_one.counters.rejected == {"empty frame": 1}
     for a, b in zip(streamed, expected):
         np.testing.assert_array_equal(a.probs, b.probs)
         np.testing.assert_array_equal(a.corrected, b.corrected)
