@@ -14,8 +14,9 @@ Per frame, median over rounds, every variant timed in each round in turn:
     torch eager faithful          exporters/unmix.py's UnMix-TNS reference in torch, eager
     sliding window W=16 / 64      the TTA-benchmark practice: W buffered frames through the network
                                   (BatchNorm on the window's statistics) for every new frame
-Plus, for both layouts, end-to-end replay (decode + preprocess + inference + LAME + drift)
-against inference alone and the daemon's peak RSS with whether torch was loaded, and the
+Plus, for both layouts, end-to-end replay (`tta-agent replay`'s loop: decode on a read-ahead thread,
+preprocessing a frame ahead and LAME a frame behind on a worker thread, inference and drift on the
+main one) against inference alone and the daemon's peak RSS with whether torch was loaded, and the
 thread scaling (1 .. physical cores). Writes bench/results/latency.json/.md.
 """
 from __future__ import annotations
@@ -162,8 +163,10 @@ def interleaved(timers: dict, rounds: int) -> dict[str, float]:
     return {name: float(np.median(v)) for name, v in times.items()}
 
 
-def replay_throughput(model: Path, video: Path, threads: int) -> tuple[float, float]:
-    """Frames/s of the full replay loop (no labels: no shadow pass) and of inference alone on the same frames."""
+def replay_throughput(model: Path, video: Path, threads: int, rounds: int) -> tuple[float, float, float]:
+    """Frames/s of the replay loop (no labels: no shadow pass) and of inference alone on the same
+    frames, each round one of each with fresh sessions; returns the medians and the median of the
+    rounds' ratios (one replay of the video takes seconds: single runs swing by 10-15% here)."""
     import cv2
 
     from agent.drift import DriftDetector
@@ -172,24 +175,25 @@ def replay_throughput(model: Path, video: Path, threads: int) -> tuple[float, fl
     from agent.replay import replay
     from agent.sources import FileSource
 
-    session = open_session(model, "cpu", "onnxruntime", threads=threads)
-    pipeline = CameraPipeline(session, Lame(16), "auto", DriftDetector(session.info.layer_names))
-    start = time.perf_counter()
-    summary, _ = replay(pipeline, FileSource(video), None, progress=False)
-    end_to_end = summary["frames_processed"] / (time.perf_counter() - start)
     capture = cv2.VideoCapture(str(video))
-    preprocess = Preprocessor(session.info.preprocess)
+    preprocess = Preprocessor(open_session(model, "cpu", "onnxruntime").info.preprocess)
     images = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        images.append(preprocess(frame))
-    alone = open_session(model, "cpu", "onnxruntime", threads=threads)
-    start = time.perf_counter()
-    for x in images:
-        alone.step(x)
-    return end_to_end, len(images) / (time.perf_counter() - start)
+    while (frame := capture.read())[0]:
+        images.append(preprocess(frame[1]))
+    replayed, alone = [], []
+    for _ in range(rounds):
+        session = open_session(model, "cpu", "onnxruntime", threads=threads)
+        pipeline = CameraPipeline(session, Lame(16), "auto", DriftDetector(session.info.layer_names))
+        start = time.perf_counter()
+        summary, _ = replay(pipeline, FileSource(video), None, progress=False)
+        replayed.append(summary["frames_processed"] / (time.perf_counter() - start))
+        session = open_session(model, "cpu", "onnxruntime", threads=threads)
+        start = time.perf_counter()
+        for x in images:
+            session.step(x)
+        alone.append(len(images) / (time.perf_counter() - start))
+    ratios = np.asarray(replayed) / np.asarray(alone)
+    return float(np.median(replayed)), float(np.median(alone)), float(np.median(ratios))
 
 
 def daemon_footprint(model: Path, video: Path, threads: int) -> dict:
@@ -275,7 +279,7 @@ def main() -> None:
         render_sample_video(video)
     replays, footprints = {}, {}
     for layout, key in (("graph", "robust/int8"), ("folded", "robust.folded/int8")):
-        replays[layout] = replay_throughput(paths[key], video, t)
+        replays[layout] = replay_throughput(paths[key], video, t, args.rounds)
         footprints[layout] = daemon_footprint(paths[key], video, t)
     scaling = thread_scaling(plain_int8, paths, images, args.rounds)
     a = ms["adapted INT8 robust"]
@@ -295,8 +299,8 @@ def main() -> None:
         "sliding window W=64 / adapted INT8": ms["sliding window W=64"] / a,
         "plain INT8 / plain FP32": ms["plain INT8"] / ms["plain FP32"],
         "adapted INT8 / adapted FP32": a / ms["adapted FP32 robust"],
-        **{f"end-to-end replay / inference-only throughput, {layout}": e2e / alone
-           for layout, (e2e, alone) in replays.items()},
+        **{f"end-to-end replay / inference-only throughput, {layout}": ratio
+           for layout, (_, _, ratio) in replays.items()},
     }
     report = {"threads": t, "frames": len(images), "folded_frames": FOLDED_FRAMES, "rounds": args.rounds,
               "ms_per_frame": ms, "ratios": ratios, "folded_bakes": {k: (v, folded_frames) for k, v in bakes.items()},
