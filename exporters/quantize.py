@@ -166,14 +166,14 @@ def quantize(fp32_path: Path, out_path: Path, info: ModelInfo, calib: list[np.nd
     with tempfile.TemporaryDirectory() as tmp:
         tmp_out = Path(tmp) / "int8.onnx"
         if info.adaptation.layout == "folded":
+            seven_bit = 0
+
             def plain_qdq(model: onnx.ModelProto, feeds: list[dict]) -> onnx.ModelProto:
                 nonlocal seven_bit
                 onnx.save(model, str(Path(tmp) / "folded.onnx"))
                 seven_bit = _quantize_static(Path(tmp) / "folded.onnx", Path(tmp) / "qdq.onnx", feeds, method, [],
                                              FOLDED_QUANTIZED_OPS)
                 return onnx.load(str(Path(tmp) / "qdq.onnx"))
-
-            seven_bit = 0
 
             images = [preprocess(frame) for frame in calib]
             onnx.save(folded.int8_model(onnx.load(str(fp32_path)), info.adaptation, images, plain_qdq), str(tmp_out))
