@@ -18,7 +18,7 @@ from .drift import DriftDetector, DriftEvent
 from .gate import AdaptationGate, CollapseGuard
 from .lame import CorrelationMonitor, Lame
 from .preprocess import FrameError, Preprocessor
-from .runtime import AdaptiveSession, StepOutput
+from .runtime import AdaptiveSession
 from .sources import Frame
 
 log = logging.getLogger(__name__)
@@ -49,17 +49,11 @@ class FrameResult:
 
 @dataclass
 class _Inferred:
-    """A frame through the model, gate, guard and drift detector, waiting for LAME."""
-    frame: Frame
-    start: float
-    out: StepOutput
-    adapted: np.ndarray
-    raw: np.ndarray | None
-    strength: float
+    """A frame's result before LAME (probs = adapted, no correction, no latency yet), with what LAME reads."""
+    result: FrameResult
+    features: np.ndarray
     lame_active: bool
-    shift: float | None
-    shift_z: float
-    drift: DriftEvent | None
+    start: float
 
 
 @dataclass
@@ -185,12 +179,16 @@ class CameraPipeline:
         measured = out.shift is not None
         event = self.drift.update(out.shift, frame.index, frame.captured) if measured else None
         self.counters.processed += 1
-        return _Inferred(frame, start, out, adapted, raw, strength, self.lame_active,
-                         float(out.shift.mean()) if measured else None, self.drift.last_z, event)
+        result = FrameResult(frame.index, frame.captured, 0.0, adapted, adapted, raw, strength, None, False,
+                             float(out.shift.mean()) if measured else None, self.drift.last_z, event)
+        return _Inferred(result, out.features, self.lame_active, start)
 
     def _correct(self, x: _Inferred) -> FrameResult:
-        corrected = None if self.lame is None else self.lame.update(x.out.features, x.adapted)
-        applied = corrected is not None and x.lame_active
-        return FrameResult(x.frame.index, x.frame.captured, (time.perf_counter() - x.start) * 1000,
-                           corrected if applied else x.adapted, x.adapted, x.raw, x.strength, corrected, applied,
-                           x.shift, x.shift_z, x.drift)
+        result = x.result
+        if self.lame is not None:
+            result.corrected = self.lame.update(x.features, result.adapted)
+            result.lame_applied = x.lame_active
+            if result.lame_applied:
+                result.probs = result.corrected
+        result.latency_ms = (time.perf_counter() - x.start) * 1000
+        return result
