@@ -16,14 +16,13 @@ import numpy as np
 import onnxruntime as ort
 
 from . import contract
-from .baked import BakedNormalisation
+from .baked import CPU, BakedNormalisation
 from .contract import ModelInfo, read_model_info
 from .state import initial_state, load_state, save_state
 from .unmix import RobustMixture
 
 log = logging.getLogger(__name__)
 
-CPU = "CPUExecutionProvider"
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -148,9 +148,9 @@ def test_one_update_standing_for_several_frames_forgets_for_all_of_them():
 
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
 def test_a_baked_session_normalises_as_the_graph_does_with_the_same_statistics(folded, test_images, precision):
-    """The bake writes its constants into the model: onnxruntime's fusions (BatchNorm into Conv in
-    FP32) must see them, so the baked answer equals the graph's for the same statistics and differs
-    from the source statistics' answer."""
+    """A bake's constants reach the network whichever way it is built (added initializers on the
+    optimised INT8 graph, written into the FP32 template for the fusions to see): the baked answer
+    equals the graph's for the same statistics and differs from the source statistics' answer."""
     session = open_session(folded[precision], "cpu", "onnxruntime")
     source = (session.mixture.source_mean, session.mixture.source_var)
     baker = BakedNormalisation(folded[precision], source, session._session_options, ["CPUExecutionProvider"])
@@ -160,6 +160,8 @@ def test_a_baked_session_normalises_as_the_graph_does_with_the_same_statistics(f
     baked, at_source = baker.session(mean, var), baker.session(*source)
     measuring = baker.session(mean, var, measuring=True)
     assert [o.name for o in baked.get_outputs()] == [contract.LOGITS, contract.FEATURES]
+    # INT8 bakes go through the once-optimised graph; FP32's fusions consume the BatchNorm statistics
+    assert all((baker._optimized[m] is not None) == (precision == "int8") for m in (False, True))
     for image in test_images[0][:5]:
         graph = session.session.run([contract.LOGITS, contract.STATS], {
             contract.IMAGE: image, contract.NORM_MEAN: mean, contract.NORM_VAR: var})
