@@ -1,7 +1,9 @@
 """The folded layout: BatchNorm folded into INT8 convolutions, UnMix-TNS in the agent (numpy)."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 
 import numpy as np
 import onnx
@@ -174,49 +176,67 @@ def test_a_baked_session_normalises_as_the_graph_does_with_the_same_statistics(f
 
 
 def test_statistics_every_n_frames_and_baked_frames_between(folded, test_images):
-    """statistics_every=4: adapted frames 4, 8, ... measure (shift, component update); the others run
-    the bake of the components' statistics, rebuilt when they moved (always, at divergence 0); an
-    unadapted frame measures when asked."""
+    """statistics_every=4: adapted frames 4, 8, ... measure (shift, component update); every frame
+    runs the bake in use, which a measured frame that moved the statistics (always, at divergence 0)
+    rebuilds for the next measured frame to take up; an unadapted frame measures when asked."""
     images = test_images[0]
     session = open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=4, rebake_divergence=0.0)
-    counts = []
+    in_use = []
     for i, image in enumerate(images[:12]):
         before = session.mixture.counts.copy()
         out = session.step(image, adapt=1.0)
         measured = (i + 1) % 4 == 0
         assert (out.shift is not None) == measured, i
         assert np.array_equal(before, session.mixture.counts) != measured, i
-        counts.append(session.mixture.counts.sum())
-        if not measured:  # this frame ran the bake: the graph with the statistics the bake was built from
-            mean, var = session._norm_mean, session._norm_var
-            graph = session.session.run([contract.LOGITS], {contract.IMAGE: image, contract.NORM_MEAN: mean,
-                                                            contract.NORM_VAR: var})[0][0]
-            np.testing.assert_allclose(out.logits, graph, atol=1e-4)  # baked after the last update: _norm_* hold it
-    assert session.frames == 12 and session.bakes == 3  # frames 1, 5 and 9 (each after a measured frame moved)
+        bake = session._bake  # the bake this frame ran: the graph with its statistics gives the same answer
+        graph = session.session.run([contract.LOGITS], {contract.IMAGE: image, contract.NORM_MEAN: bake.mean,
+                                                        contract.NORM_VAR: bake.var})[0][0]
+        np.testing.assert_allclose(out.logits, graph, atol=1e-4)
+        in_use.append(id(bake))
+    # built at frame 1; rebuilt after frames 4 and 8, taken up by frames 8 and 12; one more under way
+    assert [i for i in range(1, 12) if in_use[i] != in_use[i - 1]] == [7, 11]
+    assert session.frames == 12 and session.bakes == 4 and session._next is not None
     assert session.step(images[12], adapt=0.0).shift is None
     every_frame = open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=1)
     np.testing.assert_allclose(session.step(images[13], adapt=0.0, measure=True).shift,  # the source bake
                                every_frame.step(images[13], adapt=0.0).shift, rtol=1e-4, atol=1e-6)
     session.reset()
-    assert session._adapted is None
+    assert session._bake is None and session._next is None
+
+
+def test_a_slow_rebuild_is_waited_for_so_results_do_not_depend_on_timing(folded, test_images):
+    images = test_images[0][:24]
+    slow, twin = (open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=4, rebake_divergence=0.0)
+                  for _ in range(2))
+    build = slow._build
+
+    def slow_build(mean, var):
+        time.sleep(0.2)  # far longer than the three frames it has
+        return build(mean, var)
+    slow._build = slow_build
+    for image in images:
+        np.testing.assert_array_equal(slow.step(image).logits, twin.step(image).logits)
+    assert slow.bakes == twin.bakes == 7  # the first, then one after each of the 6 measured frames
 
 
 def test_a_baked_session_failing_on_the_gpu_falls_back_to_the_cpu_with_the_same_components(folded, test_images):
-    """Both the measuring graph and the bake run on the accelerator; when the bake dies, the session
-    reopens on the CPU, bakes again there, reruns the frame and carries on as its CPU twin."""
+    """The bakes run on the accelerator; when the one in use dies, the session reopens on the CPU,
+    bakes the same statistics again there (and the rebuild under way), reruns the frame and carries
+    on as its CPU twin."""
     images = test_images[0]
-    session, twin = (open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=4) for _ in range(2))
-    for image in images[:6]:  # frame 4 measured; frames 5 and 6 run the adapted bake
+    session, twin = (open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=4, rebake_divergence=0.0)
+                     for _ in range(2))
+    for image in images[:6]:  # frame 4 measured and started a rebuild; frames 5 and 6 run the first bake
         session.step(image)
         twin.step(image)
     session.session = FailingGpuSession(session.session)  # the provider the fallback checks
-    session._adapted = FailingGpuSession(session._adapted)
+    session._bake = dataclasses.replace(session._bake, plain=FailingGpuSession(session._bake.plain))
     out, expected = session.step(images[6]), twin.step(images[6])
     assert session.provider == "CPUExecutionProvider" and session.fallbacks == 1
     np.testing.assert_array_equal(out.logits, expected.logits)
     for image in images[7:12]:
         np.testing.assert_array_equal(session.step(image).logits, twin.step(image).logits)
-    assert session.frames == twin.frames == 12
+    assert session.frames == twin.frames == 12 and session.bakes == twin.bakes
     for layer, tensors in twin.state.items():
         for name, value in tensors.items():
             np.testing.assert_array_equal(session.state[layer][name], value)
