@@ -2,7 +2,8 @@
 
     python -m bench.latency [--rounds 7] [--frames 20] [--threads 1]
 
-Per frame, median over rounds, every variant timed in each round in turn:
+Per frame, median over rounds of wall-clock and CPU time (all threads: the folded layout's
+rebuilds run on a worker thread), every variant timed in each round in turn:
     plain FP32 / plain INT8       the model with BatchNorm folded into the convolutions (the limit)
     adapted FP32 / INT8 robust    the agent's exported model, components fed back every frame
     adapted INT8 faithful         the published algorithm in the same graph layout
@@ -149,18 +150,22 @@ def timer_sliding_window(window: int, threads: int, images):
     return run
 
 
-def interleaved(timers: dict, rounds: int) -> dict[str, float]:
-    """Median ms per frame over rounds; each round runs every variant once, in turn."""
-    times: dict[str, list[float]] = {name: [] for name in timers}
+def interleaved(timers: dict, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall-clock and CPU (all of the process's threads) ms per frame over rounds; each round
+    runs every variant once, in turn."""
+    wall: dict[str, list[float]] = {name: [] for name in timers}
+    cpu: dict[str, list[float]] = {name: [] for name in timers}
     for run in timers.values():
         run()  # warm-up
     for r in range(rounds):
         for name, run in timers.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             frames = run()
-            times[name].append((time.perf_counter() - start) * 1000 / frames)
-        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in times.items()), flush=True)
-    return {name: float(np.median(v)) for name, v in times.items()}
+            wall[name].append((time.perf_counter() - start) * 1000 / frames)
+            cpu[name].append((time.process_time() - start_cpu) * 1000 / frames)
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in wall.items()), flush=True)
+    return ({name: float(np.median(v)) for name, v in wall.items()},
+            {name: float(np.median(v)) for name, v in cpu.items()})
 
 
 def replay_throughput(model: Path, video: Path, threads: int, rounds: int) -> tuple[float, float, float]:
@@ -237,7 +242,7 @@ def thread_scaling(plain_int8: Path, paths: dict, images, rounds: int) -> dict[i
             "plain INT8": timer_plain(plain_int8, threads, images),
             "adapted INT8 graph": timer_adapted(paths["robust/int8"], threads, images),
             "adapted INT8 folded": timer_adapted(paths["robust.folded/int8"], threads, _cycle(images, FOLDED_FRAMES))},
-            rounds)
+            rounds)[0]
     return table
 
 
@@ -271,7 +276,7 @@ def main() -> None:
         "sliding window W=16": timer_sliding_window(16, t, images),
         "sliding window W=64": timer_sliding_window(64, t, images[: max(2, args.frames // 8)]),
     }
-    ms = interleaved(timers, args.rounds)
+    ms, cpu_ms = interleaved(timers, args.rounds)
     bakes = {name: run.session.bakes for name, run in timers.items() if hasattr(getattr(run, "session", None), "bakes")}
     folded_frames = (args.rounds + 1) * FOLDED_FRAMES
     video = RESULTS / "sample.mp4"
@@ -291,6 +296,8 @@ def main() -> None:
             ms["adapted INT8 folded, statistics every 16th"] / ms["plain INT8"],
         "adapted INT8 folded, statistics every frame / plain INT8":
             ms["adapted INT8 folded, statistics every frame"] / ms["plain INT8"],
+        **{f"{name} / plain INT8, CPU time": cpu_ms[name] / cpu_ms["plain INT8"] for name in cpu_ms
+           if name.startswith("adapted INT8 folded")},
         "torch eager faithful / adapted INT8 folded": ms["torch eager faithful"] / ms["adapted INT8 folded"],
         "sliding window W=16 / adapted INT8 folded": ms["sliding window W=16"] / ms["adapted INT8 folded"],
         "sliding window W=64 / adapted INT8 folded": ms["sliding window W=64"] / ms["adapted INT8 folded"],
@@ -303,14 +310,15 @@ def main() -> None:
            for layout, (_, _, ratio) in replays.items()},
     }
     report = {"threads": t, "frames": len(images), "folded_frames": FOLDED_FRAMES, "rounds": args.rounds,
-              "ms_per_frame": ms, "ratios": ratios, "folded_bakes": {k: (v, folded_frames) for k, v in bakes.items()},
+              "ms_per_frame": ms, "cpu_ms_per_frame": cpu_ms, "ratios": ratios,
+              "folded_bakes": {k: (v, folded_frames) for k, v in bakes.items()},
               "replay_fps": {k: v[0] for k, v in replays.items()},
               "inference_fps": {k: v[1] for k, v in replays.items()}, "daemon": footprints, "threads_scaling": scaling}
     (RESULTS / "latency.json").write_text(json.dumps(report, indent=1))
     lines = [f"EfficientNet-Lite0, batch 1, {t} thread(s), median of {args.rounds} interleaved rounds "
-             f"of {len(images)} frames ({FOLDED_FRAMES} for the folded layout)", "", "| variant | ms / frame |",
-             "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in ms.items()]
+             f"of {len(images)} frames ({FOLDED_FRAMES} for the folded layout)", "",
+             "| variant | ms / frame | CPU ms / frame |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.1f} | {cpu_ms[k]:.1f} |" for k, v in ms.items()]
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
     lines += ["", "baked-session rebuilds (folded): " + ", ".join(
         f"{k}: {v} in {folded_frames} frames" for k, v in bakes.items())]
