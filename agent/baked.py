@@ -128,6 +128,8 @@ class BakedNormalisation:
                     optimized = onnx.load(options.optimized_model_filepath)
                 read = {name for node in optimized.graph.node for name in node.input}
                 kept = {t.name for t in optimized.graph.initializer} & read
-                self._optimized[measuring] = (optimized.SerializeToString() if kept.issuperset(self.boundary)
-                                              else None)
+                self._optimized[measuring] = None
+                if kept.issuperset(self.boundary):  # sessions only leave the accelerator: the template is done
+                    self._optimized[measuring] = optimized.SerializeToString()
+                    del self._templates[measuring], self._slots[measuring]
             return self._optimized[measuring]

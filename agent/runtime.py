@@ -172,6 +172,9 @@ class AdaptiveSession(Checkpoints):
     def _session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # the folded layout's source statistics are metadata to the graph: no warnings
+        # no per-session arena: the folded layout keeps up to five sessions; 20 MB less RSS, same speed
+        # (EfficientNet-Lite0, both layouts, one-off)
+        options.enable_cpu_mem_arena = False
         if self.threads:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
