@@ -10,7 +10,9 @@ rebuilds run on a worker thread), every variant timed in each round in turn:
     adapted FP32 / INT8 folded    the folded layout (exporters/folded.py): BatchNorm folded into the
                                   INT8 convolutions, UnMix-TNS in numpy (agent/unmix.py), statistics
                                   measured every 8th frame, the frames between on a baked session
-                                  (agent/runtime.py FoldedSession); also at every frame and every 16th.
+                                  (agent/runtime.py FoldedSession); also at every frame and every 16th,
+                                  and with the gate's shadow pass (unadapted, measuring) every 4th
+                                  frame, as a gated camera runs while it adapts.
                                   These run FOLDED_FRAMES frames a round (rebuilds are occasional).
     torch eager faithful          exporters/unmix.py's UnMix-TNS reference in torch, eager
     sliding window W=16 / 64      the TTA-benchmark practice: W buffered frames through the network
@@ -34,6 +36,7 @@ import numpy as np
 import onnxruntime as ort
 import yaml
 
+from agent.config import GateConfig
 from agent.preprocess import Preprocessor
 from agent.runtime import open_session
 from agent.samples import photo_stream, render_sample_video
@@ -80,6 +83,7 @@ def adapted_models() -> dict[str, Path]:
     return paths
 
 
+SHADOW_EVERY = GateConfig.model_fields["shadow_every"].default
 FOLDED_FRAMES = 64  # per round for the folded layout: eight measured frames of the default cadence
 
 
@@ -95,12 +99,16 @@ def timer_plain(path: Path, threads: int, images):
     return run
 
 
-def timer_adapted(path: Path, threads: int, images, **cadence):
+def timer_adapted(path: Path, threads: int, images, shadow_every: int = 0, **cadence):
+    """`shadow_every`: also the adaptation gate's unadapted measuring pass every N frames, as the
+    pipeline runs it while a gated camera adapts."""
     session = open_session(path, "cpu", "onnxruntime", threads=threads, **cadence)
 
     def run() -> int:
-        for x in images:
+        for i, x in enumerate(images):
             session.step(x)
+            if shadow_every and i % shadow_every == 0:
+                session.step(x, adapt=0.0, measure=True)
         return len(images)
     run.session = session
     return run
@@ -272,6 +280,8 @@ def main() -> None:
                                                                      statistics_every=1),
         "adapted INT8 folded, statistics every 16th": timer_adapted(paths["robust.folded/int8"], t, folded_images,
                                                                     statistics_every=16),
+        "adapted INT8 folded, gated while adapting": timer_adapted(paths["robust.folded/int8"], t, folded_images,
+                                                                   shadow_every=SHADOW_EVERY),
         "torch eager faithful": timer_torch_faithful(t, images),
         "sliding window W=16": timer_sliding_window(16, t, images),
         "sliding window W=64": timer_sliding_window(64, t, images[: max(2, args.frames // 8)]),
@@ -296,6 +306,8 @@ def main() -> None:
             ms["adapted INT8 folded, statistics every 16th"] / ms["plain INT8"],
         "adapted INT8 folded, statistics every frame / plain INT8":
             ms["adapted INT8 folded, statistics every frame"] / ms["plain INT8"],
+        "adapted INT8 folded, gated while adapting / plain INT8":
+            ms["adapted INT8 folded, gated while adapting"] / ms["plain INT8"],
         **{f"{name} / plain INT8, CPU time": cpu_ms[name] / cpu_ms["plain INT8"] for name in cpu_ms
            if name.startswith("adapted INT8 folded")},
         "torch eager faithful / adapted INT8 folded": ms["torch eager faithful"] / ms["adapted INT8 folded"],
