@@ -7,10 +7,10 @@ same components and the reason is kept for status reports.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,14 +223,14 @@ class AdaptiveSession(Checkpoints):
             _bind_output(binding, name, array)
         self.session.run_with_iobinding(binding)
 
-    def _run_or_fall_back(self, run) -> None:
+    def _run_or_fall_back(self, run):
         try:
-            run()
+            return run()
         except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
             if self.provider == CPU:
                 raise
             self._fall_back(exc)
-            run()
+            return run()
 
     def _fall_back(self, exc: Exception) -> None:
         """The accelerator failed: carry on with the CPU and the same components."""
@@ -256,29 +256,40 @@ class AdaptiveSession(Checkpoints):
 
 @dataclass
 class _Bake:
-    """A session that normalises with constant statistics (agent/baked.py)."""
+    """A session that normalises with constant statistics (agent/baked.py); None until built."""
     mean: np.ndarray
     var: np.ndarray
-    session: ort.InferenceSession
+    session: ort.InferenceSession | None
+
+
+@dataclass
+class _Measurement:
+    """A measured adapted frame's statistics pass, under way on the worker: the shift and the
+    rebuilt bake (None: the normalisation moved too little) it gives."""
+    result: Future[tuple[np.ndarray, _Bake | None]]
+    job: Callable[[], tuple[np.ndarray, _Bake | None]]
 
 
 class FoldedSession(AdaptiveSession):
     """The folded layout (exporters/folded.py): the graph normalises with `norm.mean/var` and returns
     the frame's statistics; UnMix-TNS runs here (agent/unmix.py), all layers in one vectorised step.
 
-    A frame is normalised with what the components gave after the last measured frame (with that
-    frame's own statistics as the instance term): later than the graph layout, which lets the
-    graph stay a plain INT8 network. Statistics are measured on every `statistics_every`-th
-    adapted frame (and, apart, every `statistics_every`-th unadapted one), or when the caller
-    asks (`measure`); only those frames move the components (each update decays them for the
-    frames it stands for) and report a shift. The frames between run without the statistics
-    branch, through a session with the normalisation baked in (agent/baked.py): the source
-    statistics for unadapted frames; for adapted ones the components' statistics at the last
-    bake. A measured frame whose update moved the normalisation more than `rebake_divergence`
-    (mean per-layer KL) from the bake starts a rebuild on a worker thread, which the next measured
-    adapted frame takes up (waiting for it if need be): results do not depend on timing, no frame
-    waits for a build on a box with a core to spare, and a camera that has settled costs no
-    rebuilds. Components and checkpoints are the robust layout's.
+    Statistics are measured on every `statistics_every`-th adapted frame (and, apart, every
+    `statistics_every`-th unadapted one), or when the caller asks (`measure`); only those frames
+    move the components (each update decays them for the frames it stands for) and report a
+    shift. Every frame's answer comes from a session with its normalisation baked in
+    (agent/baked.py): the source statistics for unadapted frames (with the statistics branch
+    kept when they measure: the gate's shadow passes); for adapted ones the components'
+    statistics (with the last measured frame as the instance term) at the last bake. An adapted
+    frame's measurement runs on a worker thread: the file's own graph, normalised with the
+    components as they are, then the update, and a rebuilt bake when the update moved the
+    normalisation more than `rebake_divergence` (mean per-layer KL) from the one in use. The
+    next measured adapted frame takes it up, waiting for it if need be, and reports its shift
+    (so an adapted frame's shift arrives `statistics_every` frames late): results do not depend
+    on timing, on a box with a core to spare no frame waits for a measurement or a build, and a
+    camera that has settled costs no rebuilds. With `statistics_every` 1 every frame runs the
+    graph itself, normalised with the components after the frame before. Components and
+    checkpoints are the robust layout's.
     """
 
     OUTPUTS = (contract.LOGITS, contract.FEATURES, contract.STATS)
@@ -293,39 +304,47 @@ class FoldedSession(AdaptiveSession):
         info = info or read_model_info(path)
         self.statistics_every, self.rebake_divergence = statistics_every, rebake_divergence
         self.mixture = RobustMixture(info.adaptation, info.source_stats)
-        self._norm_mean = np.empty_like(self.mixture.source_mean)  # what the measured frame is normalised with
-        self._norm_var = np.empty_like(self.mixture.source_var)
         self._source: dict[bool, ort.InferenceSession] = {}  # the source bake, by whether it measures
+        self._measurement: _Measurement | None = None
         self.bakes = 0  # adapted bakes built
         super().__init__(path, device=device, threads=threads, seed=seed, info=info)
         self._baker = (BakedNormalisation(path, (self.mixture.source_mean, self.mixture.source_var),
                                           self._session_options, self.session.get_providers())
                        if statistics_every > 1 else None)
-        self._builder = ThreadPoolExecutor(1, thread_name_prefix="bake") if self._baker else None
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="measure") if self._baker else None
 
     def _set_state(self, state: dict) -> None:
+        self._settle()
+        self._measurement = None
         self.mixture.set_state(state)
-        self._last = None  # the last measured frame's statistics, for the instance term
+        self._last = None  # the last measured adapted frame's statistics, for the instance term
         self._unmeasured = {False: 0, True: 0}  # unadapted / adapted frames since the last measured one
-        self._bake: _Bake | None = None  # what unmeasured adapted frames run; None: bake the components when needed
-        # a rebuild under way, with its statistics, for the next measured adapted frame to take up
-        self._next: tuple[Future[ort.InferenceSession], np.ndarray, np.ndarray] | None = None
+        self._bake: _Bake | None = None  # what adapted frames run; None: bake the components when needed
+
+    def _settle(self) -> None:
+        """Wait for a measurement under way: it writes the components."""
+        if self._measurement is not None:
+            wait([self._measurement.result])
 
     @property
     def state(self) -> dict[str, dict[str, np.ndarray]]:
+        self._settle()
         return self.mixture.state()
 
     def step(self, image: np.ndarray, adapt: float = 1.0, update: bool = True, measure: bool = False) -> StepOutput:
         _check_strength(adapt)
         adapted = adapt > 0
-        if measure or self._unmeasured[adapted] + 1 >= self.statistics_every:
-            if adapted and self._next is not None:
-                self._run_or_fall_back(self._take_up_rebuild)
-            shift = self._measured_step(image, adapt, update and adapted)
-        else:
+        shift = None
+        if not (measure or self._unmeasured[adapted] + 1 >= self.statistics_every):
             self._unmeasured[adapted] += 1
             self._run_or_fall_back(lambda: self._run_baked(image, adapt))
-            shift = None
+        elif adapted and self._baker is not None:
+            shift = self._run_or_fall_back(self._take_up)
+            frames, self._unmeasured[True] = self._unmeasured[True] + 1, 0
+            self._run_or_fall_back(lambda: self._run_baked(image, adapt))
+            self._submit(np.array(image, np.float32), adapt, update, frames)
+        else:
+            shift = self._measured_now(image, adapt, update and adapted)
         if adapted:
             self.frames += update
         out = self._outputs
@@ -333,47 +352,68 @@ class FoldedSession(AdaptiveSession):
 
     def _normalisation(self, adapt: float) -> tuple[np.ndarray, np.ndarray]:
         m = self.mixture
-        if adapt > 0:
-            mean, var = m.statistics(*(self._last or (None, None)))
-            np.add(m.source_mean, adapt * (mean - m.source_mean), out=self._norm_mean)
-            np.add(m.source_var, adapt * (var - m.source_var), out=self._norm_var)
-        else:
-            self._norm_mean[:], self._norm_var[:] = m.source_mean, m.source_var
-        return self._norm_mean, self._norm_var
+        if adapt == 0:
+            return m.source_mean, m.source_var
+        mean, var = m.statistics(*(self._last or (None, None)))
+        return m.source_mean + adapt * (mean - m.source_mean), m.source_var + adapt * (var - m.source_var)
 
-    def _measured_step(self, image: np.ndarray, adapt: float, update: bool) -> np.ndarray:
-        self._normalisation(adapt)
-        self._run_or_fall_back(lambda: self._run_measuring(image, adapt))
-        stats = self._outputs[contract.STATS]
+    def _update(self, stats: np.ndarray, adapt: float, update: bool, frames: int) -> np.ndarray:
         mu, var_x = stats[0].copy(), stats[1].copy()
         if update:
-            self.mixture.update(mu, var_x, adapt, frames=self._unmeasured[True] + 1)
-        self._unmeasured[adapt > 0] = 0
+            self.mixture.update(mu, var_x, adapt, frames=frames)
         self._last = (mu, var_x)
-        if adapt > 0 and self._bake is not None:
-            mean, var = self._normalisation(adapt)
-            if self.mixture.divergence(mean, var, self._bake.mean, self._bake.var).mean() > self.rebake_divergence:
-                self._rebuild(mean.copy(), var.copy())
-                self.bakes += 1
         return self.mixture.shift(mu, var_x)
 
-    def _rebuild(self, mean: np.ndarray, var: np.ndarray) -> None:
-        self._next = (self._builder.submit(self._baker.session, mean, var), mean, var)
+    def _submit(self, image: np.ndarray, adapt: float, update: bool, frames: int) -> None:
+        mean, var = self._normalisation(adapt)
 
-    def _take_up_rebuild(self) -> None:
-        future, mean, var = self._next
-        self._bake, self._next = _Bake(mean, var, future.result()), None
+        def job() -> tuple[np.ndarray, _Bake | None]:  # on the worker: the main thread leaves the components alone
+            stats = self.session.run([contract.STATS], {contract.IMAGE: image, contract.NORM_MEAN: mean,
+                                                        contract.NORM_VAR: var})[0]
+            shift = self._update(stats, adapt, update, frames)
+            moved_to = self._normalisation(adapt)
+            if self.mixture.divergence(*moved_to, self._bake.mean, self._bake.var).mean() <= self.rebake_divergence:
+                return shift, None
+            self.bakes += 1
+            try:
+                return shift, _Bake(*moved_to, self._baker.session(*moved_to))
+            except Exception:  # onnxruntime's own types; the main thread builds it again where it runs now
+                return shift, _Bake(*moved_to, None)
+        self._measurement = _Measurement(self._worker.submit(job), job)
 
-    def _run_measuring(self, image: np.ndarray, adapt: float) -> None:
-        """Unadapted frames (the gate's measurements) through a source bake that keeps `stats`: 4.4 ms
-        instead of 7.7 through the graph with normalisation inputs (EfficientNet-Lite0, one-off)."""
-        if adapt == 0 and self._baker is not None:
+    def _take_up(self) -> np.ndarray | None:
+        """The last measurement's shift and bake; its failure on the accelerator falls back (before
+        it moved the components: the fallback runs it again)."""
+        if self._measurement is None:
+            return None
+        shift, rebuilt = self._measurement.result.result()
+        if rebuilt is not None:
+            if rebuilt.session is None:
+                rebuilt.session = self._baker.session(rebuilt.mean, rebuilt.var)
+            self._bake = rebuilt
+        self._measurement = None
+        return shift
+
+    def _measured_now(self, image: np.ndarray, adapt: float, update: bool) -> np.ndarray:
+        """Unadapted frames (the gate's shadow passes) through a source bake that keeps `stats` (4.4
+        ms instead of 7.7 through the graph, EfficientNet-Lite0, one-off); they leave the components
+        and the instance term alone. Without a baker (statistics every frame), the graph."""
+        normalisation = self._normalisation(adapt)
+        self._run_or_fall_back(lambda: self._run_measuring(image, *normalisation))
+        self._unmeasured[adapt > 0] = 0
+        stats = self._outputs[contract.STATS]
+        if adapt == 0:
+            return self.mixture.shift(stats[0], stats[1])
+        return self._update(stats, adapt, update, frames=1)
+
+    def _run_measuring(self, image: np.ndarray, mean: np.ndarray, var: np.ndarray) -> None:
+        if self._baker is not None:  # unadapted
             session = self._source_session(measuring=True)
             binding = session.io_binding()
         else:
             session, binding = self.session, self.session.io_binding()
-            binding.bind_cpu_input(contract.NORM_MEAN, self._norm_mean)
-            binding.bind_cpu_input(contract.NORM_VAR, self._norm_var)
+            binding.bind_cpu_input(contract.NORM_MEAN, mean)
+            binding.bind_cpu_input(contract.NORM_VAR, var)
         binding.bind_cpu_input(contract.IMAGE, np.ascontiguousarray(image, np.float32))
         for name, array in self._outputs.items():
             _bind_output(binding, name, array)
@@ -389,8 +429,8 @@ class FoldedSession(AdaptiveSession):
             session = self._source_session(measuring=False)
         else:
             if self._bake is None:
-                mean, var = (a.copy() for a in self._normalisation(adapt))
-                self._bake = _Bake(mean, var, self._baker.session(mean, var))
+                self._bake = _Bake(*self._normalisation(adapt), None)
+                self._bake.session = self._baker.session(self._bake.mean, self._bake.var)
                 self.bakes += 1
             session = self._bake.session
         binding = session.io_binding()
@@ -400,16 +440,22 @@ class FoldedSession(AdaptiveSession):
         session.run_with_iobinding(binding)
 
     def _fall_back(self, exc: Exception) -> None:
-        """The bake in use is rebuilt on the CPU with the statistics it had, a rebuild under way again."""
+        """Bakes are rebuilt on the CPU with the statistics they had; a measurement that failed on the
+        accelerator runs again."""
+        self._settle()
         super()._fall_back(exc)
         if self._baker is None:
             return
         self._baker.providers = [CPU]
         self._source = {}
         if self._bake is not None:
-            self._bake = dataclasses.replace(self._bake, session=self._baker.session(self._bake.mean, self._bake.var))
-        if self._next is not None:  # under way, or failed on the accelerator
-            self._rebuild(*self._next[1:])
+            self._bake.session = self._baker.session(self._bake.mean, self._bake.var)
+        m = self._measurement
+        if m is not None:
+            if m.result.exception() is not None:
+                self._measurement = _Measurement(self._worker.submit(m.job), m.job)
+            elif m.result.result()[1] is not None:
+                m.result.result()[1].session = None  # built for the accelerator: the take-up builds it again
 
 
 def _bind_output(binding, name: str, array: np.ndarray) -> None:

@@ -109,6 +109,7 @@ def timer_adapted(path: Path, threads: int, images, shadow_every: int = 0, **cad
             session.step(x)
             if shadow_every and i % shadow_every == 0:
                 session.step(x, adapt=0.0, measure=True)
+        session.state  # noqa: B018 (waits for a measurement still under way: its time is this round's)
         return len(images)
     run.session = session
     return run

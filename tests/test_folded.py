@@ -1,7 +1,6 @@
 """The folded layout: BatchNorm folded into INT8 convolutions, UnMix-TNS in the agent (numpy)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 
@@ -175,72 +174,82 @@ def test_a_baked_session_normalises_as_the_graph_does_with_the_same_statistics(f
         np.testing.assert_allclose(stats, graph[1], rtol=1e-4, atol=1e-5)
 
 
-def test_statistics_every_n_frames_and_baked_frames_between(folded, test_images):
-    """statistics_every=4: adapted frames 4, 8, ... measure (shift, component update); the others run
-    the bake in use, which a measured frame that moved the statistics (always, at divergence 0)
-    rebuilds for the next measured frame to take up; an unadapted frame measures when asked."""
+def test_statistics_every_n_frames_measured_on_the_worker_and_taken_up_by_the_next(folded, test_images):
+    """statistics_every=4: adapted frames 4, 8, ... measure; each measurement moves the components
+    (on the worker) and rebuilds the bake (always, at divergence 0), and the next measured frame
+    takes both up and reports its shift. Every adapted frame's answer is the bake in use's."""
     images = test_images[0]
     session = open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=4, rebake_divergence=0.0)
-    in_use = []
-    for i, image in enumerate(images[:12]):
-        before = session.mixture.counts.copy()
+    in_use, expected_shift = [], None
+    for i, image in enumerate(images[:16]):
+        before = session.state[session.info.layer_names[0]]["counts"]
         out = session.step(image, adapt=1.0)
         measured = (i + 1) % 4 == 0
-        assert (out.shift is not None) == measured, i
-        assert np.array_equal(before, session.mixture.counts) != measured, i
+        after = session.state[session.info.layer_names[0]]["counts"]  # state waits for the worker
+        assert np.array_equal(before, after) != measured, i
+        if measured:  # the shift of the measurement before (none before the first)
+            assert (out.shift is None) == (expected_shift is None), i
+            if expected_shift is not None:
+                np.testing.assert_array_equal(out.shift, expected_shift)
+            expected_shift = session.mixture.shift(*session._last)
+        else:
+            assert out.shift is None, i
         bake = session._bake
-        if not measured:  # this frame ran the bake: the graph with its statistics gives the same answer
-            graph = session.session.run([contract.LOGITS], {contract.IMAGE: image, contract.NORM_MEAN: bake.mean,
-                                                            contract.NORM_VAR: bake.var})[0][0]
-            np.testing.assert_allclose(out.logits, graph, atol=1e-4)
+        graph = session.session.run([contract.LOGITS], {contract.IMAGE: image, contract.NORM_MEAN: bake.mean,
+                                                        contract.NORM_VAR: bake.var})[0][0]
+        np.testing.assert_allclose(out.logits, graph, atol=1e-4)
         in_use.append(id(bake))
-    # built at frame 1; rebuilt after frames 4 and 8, taken up by frames 8 and 12; one more under way
-    assert [i for i in range(1, 12) if in_use[i] != in_use[i - 1]] == [7, 11]
-    assert session.frames == 12 and session.bakes == 4 and session._next is not None
-    assert session.step(images[12], adapt=0.0).shift is None
+    # built at frame 1; rebuilt after frames 4, 8 and 12, taken up by frames 8, 12 and 16; one more after 16
+    assert [i for i in range(1, 16) if in_use[i] != in_use[i - 1]] == [7, 11, 15]
+    assert session.frames == 16 and session.bakes == 5
+    assert session.step(images[16], adapt=0.0).shift is None
     every_frame = open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=1)
-    np.testing.assert_allclose(session.step(images[13], adapt=0.0, measure=True).shift,  # the source bake
-                               every_frame.step(images[13], adapt=0.0).shift, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(session.step(images[17], adapt=0.0, measure=True).shift,  # the source bake
+                               every_frame.step(images[17], adapt=0.0).shift, rtol=1e-4, atol=1e-6)
     session.reset()
-    assert session._bake is None and session._next is None
+    assert session._bake is None and session._measurement is None
 
 
-def test_a_slow_rebuild_is_waited_for_so_results_do_not_depend_on_timing(folded, test_images):
+def test_slow_measurements_are_waited_for_so_results_do_not_depend_on_timing(folded, test_images):
     images = test_images[0][:24]
     slow, twin = (open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=4, rebake_divergence=0.0)
                   for _ in range(2))
     bake = slow._baker.session
 
     def slow_bake(mean, var, measuring=False):
-        time.sleep(0.2)  # far longer than the three frames a rebuild has
+        time.sleep(0.2)  # far longer than the three frames a measurement has
         return bake(mean, var, measuring)
     slow._baker.session = slow_bake
     for image in images:
-        np.testing.assert_array_equal(slow.step(image).logits, twin.step(image).logits)
+        a, b = slow.step(image), twin.step(image)
+        np.testing.assert_array_equal(a.logits, b.logits)
+        assert (a.shift is None) == (b.shift is None) and (a.shift is None or np.array_equal(a.shift, b.shift))
+    slow.state, twin.state  # noqa: B018 (waits for the last measurement)
     assert slow.bakes == twin.bakes == 7  # the first, then one after each of the 6 measured frames
 
 
 def test_a_baked_session_failing_on_the_gpu_falls_back_to_the_cpu_with_the_same_components(folded, test_images):
-    """The graph and the bakes run on the accelerator; when the bake in use dies, the session reopens
-    on the CPU, bakes the same statistics again there (and the rebuild under way), reruns the frame
-    and carries on as its CPU twin."""
+    """The graph and the bakes run on the accelerator; when they die, the session reopens on the
+    CPU, bakes the same statistics again there, runs a measurement that failed again, reruns the
+    frame and carries on as its CPU twin."""
     images = test_images[0]
     session, twin = (open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=4, rebake_divergence=0.0)
                      for _ in range(2))
-    for image in images[:6]:  # frame 4 measured and started a rebuild; frames 5 and 6 run the first bake
+    for image in images[:6]:  # frame 4 measured (on the worker); frames 5 and 6 run the first bake
         session.step(image)
         twin.step(image)
     session.session = FailingGpuSession(session.session)  # the provider the fallback checks
-    session._bake = dataclasses.replace(session._bake, session=FailingGpuSession(session._bake.session))
+    session._bake.session = FailingGpuSession(session._bake.session)
     out, expected = session.step(images[6]), twin.step(images[6])
     assert session.provider == "CPUExecutionProvider" and session.fallbacks == 1
     np.testing.assert_array_equal(out.logits, expected.logits)
     for image in images[7:12]:
         np.testing.assert_array_equal(session.step(image).logits, twin.step(image).logits)
-    assert session.frames == twin.frames == 12 and session.bakes == twin.bakes
+    assert session.frames == twin.frames == 12
     for layer, tensors in twin.state.items():
         for name, value in tensors.items():
             np.testing.assert_array_equal(session.state[layer][name], value)
+    assert session.bakes == twin.bakes
 
 
 def test_int8_statistics_and_shift_follow_fp32(folded, test_images):
@@ -259,9 +268,10 @@ def test_a_frame_is_normalised_with_the_components_after_the_previous_frame(fold
     assert session.frames == 1 and np.any(session.state[session.info.layer_names[0]]["counts"] > 0)
     # the second frame's statistics: the mixture after frame 1 with frame 1 as the instance term
     mu, var = session._outputs[contract.STATS]
-    expected_mean, _ = session.mixture.statistics(mu.copy(), var.copy())
-    session.step(images[1], adapt=1.0)
-    np.testing.assert_allclose(session._norm_mean, expected_mean, rtol=1e-6)
+    mean, var = session.mixture.statistics(mu.copy(), var.copy())
+    graph = session.session.run([contract.LOGITS], {contract.IMAGE: images[1], contract.NORM_MEAN: mean,
+                                                    contract.NORM_VAR: var})[0][0]
+    np.testing.assert_allclose(session.step(images[1], adapt=1.0).logits, graph, rtol=1e-6)
 
 
 def test_adaptation_helps_on_a_shifted_stream_and_checkpoints_resume(folded, test_images, tmp_path):

@@ -314,6 +314,8 @@ def test_gpu_failure_in_the_daemon_publishes_degraded_and_loses_no_frame(tmp_pat
     session.session = FailingGpuSession(session.session, "CUDA failure 999: unknown error (device lost)")
     assert agent.run() == 0
     assert wait_for(lambda: any(s["status"] == "degraded" for s in sub.payloads("stats")), 10)
+    # the final stats (published on the way out) may still be on their way: wait for the last frame's
+    assert wait_for(lambda: sub.payloads("stats")[-1]["cameras"]["cam1"]["frames_processed"] == 520, 10)
     sub.stop()
     degraded = next(s for s in sub.payloads("stats") if s["status"] == "degraded")
     jsonschema.validate(degraded, schema("stats"))
