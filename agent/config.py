@@ -74,6 +74,8 @@ class AdaptationConfig(Section):
     rebake_divergence: float = Field(REBAKE_DIVERGENCE, ge=0, le=100,
                                      description="folded-layout models: rebuild the baked normalisation once the "
                                                  "components' statistics are this far from it (mean KL per layer)")
+    measure_on_worker: bool = Field(False, description="folded-layout models: measure statistics on a worker thread "
+                                                       "(lower latency on a spare core, more CPU time)")
     gate: GateConfig = GateConfig()
     guard: GuardConfig = GuardConfig()
 

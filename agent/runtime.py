@@ -68,11 +68,11 @@ STATISTICS_EVERY, REBAKE_DIVERGENCE = 8, 0.003
 
 def open_session(path: str | Path, device: str = "auto", backend: str = "auto", threads: int | None = None,
                  seed: int = 0, info: ModelInfo | None = None, statistics_every: int = STATISTICS_EVERY,
-                 rebake_divergence: float = REBAKE_DIVERGENCE):
+                 rebake_divergence: float = REBAKE_DIVERGENCE, measure_on_worker: bool = False):
     """onnxruntime, unless torch is asked for, or `cuda` is asked for and torch is the only way to a
     GPU here (onnxruntime without a GPU provider). torch is imported only in those two cases.
-    `statistics_every` / `rebake_divergence` are the folded layout's cadence (FoldedSession); the graph
-    layout measures every frame."""
+    `statistics_every` / `rebake_divergence` / `measure_on_worker` are the folded layout's cadence
+    (FoldedSession); the graph layout measures every frame."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto" and device == "cuda" and choose_providers("cuda").providers == [CPU]:
@@ -89,7 +89,8 @@ def open_session(path: str | Path, device: str = "auto", backend: str = "auto", 
     info = info or read_model_info(path)
     if info.adaptation.layout == "folded":
         return FoldedSession(path, device=device, threads=threads, seed=seed, info=info,
-                             statistics_every=statistics_every, rebake_divergence=rebake_divergence)
+                             statistics_every=statistics_every, rebake_divergence=rebake_divergence,
+                             measure_on_worker=measure_on_worker)
     return AdaptiveSession(path, device=device, threads=threads, seed=seed, info=info)
 
 
@@ -264,10 +265,14 @@ class _Bake:
 
 @dataclass
 class _Measurement:
-    """A measured adapted frame's statistics pass, under way on the worker: the shift and the
-    rebuilt bake (None: the normalisation moved too little) it gives."""
-    result: Future[tuple[np.ndarray, _Bake | None]]
+    """A measured adapted frame's statistics pass and what it gives: the shift and the rebuilt bake
+    (None: the normalisation moved too little)."""
     job: Callable[[], tuple[np.ndarray, _Bake | None]]
+    future: Future | None = None  # under way on the worker; None: done on the main thread
+    outcome: tuple[np.ndarray, _Bake | None] | None = None
+
+    def result(self) -> tuple[np.ndarray, _Bake | None]:
+        return self.outcome if self.future is None else self.future.result()
 
 
 class FoldedSession(AdaptiveSession):
@@ -280,16 +285,18 @@ class FoldedSession(AdaptiveSession):
     shift. Every frame's answer comes from a session with its normalisation baked in
     (agent/baked.py): the source statistics for unadapted frames (with the statistics branch
     kept when they measure: the gate's shadow passes); for adapted ones the components'
-    statistics (with the last measured frame as the instance term) at the last bake. An adapted
-    frame's measurement runs on a worker thread: the file's own graph, normalised with the
-    components as they are, then the update, and a rebuilt bake when the update moved the
-    normalisation more than `rebake_divergence` (mean per-layer KL) from the one in use. The
-    next measured adapted frame takes it up, waiting for it if need be, and reports its shift
-    (so an adapted frame's shift arrives `statistics_every` frames late): results do not depend
-    on timing, on a box with a core to spare no frame waits for a measurement or a build, and a
-    camera that has settled costs no rebuilds. With `statistics_every` 1 every frame runs the
-    graph itself, normalised with the components after the frame before. Components and
-    checkpoints are the robust layout's.
+    statistics (with the last measured frame as the instance term) at the last bake. A measured
+    adapted frame runs the file's own graph, normalised with the components as they are, then
+    the update, and a rebuilt bake when the update moved the normalisation more than
+    `rebake_divergence` (mean per-layer KL) from the one in use; the next measured adapted frame
+    takes both up and reports the shift (so an adapted frame's shift arrives `statistics_every`
+    frames late), and a camera that has settled costs no rebuilds. With `measure_on_worker` that
+    measurement runs on a worker thread and the measured frame's own answer comes from the bake:
+    no frame waits for a measurement or a build on a box with a core to spare (lower latency,
+    more CPU time: bench/latency.py); the next measured frame waits for it if need be, so
+    results do not depend on timing. With `statistics_every` 1 every frame runs the graph,
+    normalised with the components after the frame before. Components and checkpoints are the
+    robust layout's.
     """
 
     OUTPUTS = (contract.LOGITS, contract.FEATURES, contract.STATS)
@@ -297,7 +304,7 @@ class FoldedSession(AdaptiveSession):
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, seed: int = 0,
                  info: ModelInfo | None = None, statistics_every: int = STATISTICS_EVERY,
-                 rebake_divergence: float = REBAKE_DIVERGENCE):
+                 rebake_divergence: float = REBAKE_DIVERGENCE, measure_on_worker: bool = False):
         if statistics_every < 1 or not rebake_divergence >= 0:
             raise ValueError(f"statistics_every must be >= 1 and rebake_divergence >= 0, got {statistics_every}, "
                              f"{rebake_divergence}")
@@ -311,7 +318,9 @@ class FoldedSession(AdaptiveSession):
         self._baker = (BakedNormalisation(path, (self.mixture.source_mean, self.mixture.source_var),
                                           self._session_options, self.session.get_providers())
                        if statistics_every > 1 else None)
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="measure") if self._baker else None
+        on_worker = measure_on_worker and self._baker is not None
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="measure") if on_worker else None
+        self._worker_outputs = {name: np.empty_like(a) for name, a in self._outputs.items()}
 
     def _set_state(self, state: dict) -> None:
         self._settle()
@@ -323,8 +332,8 @@ class FoldedSession(AdaptiveSession):
 
     def _settle(self) -> None:
         """Wait for a measurement under way: it writes the components."""
-        if self._measurement is not None:
-            wait([self._measurement.result])
+        if self._measurement is not None and self._measurement.future is not None:
+            wait([self._measurement.future])
 
     @property
     def state(self) -> dict[str, dict[str, np.ndarray]]:
@@ -341,8 +350,9 @@ class FoldedSession(AdaptiveSession):
         elif adapted and self._baker is not None:
             shift = self._run_or_fall_back(self._take_up)
             frames, self._unmeasured[True] = self._unmeasured[True] + 1, 0
-            self._run_or_fall_back(lambda: self._run_baked(image, adapt))
-            self._submit(np.array(image, np.float32), adapt, update, frames)
+            if self._worker is not None:
+                self._run_or_fall_back(lambda: self._run_baked(image, adapt))
+            self._measure(np.array(image, np.float32), adapt, update, frames)
         else:
             shift = self._measured_now(image, adapt, update and adapted)
         if adapted:
@@ -364,29 +374,39 @@ class FoldedSession(AdaptiveSession):
         self._last = (mu, var_x)
         return self.mixture.shift(mu, var_x)
 
-    def _submit(self, image: np.ndarray, adapt: float, update: bool, frames: int) -> None:
+    def _measure(self, image: np.ndarray, adapt: float, update: bool, frames: int) -> None:
+        """Here, the graph's pass is the frame's answer; on the worker, the main thread's bake is."""
         mean, var = self._normalisation(adapt)
+        outputs = self._outputs if self._worker is None else self._worker_outputs
 
-        def job() -> tuple[np.ndarray, _Bake | None]:  # on the worker: the main thread leaves the components alone
-            stats = self.session.run([contract.STATS], {contract.IMAGE: image, contract.NORM_MEAN: mean,
-                                                        contract.NORM_VAR: var})[0]
-            shift = self._update(stats, adapt, update, frames)
+        def job() -> tuple[np.ndarray, _Bake | None]:  # the main thread leaves the components alone meanwhile
+            binding = self.session.io_binding()
+            for name, value in ((contract.IMAGE, image), (contract.NORM_MEAN, mean), (contract.NORM_VAR, var)):
+                binding.bind_cpu_input(name, value)
+            for name, array in outputs.items():
+                _bind_output(binding, name, array)
+            self.session.run_with_iobinding(binding)
+            shift = self._update(outputs[contract.STATS], adapt, update, frames)
             moved_to = self._normalisation(adapt)
-            if self.mixture.divergence(*moved_to, self._bake.mean, self._bake.var).mean() <= self.rebake_divergence:
+            if self._bake is not None and self.mixture.divergence(
+                    *moved_to, self._bake.mean, self._bake.var).mean() <= self.rebake_divergence:
                 return shift, None
             self.bakes += 1
             try:
                 return shift, _Bake(*moved_to, self._baker.session(*moved_to))
-            except Exception:  # onnxruntime's own types; the main thread builds it again where it runs now
+            except Exception:  # onnxruntime's own types; the take-up builds it again where sessions run now
                 return shift, _Bake(*moved_to, None)
-        self._measurement = _Measurement(self._worker.submit(job), job)
+        if self._worker is None:
+            self._measurement = _Measurement(job, outcome=self._run_or_fall_back(job))
+        else:
+            self._measurement = _Measurement(job, self._worker.submit(job))
 
     def _take_up(self) -> np.ndarray | None:
         """The last measurement's shift and bake; its failure on the accelerator falls back (before
         it moved the components: the fallback runs it again)."""
         if self._measurement is None:
             return None
-        shift, rebuilt = self._measurement.result.result()
+        shift, rebuilt = self._measurement.result()
         if rebuilt is not None:
             if rebuilt.session is None:
                 rebuilt.session = self._baker.session(rebuilt.mean, rebuilt.var)
@@ -452,10 +472,10 @@ class FoldedSession(AdaptiveSession):
             self._bake.session = self._baker.session(self._bake.mean, self._bake.var)
         m = self._measurement
         if m is not None:
-            if m.result.exception() is not None:
-                self._measurement = _Measurement(self._worker.submit(m.job), m.job)
-            elif m.result.result()[1] is not None:
-                m.result.result()[1].session = None  # built for the accelerator: the take-up builds it again
+            if m.future is not None and m.future.exception() is not None:
+                self._measurement = _Measurement(m.job, self._worker.submit(m.job))
+            elif m.result()[1] is not None:
+                m.result()[1].session = None  # built for the accelerator: the take-up builds it again
 
 
 def _bind_output(binding, name: str, array: np.ndarray) -> None:

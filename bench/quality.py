@@ -343,6 +343,8 @@ def main() -> None:
                         help="folded layout: measure statistics every N frames (FoldedSession)")
     parser.add_argument("--rebake-divergence", type=float, default=REBAKE_DIVERGENCE,
                         help="folded layout: rebuild the baked normalisation this far (mean KL) from the statistics")
+    parser.add_argument("--measure-on-worker", action="store_true",
+                        help="folded layout: measure statistics on a worker thread (FoldedSession)")
     parser.add_argument("--sweep", action="store_true", help="the robust mode's options, one at a time")
     parser.add_argument("--lame-sweep", action="store_true", help="LAME's window, affinity and neighbours")
     args = parser.parse_args()
@@ -361,7 +363,8 @@ def main() -> None:
                                        if quick else list(CORRUPTIONS))
     RESULTS.mkdir(exist_ok=True)
     paths = export_models(RESULTS / "models", args.layout)
-    cadence = {"statistics_every": args.statistics_every, "rebake_divergence": args.rebake_divergence}
+    cadence = {"statistics_every": args.statistics_every, "rebake_divergence": args.rebake_divergence,
+               "measure_on_worker": args.measure_on_worker}
     from exporters.models.fashion_mnist import load_split
 
     images, labels = load_split("t10k")
@@ -387,8 +390,9 @@ def main() -> None:
               "seconds": round(time.time() - started)}
     suffix = "" if args.layout == "graph" else f".{args.layout}"
     if args.layout == "folded" and cadence != {"statistics_every": STATISTICS_EVERY,
-                                               "rebake_divergence": REBAKE_DIVERGENCE}:
+                                               "rebake_divergence": REBAKE_DIVERGENCE, "measure_on_worker": False}:
         suffix += f".every{args.statistics_every}.rebake{args.rebake_divergence:g}"
+        suffix += ".worker" if args.measure_on_worker else ""
     (RESULTS / f"quality{suffix}.json").write_text(json.dumps(report, indent=1))
     table = markdown(summary, severities, ("int8", "fp32"))
     effnet_line = "\n".join(
