@@ -417,14 +417,17 @@ class FoldedSession(AdaptiveSession):
     def _measured_now(self, image: np.ndarray, adapt: float, update: bool) -> np.ndarray:
         """Unadapted frames (the gate's shadow passes) through a source bake that keeps `stats` (4.4
         ms instead of 7.7 through the graph, EfficientNet-Lite0, one-off); they leave the components
-        and the instance term alone. Without a baker (statistics every frame), the graph."""
+        alone but become the instance term (0.5-1.3 quality points better gated than without, bench.quality).
+        Without a baker (statistics every frame), the graph."""
         normalisation = self._normalisation(adapt)
         self._run_or_fall_back(lambda: self._run_measuring(image, *normalisation))
         self._unmeasured[adapt > 0] = 0
         stats = self._outputs[contract.STATS]
-        if adapt == 0:
-            return self.mixture.shift(stats[0], stats[1])
-        return self._update(stats, adapt, update, frames=1)
+        if adapt > 0:
+            return self._update(stats, adapt, update, frames=1)
+        self._settle()  # a measurement under way reads and sets the instance term
+        self._last = (stats[0].copy(), stats[1].copy())
+        return self.mixture.shift(*self._last)
 
     def _run_measuring(self, image: np.ndarray, mean: np.ndarray, var: np.ndarray) -> None:
         if self._baker is not None:  # unadapted
