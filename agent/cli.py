@@ -22,7 +22,8 @@ log = logging.getLogger("tta-agent")
 
 def cmd_replay(args) -> int:
     session = open_session(args.model, device=args.device, backend=args.backend, threads=args.threads, seed=args.seed,
-                           statistics_every=args.statistics_every, rebake_divergence=args.rebake_divergence)
+                           statistics_every=args.statistics_every, rebake_divergence=args.rebake_divergence,
+                           measure_on_worker=args.measure_on_worker)
     if args.state:
         session.load(args.state)
     labels = read_labels(args.labels, session.info.labels) if args.labels else None
@@ -101,6 +102,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--rebake-divergence", type=float, default=REBAKE_DIVERGENCE,
                    help="folded-layout models: rebuild the baked normalisation once the statistics are this far "
                         "from it (mean KL per layer)")
+    r.add_argument("--measure-on-worker", action="store_true",
+                   help="folded-layout models: measure statistics on a worker thread")
     r.add_argument("--drift-warmup", type=int, default=100, help="frames that set the usual shift level")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--state", type=Path, help="start from these components (.npz)")
