@@ -282,9 +282,9 @@ class FoldedSession(AdaptiveSession):
     Statistics are measured on every `statistics_every`-th adapted frame (and, apart, every
     `statistics_every`-th unadapted one), or when the caller asks (`measure`); only those frames
     move the components (each update decays them for the frames it stands for) and report a
-    shift. Every frame's answer comes from a session with its normalisation baked in
-    (agent/baked.py): the source statistics for unadapted frames (with the statistics branch
-    kept when they measure: the gate's shadow passes); for adapted ones the components'
+    shift. The other frames run a session with the normalisation baked in (agent/baked.py): the
+    source statistics for unadapted frames (a second one keeps the statistics branch for the
+    unadapted frames that measure: the gate's shadow passes); for adapted ones the components'
     statistics (with the last measured frame as the instance term) at the last bake. A measured
     adapted frame runs the file's own graph, normalised with the components as they are, then
     the update, and a rebuilt bake when the update moved the normalisation more than
@@ -320,13 +320,13 @@ class FoldedSession(AdaptiveSession):
                        if statistics_every > 1 else None)
         on_worker = measure_on_worker and self._baker is not None
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="measure") if on_worker else None
-        self._worker_outputs = {name: np.empty_like(a) for name, a in self._outputs.items()}
+        self._worker_outputs = {name: np.empty_like(a) for name, a in self._outputs.items()} if on_worker else {}
 
     def _set_state(self, state: dict) -> None:
         self._settle()
         self._measurement = None
         self.mixture.set_state(state)
-        self._last = None  # the last measured adapted frame's statistics, for the instance term
+        self._last = None  # the last measured frame's statistics (a gate shadow's too), for the instance term
         self._unmeasured = {False: 0, True: 0}  # unadapted / adapted frames since the last measured one
         self._bake: _Bake | None = None  # what adapted frames run; None: bake the components when needed
 
