@@ -18,7 +18,7 @@ from .drift import DriftDetector, DriftEvent
 from .gate import AdaptationGate, CollapseGuard
 from .lame import CorrelationMonitor, Lame
 from .preprocess import FrameError, Preprocessor
-from .runtime import AdaptiveSession
+from .runtime import OnnxSession
 from .sources import Frame
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class PipelineCounters:
 
 
 class CameraPipeline:
-    def __init__(self, session: AdaptiveSession, lame: Lame | None = None, lame_mode: str = "auto",
+    def __init__(self, session: OnnxSession, lame: Lame | None = None, lame_mode: str = "auto",
                  drift: DriftDetector | None = None, raw_every: int = 0, gate: AdaptationGate | None = None,
                  guard: CollapseGuard | None = None):
         """`gate` None adapts at full strength on every frame (the ungated UnMix-TNS); `guard` watches

@@ -132,18 +132,12 @@ class Checkpoints:
         self.frames = int(meta.get("frames", 0))
 
 
-class AdaptiveSession(Checkpoints):
-    """step() runs one frame; the updated components become the next frame's inputs.
+class OnnxSession(Checkpoints):
+    """One model file in onnxruntime on the chosen providers, carried over to the CPU when the
+    accelerator fails. Subclasses (the two layouts) keep the components and run `step`; `OUTPUTS`
+    are read every frame into preallocated arrays."""
 
-    `adapt` is the adaptation strength in [0, 1]: 0 (or False) runs the frame on the source
-    statistics and leaves the components as they are (the unadapted model), 1 (or True) is
-    full UnMix-TNS, values between blend the two and move the components that much less
-    (agent/gate.py sets it). `update=False` adapts without moving the components (frozen).
-    `measure=True` asks for this frame's shift whatever the session's cadence (the graph layout
-    measures every frame; FoldedSession may not).
-    """
-
-    OUTPUTS = (contract.LOGITS, contract.FEATURES, contract.SHIFT)  # read every frame into preallocated arrays
+    OUTPUTS: tuple[str, ...] = ()
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None,
                  seed: int = 0, info: ModelInfo | None = None):
@@ -153,10 +147,6 @@ class AdaptiveSession(Checkpoints):
         self.seed = seed
         self.fallback_reason: str | None = None
         self.fallbacks = 0
-        spec = self.info.adaptation
-        # (layer, tensor, graph input, graph output) for every state tensor
-        self._state_io = [(layer.name, t, contract.state_input(layer.name, t), contract.state_output(layer.name, t))
-                       for layer in spec.layers for t in spec.state_tensors]
         choice = choose_providers(device)
         self.session = self._open(choice.providers)
         self.provider_reason = choice.reason
@@ -165,7 +155,6 @@ class AdaptiveSession(Checkpoints):
             self.provider_reason = (f"{choice.providers[0]} failed to initialise (no usable GPU); "
                                     f"running on {self.provider}")
         log.info("model %s on %s (%s)", self.path.name, self.provider, self.provider_reason)
-        self._adapt = np.zeros(1, np.float32)
         self._outputs = {name: np.empty(shape, np.float32) for name, shape in self._output_shapes().items()}
         self.frames = 0
         self.reset()
@@ -195,6 +184,48 @@ class AdaptiveSession(Checkpoints):
     def provider(self) -> str:
         return self.session.get_providers()[0]
 
+    def _run_or_fall_back(self, run):
+        try:
+            return run()
+        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
+            if self.provider == CPU:
+                raise
+            self._fall_back(exc)
+            return run()
+
+    def _fall_back(self, exc: Exception) -> None:
+        """The accelerator failed: carry on with the CPU and the same components."""
+        failed = self.provider
+        self.fallback_reason = f"{failed} failed ({type(exc).__name__}: {str(exc)[:200]}); switched to the CPU"
+        self.fallbacks += 1
+        log.error("%s", self.fallback_reason)
+        self.session = self._open([CPU])
+        self.provider_reason = self.fallback_reason
+
+
+class AdaptiveSession(OnnxSession):
+    """step() runs one frame; the updated components become the next frame's inputs.
+
+    `adapt` is the adaptation strength in [0, 1]: 0 (or False) runs the frame on the source
+    statistics and leaves the components as they are (the unadapted model), 1 (or True) is
+    full UnMix-TNS, values between blend the two and move the components that much less
+    (agent/gate.py sets it). `update=False` adapts without moving the components (frozen).
+    `measure=True` asks for this frame's shift whatever the session's cadence (the graph layout
+    measures every frame; FoldedSession may not).
+    """
+
+    OUTPUTS = (contract.LOGITS, contract.FEATURES, contract.SHIFT)
+
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None,
+                 seed: int = 0, info: ModelInfo | None = None):
+        info = info or read_model_info(path)
+        spec = info.adaptation
+        # (layer, tensor, graph input, graph output) for every state tensor
+        self._state_io = [(layer.name, t, contract.state_input(layer.name, t), contract.state_output(layer.name, t))
+                          for layer in spec.layers for t in spec.state_tensors]
+        self._adapt = np.zeros(1, np.float32)
+        super().__init__(path, device=device, threads=threads, seed=seed, info=info)
+
     def _set_state(self, state: dict) -> None:
         self._current = {i: np.array(state[layer][t], np.float32, order="C") for layer, t, i, _ in self._state_io}
         self._spare = {i: np.empty_like(a) for i, a in self._current.items()}
@@ -223,24 +254,6 @@ class AdaptiveSession(Checkpoints):
         for name, array in self._outputs.items():
             _bind_output(binding, name, array)
         self.session.run_with_iobinding(binding)
-
-    def _run_or_fall_back(self, run):
-        try:
-            return run()
-        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
-            if self.provider == CPU:
-                raise
-            self._fall_back(exc)
-            return run()
-
-    def _fall_back(self, exc: Exception) -> None:
-        """The accelerator failed: carry on with the CPU and the same components."""
-        failed = self.provider
-        self.fallback_reason = f"{failed} failed ({type(exc).__name__}: {str(exc)[:200]}); switched to the CPU"
-        self.fallbacks += 1
-        log.error("%s", self.fallback_reason)
-        self.session = self._open([CPU])
-        self.provider_reason = self.fallback_reason
 
     @property
     def state_feeds(self) -> dict[str, np.ndarray]:
@@ -275,7 +288,7 @@ class _Measurement:
         return self.outcome if self.future is None else self.future.result()
 
 
-class FoldedSession(AdaptiveSession):
+class FoldedSession(OnnxSession):
     """The folded layout (exporters/folded.py): the graph normalises with `norm.mean/var` and returns
     the frame's statistics; UnMix-TNS runs here (agent/unmix.py), all layers in one vectorised step.
 
