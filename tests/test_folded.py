@@ -183,6 +183,7 @@ def test_statistics_every_n_frames_and_taken_up_by_the_next_measured_frame(folde
     images = test_images[0]
     session = open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=4, rebake_divergence=0.0,
                            measure_on_worker=on_worker)
+    assert (session._worker is not None) == on_worker
     in_use, expected_shift = [], None
     for i, image in enumerate(images[:16]):
         before = session.state[session.info.layer_names[0]]["counts"]  # state waits for the worker
