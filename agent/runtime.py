@@ -365,7 +365,7 @@ class FoldedSession(OnnxSession):
             frames, self._unmeasured[True] = self._unmeasured[True] + 1, 0
             if self._worker is not None:
                 self._run_or_fall_back(lambda: self._run_baked(image, adapt))
-            self._measure(np.array(image, np.float32), adapt, update, frames)
+            self._measure(image, adapt, update, frames)
         else:
             shift = self._measured_now(image, adapt, update and adapted)
         if adapted:
@@ -391,6 +391,8 @@ class FoldedSession(OnnxSession):
         """Here, the graph's pass is the frame's answer; on the worker, the main thread's bake is."""
         mean, var = self._normalisation(adapt)
         outputs = self._outputs if self._worker is None else self._worker_outputs
+        # the caller may reuse its array once step() returns: the worker gets its own copy
+        image = np.ascontiguousarray(image, np.float32) if self._worker is None else np.array(image, np.float32)
 
         def job() -> tuple[np.ndarray, _Bake | None]:  # the main thread leaves the components alone meanwhile
             binding = self.session.io_binding()

@@ -244,6 +244,25 @@ def test_slow_measurements_on_the_worker_are_waited_for_so_results_do_not_depend
 
 
 @pytest.mark.parametrize("on_worker", [False, True])
+def test_a_rebuild_that_fails_in_the_measurement_is_built_again_when_taken_up(folded, test_images, on_worker):
+    images = test_images[0][:12]
+    session, twin = (open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=4, rebake_divergence=0.0,
+                                  measure_on_worker=on_worker) for _ in range(2))
+    bake, calls = session._baker.session, []
+
+    def failing_once(mean, var, measuring=False):
+        calls.append(measuring)
+        if len(calls) == 2:  # the first rebuild, inside the measurement after frame 4
+            raise RuntimeError("CUDA failure 2: out of memory")
+        return bake(mean, var, measuring)
+    session._baker.session = failing_once
+    for image in images:
+        np.testing.assert_array_equal(session.step(image).logits, twin.step(image).logits)
+    session.state  # noqa: B018 (waits for the last measurement)
+    assert len(calls) == 5  # the first bake, the failed rebuild, it again at frame 8, the rebuilds after 8 and 12
+
+
+@pytest.mark.parametrize("on_worker", [False, True])
 def test_a_baked_session_failing_on_the_gpu_falls_back_to_the_cpu_with_the_same_components(folded, test_images,
                                                                                            on_worker):
     """The graph and the bakes run on the accelerator; when they die, the session reopens on the
