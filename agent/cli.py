@@ -23,7 +23,7 @@ log = logging.getLogger("tta-agent")
 def cmd_replay(args) -> int:
     session = open_session(args.model, device=args.device, backend=args.backend, threads=args.threads, seed=args.seed,
                            statistics_every=args.statistics_every, rebake_divergence=args.rebake_divergence,
-                           measure_on_worker=args.measure_on_worker)
+                           measure_on_worker=args.measure_on_worker, statistics_every_max=args.statistics_every_max)
     if args.state:
         session.load(args.state)
     labels = read_labels(args.labels, session.info.labels) if args.labels else None
@@ -104,6 +104,9 @@ def parser() -> argparse.ArgumentParser:
                         "from it (mean KL per layer)")
     r.add_argument("--measure-on-worker", action="store_true",
                    help="folded-layout models: measure statistics on a worker thread")
+    r.add_argument("--statistics-every-max", type=int, metavar="N",
+                   help="folded-layout models: the faster mode; measure adapted frames down to every N-th "
+                        "while the measurements rebuild nothing")
     r.add_argument("--drift-warmup", type=int, default=100, help="frames that set the usual shift level")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--state", type=Path, help="start from these components (.npz)")

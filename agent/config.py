@@ -76,8 +76,19 @@ class AdaptationConfig(Section):
                                                  "components' statistics are this far from it (mean KL per layer)")
     measure_on_worker: bool = Field(False, description="folded-layout models: measure statistics on a worker thread "
                                                        "(lower latency on a spare core, more CPU time)")
+    statistics_every_max: int | None = Field(None, ge=1, le=100_000,
+                                             description="folded-layout models: measure adapted frames down to "
+                                                         "every N-th while the measurements rebuild nothing (the "
+                                                         "faster mode; null: always every statistics_every-th)")
     gate: GateConfig = GateConfig()
     guard: GuardConfig = GuardConfig()
+
+    @model_validator(mode="after")
+    def _cadence(self):
+        if self.statistics_every_max is not None and self.statistics_every_max < self.statistics_every:
+            raise ValueError(f"statistics_every_max ({self.statistics_every_max}) must be at least "
+                             f"statistics_every ({self.statistics_every})")
+        return self
 
 
 class LameConfig(Section):

@@ -97,7 +97,7 @@ class Agent:
         session = open_session(model.path, device=model.device, backend=model.backend,
                                threads=model.threads or physical_cores(), seed=a.seed, info=self.info,
                                statistics_every=a.statistics_every, rebake_divergence=a.rebake_divergence,
-                               measure_on_worker=a.measure_on_worker)
+                               measure_on_worker=a.measure_on_worker, statistics_every_max=a.statistics_every_max)
         checkpoint = self._checkpoint_path(cfg.name)
         if checkpoint.exists():
             try:

@@ -64,15 +64,17 @@ def choose_providers(device: str, available: list[str] | None = None) -> Provide
 BACKENDS = ("auto", "onnxruntime", "torch")
 # the folded layout's cadence (FoldedSession), chosen by bench/latency.py and bench/quality.py (README)
 STATISTICS_EVERY, REBAKE_DIVERGENCE = 8, 0.003
+QUIET_MEASUREMENTS = 16  # measurements in a row that rebuild nothing before adapted frames measure half as often
 
 
 def open_session(path: str | Path, device: str = "auto", backend: str = "auto", threads: int | None = None,
                  seed: int = 0, info: ModelInfo | None = None, statistics_every: int = STATISTICS_EVERY,
-                 rebake_divergence: float = REBAKE_DIVERGENCE, measure_on_worker: bool = False):
+                 rebake_divergence: float = REBAKE_DIVERGENCE, measure_on_worker: bool = False,
+                 statistics_every_max: int | None = None):
     """onnxruntime, unless torch is asked for, or `cuda` is asked for and torch is the only way to a
     GPU here (onnxruntime without a GPU provider). torch is imported only in those two cases.
-    `statistics_every` / `rebake_divergence` / `measure_on_worker` are the folded layout's cadence
-    (FoldedSession); the graph layout measures every frame."""
+    `statistics_every` / `rebake_divergence` / `measure_on_worker` / `statistics_every_max` are the
+    folded layout's cadence (FoldedSession); the graph layout measures every frame."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto" and device == "cuda" and choose_providers("cuda").providers == [CPU]:
@@ -90,7 +92,7 @@ def open_session(path: str | Path, device: str = "auto", backend: str = "auto", 
     if info.adaptation.layout == "folded":
         return FoldedSession(path, device=device, threads=threads, seed=seed, info=info,
                              statistics_every=statistics_every, rebake_divergence=rebake_divergence,
-                             measure_on_worker=measure_on_worker)
+                             measure_on_worker=measure_on_worker, statistics_every_max=statistics_every_max)
     return AdaptiveSession(path, device=device, threads=threads, seed=seed, info=info)
 
 
@@ -307,7 +309,11 @@ class FoldedSession(OnnxSession):
     measurement runs on a worker thread and the measured frame's own answer comes from the bake:
     no frame waits for a measurement or a build on a box with a core to spare (lower latency,
     more CPU time: bench/latency.py); the next measured frame waits for it if need be, so
-    results do not depend on timing. With `statistics_every` 1 every frame runs the graph,
+    results do not depend on timing. With `statistics_every_max` above `statistics_every`, adapted
+    frames measure half as often after QUIET_MEASUREMENTS measurements in a row that rebuilt nothing
+    (a settled camera), down to every `statistics_every_max`-th, and every `statistics_every`-th
+    again as soon as one rebuilds: the faster mode (bench/latency.py, README). With
+    `statistics_every` 1 every frame runs the graph,
     normalised with the components after the frame before. Components and checkpoints are the
     robust layout's.
     """
@@ -317,12 +323,16 @@ class FoldedSession(OnnxSession):
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, seed: int = 0,
                  info: ModelInfo | None = None, statistics_every: int = STATISTICS_EVERY,
-                 rebake_divergence: float = REBAKE_DIVERGENCE, measure_on_worker: bool = False):
-        if statistics_every < 1 or not rebake_divergence >= 0:
-            raise ValueError(f"statistics_every must be >= 1 and rebake_divergence >= 0, got {statistics_every}, "
+                 rebake_divergence: float = REBAKE_DIVERGENCE, measure_on_worker: bool = False,
+                 statistics_every_max: int | None = None):
+        statistics_every_max = statistics_every_max or statistics_every
+        if statistics_every < 1 or statistics_every_max < statistics_every or not rebake_divergence >= 0:
+            raise ValueError(f"statistics_every must be >= 1, statistics_every_max >= statistics_every and "
+                             f"rebake_divergence >= 0, got {statistics_every}, {statistics_every_max}, "
                              f"{rebake_divergence}")
         info = info or read_model_info(path)
         self.statistics_every, self.rebake_divergence = statistics_every, rebake_divergence
+        self.statistics_every_max = statistics_every_max
         self.mixture = RobustMixture(info.adaptation, info.source_stats)
         self._source: dict[bool, ort.InferenceSession] = {}  # the source bake, by whether it measures
         self._measurement: _Measurement | None = None
@@ -341,6 +351,8 @@ class FoldedSession(OnnxSession):
         self.mixture.set_state(state)
         self._last = None  # the last measured frame's statistics (a gate shadow's too), for the instance term
         self._unmeasured = {False: 0, True: 0}  # unadapted / adapted frames since the last measured one
+        self._adapted_every = self.statistics_every  # unadapted frames measure every statistics_every-th
+        self._quiet = 0  # adapted measurements in a row that rebuilt nothing
         self._bake: _Bake | None = None  # what adapted frames run; None: bake the components when needed
 
     def _settle(self) -> None:
@@ -357,7 +369,8 @@ class FoldedSession(OnnxSession):
         _check_strength(adapt)
         adapted = adapt > 0
         shift = None
-        if not (measure or self._unmeasured[adapted] + 1 >= self.statistics_every):
+        every = self._adapted_every if adapted else self.statistics_every
+        if not (measure or self._unmeasured[adapted] + 1 >= every):
             self._unmeasured[adapted] += 1
             self._run_or_fall_back(lambda: self._run_baked(image, adapt))
         elif adapted and self._baker is not None:
@@ -427,7 +440,16 @@ class FoldedSession(OnnxSession):
                 rebuilt.session = self._baker.session(rebuilt.mean, rebuilt.var)
             self._bake = rebuilt
         self._measurement = None
+        self._pace(moved=rebuilt is not None)
         return shift
+
+    def _pace(self, moved: bool) -> None:
+        """A camera whose measurements stop moving the bake measures less often, until one does."""
+        self._quiet = 0 if moved else self._quiet + 1
+        if moved:
+            self._adapted_every = self.statistics_every
+        elif self._quiet >= QUIET_MEASUREMENTS:
+            self._adapted_every, self._quiet = min(2 * self._adapted_every, self.statistics_every_max), 0
 
     def _measured_now(self, image: np.ndarray, adapt: float, update: bool) -> np.ndarray:
         """Unadapted frames (the gate's shadow passes) through a source bake that keeps `stats` (4.4

@@ -13,10 +13,12 @@ folded layout can measure on a worker thread), every variant timed in each round
                                   (agent/runtime.py FoldedSession); also at every frame and every 16th,
                                   measuring on a worker thread (measure_on_worker), and with the
                                   gate's shadow pass (unadapted, measuring) every 4th frame, as a
-                                  gated camera runs while it adapts; the default, worker and gated rows
-                                  also once settled: after SETTLE_FRAMES frames of the same stream,
-                                  when the components have stopped moving the bake (a camera that
-                                  has run a while; the other rows include the first rebuilds).
+                                  gated camera runs while it adapts; the faster mode
+                                  (statistics_every_max 32: measuring less often once the bake stops
+                                  moving); the default, faster, worker and gated rows also once
+                                  settled: after SETTLE_FRAMES frames of the same stream, when the
+                                  components have stopped moving the bake (a camera that has run a
+                                  while; the other rows include the first rebuilds).
                                   These run FOLDED_FRAMES frames a round (rebuilds are occasional).
     torch eager faithful          exporters/unmix.py's UnMix-TNS reference in torch, eager
     sliding window W=16 / 64      the TTA-benchmark practice: W buffered frames through the network
@@ -90,6 +92,7 @@ def adapted_models() -> dict[str, Path]:
 SHADOW_EVERY = GateConfig.model_fields["shadow_every"].default
 FOLDED_FRAMES = 64  # per round for the folded layout: eight measured frames of the default cadence
 SETTLE_FRAMES = 2560  # the default cadence stops rebuilding on the bench's stream within about 1300 frames
+FASTER_EVERY_MAX = 32  # the faster mode: adapted frames measure down to every 32nd once settled (FoldedSession)
 
 
 def timer_plain(path: Path, threads: int, images):
@@ -294,6 +297,10 @@ def main() -> None:
                                                                    shadow_every=SHADOW_EVERY),
         "adapted INT8 folded, settled": timer_adapted(paths["robust.folded/int8"], t, folded_images,
                                                       settle=SETTLE_FRAMES),
+        "adapted INT8 folded, faster mode": timer_adapted(paths["robust.folded/int8"], t, folded_images,
+                                                          statistics_every_max=FASTER_EVERY_MAX),
+        "adapted INT8 folded, faster mode, settled": timer_adapted(
+            paths["robust.folded/int8"], t, folded_images, statistics_every_max=FASTER_EVERY_MAX, settle=SETTLE_FRAMES),
         "adapted INT8 folded, measured on a worker thread, settled": timer_adapted(
             paths["robust.folded/int8"], t, folded_images, measure_on_worker=True, settle=SETTLE_FRAMES),
         "adapted INT8 folded, gated while adapting, settled": timer_adapted(
@@ -328,6 +335,9 @@ def main() -> None:
         "adapted INT8 folded, gated while adapting / plain INT8":
             ms["adapted INT8 folded, gated while adapting"] / ms["plain INT8"],
         "adapted INT8 folded, settled / plain INT8": ms["adapted INT8 folded, settled"] / ms["plain INT8"],
+        "adapted INT8 folded, faster mode / plain INT8": ms["adapted INT8 folded, faster mode"] / ms["plain INT8"],
+        "adapted INT8 folded, faster mode, settled / plain INT8":
+            ms["adapted INT8 folded, faster mode, settled"] / ms["plain INT8"],
         "adapted INT8 folded, measured on a worker thread, settled / plain INT8":
             ms["adapted INT8 folded, measured on a worker thread, settled"] / ms["plain INT8"],
         "adapted INT8 folded, gated while adapting, settled / plain INT8":

@@ -345,6 +345,9 @@ def main() -> None:
                         help="folded layout: rebuild the baked normalisation this far (mean KL) from the statistics")
     parser.add_argument("--measure-on-worker", action="store_true",
                         help="folded layout: measure statistics on a worker thread (FoldedSession)")
+    parser.add_argument("--statistics-every-max", type=int,
+                        help="folded layout, the faster mode: measure adapted frames down to every N-th while the "
+                             "measurements rebuild nothing (FoldedSession)")
     parser.add_argument("--sweep", action="store_true", help="the robust mode's options, one at a time")
     parser.add_argument("--lame-sweep", action="store_true", help="LAME's window, affinity and neighbours")
     args = parser.parse_args()
@@ -364,7 +367,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     paths = export_models(RESULTS / "models", args.layout)
     cadence = {"statistics_every": args.statistics_every, "rebake_divergence": args.rebake_divergence,
-               "measure_on_worker": args.measure_on_worker}
+               "measure_on_worker": args.measure_on_worker, "statistics_every_max": args.statistics_every_max}
     from exporters.models.fashion_mnist import load_split
 
     images, labels = load_split("t10k")
@@ -389,10 +392,12 @@ def main() -> None:
               "guard_fired": fired,
               "seconds": round(time.time() - started)}
     suffix = "" if args.layout == "graph" else f".{args.layout}"
-    if args.layout == "folded" and cadence != {"statistics_every": STATISTICS_EVERY,
-                                               "rebake_divergence": REBAKE_DIVERGENCE, "measure_on_worker": False}:
+    default_cadence = {"statistics_every": STATISTICS_EVERY, "rebake_divergence": REBAKE_DIVERGENCE,
+                       "measure_on_worker": False, "statistics_every_max": None}
+    if args.layout == "folded" and cadence != default_cadence:
         suffix += f".every{args.statistics_every}.rebake{args.rebake_divergence:g}"
         suffix += ".worker" if args.measure_on_worker else ""
+        suffix += f".max{args.statistics_every_max}" if args.statistics_every_max else ""
     (RESULTS / f"quality{suffix}.json").write_text(json.dumps(report, indent=1))
     table = markdown(summary, severities, ("int8", "fp32"))
     effnet_line = "\n".join(

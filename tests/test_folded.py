@@ -11,7 +11,7 @@ import torch
 from helpers import FailingGpuSession, quantized_weights
 from torch import nn
 
-from agent import contract
+from agent import contract, runtime
 from agent.baked import BakedNormalisation
 from agent.contract import AdaptationSpec, LayerSpec, read_model_info
 from agent.preprocess import Preprocessor
@@ -214,6 +214,34 @@ def test_statistics_every_n_frames_and_taken_up_by_the_next_measured_frame(folde
                                every_frame.step(images[17], adapt=0.0).shift, rtol=1e-4, atol=1e-6)
     session.reset()
     assert session._bake is None and session._measurement is None
+
+
+@pytest.mark.parametrize("on_worker", [False, True])
+def test_a_settled_camera_measures_less_often_until_a_measurement_rebuilds(folded, test_images, on_worker,
+                                                                           monkeypatch):
+    """statistics_every=2, statistics_every_max=8, two quiet measurements before each doubling: adapted
+    frames measure 2, 2, 4, 4, 8, 8 ... frames apart while nothing is rebuilt; a measurement that
+    rebuilds brings the spacing back to 2 once taken up; unadapted frames keep every 2nd."""
+    monkeypatch.setattr(runtime, "QUIET_MEASUREMENTS", 2)
+    images = test_images[0]
+    session = open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=2, statistics_every_max=8,
+                           rebake_divergence=1e9, measure_on_worker=on_worker)
+    layer = session.info.layer_names[0]
+    measured = []
+    for i, image in enumerate(images[:80]):
+        if i + 1 == 46:  # the measurement at frame 46 rebuilds; frame 54 takes it up
+            session.rebake_divergence = 0.0
+        if i + 1 == 47:
+            session.rebake_divergence = 1e9
+        before = session.state[layer]["counts"]
+        session.step(image)
+        if not np.array_equal(before, session.state[layer]["counts"]):
+            measured.append(i + 1)
+    assert measured[:15] == [2, 4, 6, 10, 14, 22, 30, 38, 46, 54, 56, 58, 62, 66, 74], measured
+    shifts = [session.step(image, adapt=0.0).shift is not None for image in images[80:88]]
+    assert shifts == [False, True] * 4
+    session.reset()
+    assert session._adapted_every == 2
 
 
 def test_slow_measurements_on_the_worker_are_waited_for_so_results_do_not_depend_on_timing(folded, test_images):

@@ -65,6 +65,8 @@ def _base(**changes) -> dict:
     (_base(mqtt={"port": 70000}), "mqtt.port: Input should be less than or equal to 65535"),
     (_base(mqtt={"password_file": "a", "password_env": "B"}), "give one password source"),
     (_base(lame={"window": 10**12}), "lame.window: Input should be less than or equal to 1024"),
+    (_base(adaptation={"statistics_every_max": 4}), "adaptation: Value error, statistics_every_max (4) must be at "
+                                                    "least statistics_every (8)"),
     ({"cameras": [{"name": "a", "source": "0"}]}, "model: required key missing"),
     ([1, 2], "expected a mapping"),
 ])
