@@ -311,11 +311,10 @@ class FoldedSession(OnnxSession):
     more CPU time: bench/latency.py); the next measured frame waits for it if need be, so
     results do not depend on timing. With `statistics_every_max` above `statistics_every`, adapted
     frames measure half as often after QUIET_MEASUREMENTS measurements in a row that rebuilt nothing
-    (a settled camera), down to every `statistics_every_max`-th, and every `statistics_every`-th
-    again as soon as one rebuilds: the faster mode (bench/latency.py, README). With
-    `statistics_every` 1 every frame runs the graph,
-    normalised with the components after the frame before. Components and checkpoints are the
-    robust layout's.
+    (a settled camera), down to every `statistics_every_max`-th, and twice as often again after
+    each one that rebuilds: the faster mode (bench/latency.py, README). With `statistics_every` 1
+    every frame runs the graph, normalised with the components after the frame before. Components
+    and checkpoints are the robust layout's.
     """
 
     OUTPUTS = (contract.LOGITS, contract.FEATURES, contract.STATS)
@@ -444,10 +443,13 @@ class FoldedSession(OnnxSession):
         return shift
 
     def _pace(self, moved: bool) -> None:
-        """A camera whose measurements stop moving the bake measures less often, until one does."""
+        """A camera whose measurements stop moving the bake measures less often. Each one that moves it
+        halves the spacing instead of resetting it: a change of conditions moves it at every
+        measurement, while a measurement standing for 32 frames now and then moves it on a settled
+        camera too (resetting made the bench's stream cycle back to every 8th every 10-15 rounds)."""
         self._quiet = 0 if moved else self._quiet + 1
         if moved:
-            self._adapted_every = self.statistics_every
+            self._adapted_every = max(self._adapted_every // 2, self.statistics_every)
         elif self._quiet >= QUIET_MEASUREMENTS:
             self._adapted_every, self._quiet = min(2 * self._adapted_every, self.statistics_every_max), 0
 
