@@ -322,28 +322,12 @@ def main() -> None:
         footprints[layout] = daemon_footprint(paths[key], video, t)
     scaling = thread_scaling(plain_int8, paths, images, args.rounds)
     a = ms["adapted INT8 robust"]
+    folded = [name for name in ms if name.startswith("adapted INT8 folded")]
     ratios = {
         "adapted INT8 / plain INT8": a / ms["plain INT8"],
         "adapted INT8 faithful / plain INT8": ms["adapted INT8 faithful"] / ms["plain INT8"],
-        "adapted INT8 folded / plain INT8": ms["adapted INT8 folded"] / ms["plain INT8"],
-        "adapted INT8 folded, statistics every 16th / plain INT8":
-            ms["adapted INT8 folded, statistics every 16th"] / ms["plain INT8"],
-        "adapted INT8 folded, statistics every frame / plain INT8":
-            ms["adapted INT8 folded, statistics every frame"] / ms["plain INT8"],
-        "adapted INT8 folded, measured on a worker thread / plain INT8":
-            ms["adapted INT8 folded, measured on a worker thread"] / ms["plain INT8"],
-        "adapted INT8 folded, gated while adapting / plain INT8":
-            ms["adapted INT8 folded, gated while adapting"] / ms["plain INT8"],
-        "adapted INT8 folded, settled / plain INT8": ms["adapted INT8 folded, settled"] / ms["plain INT8"],
-        "adapted INT8 folded, faster mode / plain INT8": ms["adapted INT8 folded, faster mode"] / ms["plain INT8"],
-        "adapted INT8 folded, faster mode, settled / plain INT8":
-            ms["adapted INT8 folded, faster mode, settled"] / ms["plain INT8"],
-        "adapted INT8 folded, measured on a worker thread, settled / plain INT8":
-            ms["adapted INT8 folded, measured on a worker thread, settled"] / ms["plain INT8"],
-        "adapted INT8 folded, gated while adapting, settled / plain INT8":
-            ms["adapted INT8 folded, gated while adapting, settled"] / ms["plain INT8"],
-        **{f"{name} / plain INT8, CPU time": cpu_ms[name] / cpu_ms["plain INT8"] for name in cpu_ms
-           if name.startswith("adapted INT8 folded")},
+        **{f"{name} / plain INT8": ms[name] / ms["plain INT8"] for name in folded},
+        **{f"{name} / plain INT8, CPU time": cpu_ms[name] / cpu_ms["plain INT8"] for name in folded},
         "torch eager faithful / adapted INT8 folded": ms["torch eager faithful"] / ms["adapted INT8 folded"],
         "sliding window W=16 / adapted INT8 folded": ms["sliding window W=16"] / ms["adapted INT8 folded"],
         "sliding window W=64 / adapted INT8 folded": ms["sliding window W=64"] / ms["adapted INT8 folded"],
