@@ -350,7 +350,7 @@ class FoldedSession(OnnxSession):
         self.mixture.set_state(state)
         self._last = None  # the last measured frame's statistics (a gate shadow's too), for the instance term
         self._unmeasured = {False: 0, True: 0}  # unadapted / adapted frames since the last measured one
-        self._adapted_every = self.statistics_every  # unadapted frames measure every statistics_every-th
+        self._adapted_every = self.statistics_every  # the faster mode spaces adapted measurements (only) out
         self._quiet = 0  # adapted measurements in a row that rebuilt nothing
         self._bake: _Bake | None = None  # what adapted frames run; None: bake the components when needed
 
