@@ -318,13 +318,18 @@ def _int8_statistics(b: _Int8Builder, spec: AdaptationSpec, parts_of: dict, bran
     """Per layer, the convolution again at every r-th position, standardised per channel by its
     weight scale and bias: u = (z - beta) / sd(z) with z = gamma (x - m_src) / sqrt(v_src + eps) + beta,
     so one uint8 range (+-STATS_RANGE source deviations) fits every channel. Then all layers are
-    reduced at once and mapped back: mean(x) = m_src + sign(gamma) sd_src mean(u), var(x) = v_src var(u)."""
+    reduced at once and mapped back: mean(x) = m_src + sign(gamma) sd_src mean(u), var(x) = v_src var(u).
+
+    The reductions run on the uint8 codes cast to float, and the code scale and zero point are applied
+    to the (channels,) moments: a DequantizeLinear read twice is duplicated by onnxruntime (one per
+    reader), and the codes' sums of squares (at most 49 x 255^2) are exact in float32."""
     spec_layers = {x.name: x for x in spec.layers}
-    out_scale = b.const("stats/scale", np.float32(2 * STATS_RANGE / 255))
-    out_zero = b.const("stats/zero_point", np.uint8(128))
+    code_scale, code_zero = 2 * STATS_RANGE / 255, 128
+    out_scale = b.const("stats/scale", np.float32(code_scale))
+    out_zero = b.const("stats/zero_point", np.uint8(code_zero))
     axes = b.const("stats/axes", np.array([2, 3], np.int64))
-    means, seconds, order, trusted, signs = [], [], [], {}, {}
-    for g, members in enumerate(branches.values()):
+    means, variances, order, trusted, signs = [], [], [], {}, {}
+    for g, (grid, members) in enumerate(branches.items()):
         for layer in members:
             parts, r = parts_of[layer], sampled[layer][0]
             gamma, beta, _, var, _ = batchnorms[layer]
@@ -342,41 +347,45 @@ def _int8_statistics(b: _Int8Builder, spec: AdaptationSpec, parts_of: dict, bran
                                 b.const(f"stats/{layer}/bias", bias.astype(np.int32))],
                 [f"stats/{layer}/q"], name=f"stats/{layer}/conv", **attrs))
         group = f"stats/group{g}"
-        b.added.append(helper.make_node("Concat", [f"stats/{layer}/q" for layer in members], [f"{group}/q"], axis=1))
-        b.added.append(helper.make_node("DequantizeLinear", [f"{group}/q", out_scale, out_zero], [group]))
-        b.added.append(helper.make_node("ReduceMean", [group, axes], [f"{group}/mean"], keepdims=0))
-        b.added.append(helper.make_node("Mul", [group, group], [f"{group}/square"]))
-        b.added.append(helper.make_node("ReduceMean", [f"{group}/square", axes], [f"{group}/second"], keepdims=0))
+        ops = [("Concat", [f"stats/{layer}/q" for layer in members], f"{group}/q", {"axis": 1}),
+               ("Cast", [f"{group}/q"], f"{group}/codes", {"to": TensorProto.FLOAT}),
+               ("ReduceMean", [f"{group}/codes", axes], f"{group}/mean", {"keepdims": 0}),
+               ("ReduceSumSquare", [f"{group}/codes", axes], f"{group}/sum_sq", {"keepdims": 0}),
+               ("Mul", [f"{group}/sum_sq", b.const(f"{group}/per_position", np.float32(1 / (grid[0] * grid[1])))],
+                f"{group}/second", {}),
+               ("Mul", [f"{group}/mean", f"{group}/mean"], f"{group}/mean_sq", {}),
+               ("Sub", [f"{group}/second", f"{group}/mean_sq"], f"{group}/var", {})]
+        b.added += [helper.make_node(op, inputs, [out], **attrs) for op, inputs, out, attrs in ops]
         means.append(f"{group}/mean")
-        seconds.append(f"{group}/second")
+        variances.append(f"{group}/var")
         order += members
     start, offsets = 0, {}
     for layer in order:
         offsets[layer] = np.arange(start, start + spec_layers[layer].channels)
         start += spec_layers[layer].channels
     order = np.concatenate([offsets[x.name] for x in spec.layers]).astype(np.int64)
-    for rows, name in ((means, "mean"), (seconds, "second")):
+    for rows, name in ((means, "mean"), (variances, "var")):
         grouped = rows[0] if len(rows) == 1 else f"stats/{name}_grouped"
         if len(rows) > 1:
             b.added.append(helper.make_node("Concat", rows, [grouped], axis=1))
         if np.array_equal(order, np.arange(len(order))):  # one grid in spec order (EfficientNet): no Gather
-            b.added.append(helper.make_node("Identity", [grouped], [f"stats/{name}_u"]))
+            b.added.append(helper.make_node("Identity", [grouped], [f"stats/{name}_codes"]))
         else:
-            b.added.append(helper.make_node("Gather", [grouped, b.const("stats/order", order)], [f"stats/{name}_u"],
-                                            axis=1))
+            b.added.append(helper.make_node("Gather", [grouped, b.const("stats/order", order)],
+                                            [f"stats/{name}_codes"], axis=1))
     cat = lambda values: np.concatenate(values).astype(np.float32)[None]  # noqa: E731
     src_mean = cat([batchnorms[x.name][2] for x in spec.layers])
     src_var = cat([batchnorms[x.name][3] for x in spec.layers])
     ok = np.concatenate([trusted[x.name] for x in spec.layers])[None]
     signed_sd = cat([signs[x.name] for x in spec.layers]) * np.sqrt(src_var)
     c = lambda name, value: b.const(f"stats/{name}", value)  # noqa: E731
-    ops = [("Mul", ["stats/mean_u", "stats/mean_u"], "stats/mean_u_sq"),
-           ("Sub", ["stats/second_u", "stats/mean_u_sq"], "stats/var_u"),
-           ("Mul", ["stats/mean_u", c("signed_sd", signed_sd)], "stats/mean_offset"),
+    # mean(u) = code_scale (mean of codes - zero point), var(u) = code_scale^2 var(codes)
+    ops = [("Sub", ["stats/mean_codes", c("code_zero", np.float32(code_zero))], "stats/mean_centred"),
+           ("Mul", ["stats/mean_centred", c("signed_sd_per_code", signed_sd * code_scale)], "stats/mean_offset"),
            ("Add", ["stats/mean_offset", c("src_mean", src_mean)], "stats/mean_x"),
-           ("Mul", ["stats/var_u", c("src_var", src_var)], "stats/var_x"),
+           ("Mul", ["stats/var_codes", c("src_var_per_code", src_var * code_scale ** 2)], "stats/var_x"),
            ("Where", [c("trusted", ok), "stats/mean_x", "stats/src_mean"], "stats/means"),
-           ("Where", ["stats/trusted", "stats/var_x", "stats/src_var"], "stats/var_trusted"),
+           ("Where", ["stats/trusted", "stats/var_x", c("src_var", src_var)], "stats/var_trusted"),
            ("Max", ["stats/var_trusted", c("zero", np.zeros((), np.float32))], "stats/var")]
     b.added += [helper.make_node(op, inputs, [out]) for op, inputs, out in ops]
     b.added.append(helper.make_node("Concat", ["stats/means", "stats/var"], [contract.STATS], axis=0))
