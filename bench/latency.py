@@ -3,7 +3,8 @@
     python -m bench.latency [--rounds 7] [--frames 20] [--threads 1]
 
 Per frame, median over rounds of wall-clock and CPU time (all of the process's threads: the
-folded layout can measure on a worker thread), every variant timed in each round in turn:
+folded layout can measure on a worker thread), every variant timed in each round in turn, and
+plain INT8 again just before each: ratios to plain INT8 are medians of those pairs' ratios.
     plain FP32 / plain INT8       the model with BatchNorm folded into the convolutions (the limit)
     adapted FP32 / INT8 robust    the agent's exported model, components fed back every frame
     adapted INT8 faithful         the published algorithm in the same graph layout
@@ -169,22 +170,34 @@ def timer_sliding_window(window: int, threads: int, images):
     return run
 
 
-def interleaved(timers: dict, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+def interleaved(timers: dict, rounds: int, reference: str | None = None) -> tuple[dict, dict, dict]:
     """Median wall-clock and CPU (all of the process's threads) ms per frame over rounds; each round
-    runs every variant once, in turn."""
+    runs every variant once, in turn. With `reference`, that variant also runs right before each
+    other one, and the third result is, per variant, the median over rounds of its (wall, CPU) ratio
+    to the reference run just before it: where the machine's speed drifts (here a plain frame took
+    9-15 ms from one round to the next), a pair still runs under the same conditions."""
     wall: dict[str, list[float]] = {name: [] for name in timers}
     cpu: dict[str, list[float]] = {name: [] for name in timers}
+    paired: dict[str, list[tuple[float, float]]] = {name: [] for name in timers if name != reference}
+
+    def timed(run) -> tuple[float, float]:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        frames = run()
+        return (time.perf_counter() - start) * 1000 / frames, (time.process_time() - start_cpu) * 1000 / frames
     for run in timers.values():
         run()  # warm-up
     for r in range(rounds):
         for name, run in timers.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            frames = run()
-            wall[name].append((time.perf_counter() - start) * 1000 / frames)
-            cpu[name].append((time.process_time() - start_cpu) * 1000 / frames)
+            before = timed(timers[reference]) if name in paired and reference else None
+            ms, cpu_ms = timed(run)
+            wall[name].append(ms)
+            cpu[name].append(cpu_ms)
+            if before:
+                paired[name].append((ms / before[0], cpu_ms / before[1]))
         print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in wall.items()), flush=True)
     return ({name: float(np.median(v)) for name, v in wall.items()},
-            {name: float(np.median(v)) for name, v in cpu.items()})
+            {name: float(np.median(v)) for name, v in cpu.items()},
+            {name: tuple(float(x) for x in np.median(v, axis=0)) for name, v in paired.items() if v})
 
 
 def replay_throughput(model: Path, video: Path, threads: int, rounds: int) -> tuple[float, float, float]:
@@ -309,7 +322,7 @@ def main() -> None:
         "sliding window W=16": timer_sliding_window(16, t, images),
         "sliding window W=64": timer_sliding_window(64, t, images[: max(2, args.frames // 8)]),
     }
-    ms, cpu_ms = interleaved(timers, args.rounds)
+    ms, cpu_ms, to_plain = interleaved(timers, args.rounds, reference="plain INT8")
     bakes = {name: run.session.bakes - run.untimed_bakes for name, run in timers.items()
              if hasattr(getattr(run, "session", None), "bakes")}
     folded_frames = (args.rounds + 1) * FOLDED_FRAMES
@@ -324,17 +337,17 @@ def main() -> None:
     a = ms["adapted INT8 robust"]
     folded = [name for name in ms if name.startswith("adapted INT8 folded")]
     ratios = {
-        "adapted INT8 / plain INT8": a / ms["plain INT8"],
-        "adapted INT8 faithful / plain INT8": ms["adapted INT8 faithful"] / ms["plain INT8"],
-        **{f"{name} / plain INT8": ms[name] / ms["plain INT8"] for name in folded},
-        **{f"{name} / plain INT8, CPU time": cpu_ms[name] / cpu_ms["plain INT8"] for name in folded},
+        "adapted INT8 / plain INT8": to_plain["adapted INT8 robust"][0],
+        "adapted INT8 faithful / plain INT8": to_plain["adapted INT8 faithful"][0],
+        **{f"{name} / plain INT8": to_plain[name][0] for name in folded},
+        **{f"{name} / plain INT8, CPU time": to_plain[name][1] for name in folded},
         "torch eager faithful / adapted INT8 folded": ms["torch eager faithful"] / ms["adapted INT8 folded"],
         "sliding window W=16 / adapted INT8 folded": ms["sliding window W=16"] / ms["adapted INT8 folded"],
         "sliding window W=64 / adapted INT8 folded": ms["sliding window W=64"] / ms["adapted INT8 folded"],
         "torch eager faithful / adapted INT8": ms["torch eager faithful"] / a,
         "sliding window W=16 / adapted INT8": ms["sliding window W=16"] / a,
         "sliding window W=64 / adapted INT8": ms["sliding window W=64"] / a,
-        "plain INT8 / plain FP32": ms["plain INT8"] / ms["plain FP32"],
+        "plain INT8 / plain FP32": 1 / to_plain["plain FP32"][0],
         "adapted INT8 / adapted FP32": a / ms["adapted FP32 robust"],
         **{f"end-to-end replay / inference-only throughput, {layout}": ratio
            for layout, (_, _, ratio) in replays.items()},
