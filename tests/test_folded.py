@@ -338,6 +338,24 @@ def test_a_frame_is_normalised_with_the_components_after_the_previous_frame(fold
     np.testing.assert_allclose(session.step(images[1], adapt=1.0).logits, graph, rtol=1e-6)
 
 
+def test_a_gate_shadow_pass_is_the_instance_term_of_the_next_adapted_normalisation(folded, test_images):
+    """The normalisation a measurement moved to is kept for the next one; an unadapted measured frame
+    (the gate's shadow pass) in between replaces the instance term, so the next adapted frame is
+    normalised with the components and the shadow's statistics, not with what was kept."""
+    images = test_images[0]
+    session = open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=4, rebake_divergence=0.0)
+    for image in images[:4]:
+        session.step(image, adapt=1.0)
+    kept = session._normalisation(1.0)
+    session.step(images[200], adapt=0.0, measure=True)
+    mu, var = session._outputs[contract.STATS]
+    mean, var = session.mixture.statistics(mu.copy(), var.copy())
+    assert np.abs(mean - kept[0]).max() > 1e-3
+    graph = session.session.run([contract.LOGITS], {contract.IMAGE: images[5], contract.NORM_MEAN: mean,
+                                                    contract.NORM_VAR: var})[0][0]
+    np.testing.assert_allclose(session.step(images[5], adapt=1.0, measure=True).logits, graph, atol=1e-4)
+
+
 def test_adaptation_helps_on_a_shifted_stream_and_checkpoints_resume(folded, test_images, tmp_path):
     """Contrast-reduced Fashion-MNIST: the folded INT8 model adapted beats it unadapted; a saved and
     fresh session loading the checkpoint continues exactly as the saving session does from it (a
