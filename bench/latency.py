@@ -178,7 +178,7 @@ def interleaved(timers: dict, rounds: int, reference: str | None = None) -> tupl
     9-15 ms from one round to the next), a pair still runs under the same conditions."""
     wall: dict[str, list[float]] = {name: [] for name in timers}
     cpu: dict[str, list[float]] = {name: [] for name in timers}
-    paired: dict[str, list[tuple[float, float]]] = {name: [] for name in timers if name != reference}
+    paired: dict[str, list[tuple[float, float]]] = {name: [] for name in timers if reference and name != reference}
 
     def timed(run) -> tuple[float, float]:
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -188,7 +188,7 @@ def interleaved(timers: dict, rounds: int, reference: str | None = None) -> tupl
         run()  # warm-up
     for r in range(rounds):
         for name, run in timers.items():
-            before = timed(timers[reference]) if name in paired and reference else None
+            before = timed(timers[reference]) if name in paired else None
             ms, cpu_ms = timed(run)
             wall[name].append(ms)
             cpu[name].append(cpu_ms)
