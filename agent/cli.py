@@ -28,7 +28,7 @@ def cmd_replay(args) -> int:
         session.load(args.state)
     labels = read_labels(args.labels, session.info.labels) if args.labels else None
     lame = None if args.lame == "off" else Lame(window=args.window, affinity=args.affinity, k=args.knn)
-    drift = DriftDetector(session.info.layer_names, warmup=args.drift_warmup)
+    drift = DriftDetector(warmup=args.drift_warmup, layers=session.info.layer_names)
     gate = None
     if args.gate == "on":
         if session.info.shift_reference is None:
@@ -107,7 +107,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--statistics-every-max", type=int, metavar="N",
                    help="folded-layout models: the faster mode; measure adapted frames down to every N-th "
                         "while the measurements rebuild nothing")
-    r.add_argument("--drift-warmup", type=int, default=100, help="frames that set the usual shift level")
+    r.add_argument("--drift-warmup", type=int, default=100, help="frames that learn the camera's usual imaging statistics")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--state", type=Path, help="start from these components (.npz)")
     r.add_argument("--save-state", type=Path, help="write the final components (.npz)")

@@ -100,13 +100,21 @@ class LameConfig(Section):
 
 
 class DriftConfig(Section):
-    warmup: int = Field(100, ge=2, le=1_000_000)
-    score_layers: int = Field(2, ge=1, le=1000)
-    delta: float = Field(1.0, ge=0, le=100)
-    threshold: float = Field(25.0, gt=0, le=1e6)
-    end_level: float = Field(1.0, le=100)
-    end_frames: int = Field(30, ge=1, le=1_000_000)
-    update_every: int = Field(100, ge=1, le=1_000_000)
+    warmup: int = Field(100, ge=2, le=1_000_000, description="frames that learn the camera's usual imaging statistics")
+    threshold: float = Field(6.0, gt=0, le=1e6, description="score (smoothed spreads from usual) that starts an episode")
+    end_level: float = Field(3.0, ge=0, le=1e6, description="an episode ends once the score stays under this...")
+    end_frames: int = Field(30, ge=1, le=1_000_000, description="...for this many frames")
+    update_every: int = Field(100, ge=1, le=1_000_000, description="an `update` event every N frames while drifting")
+    min_spread: float = Field(0.03, gt=0, le=10, description="smallest spread of a log statistic (a still camera's "
+                                                             "passers-by stay under threshold x this)")
+    view_similarity: float = Field(0.6, ge=-1, le=1, description="thumbnail correlation above which a frame shows "
+                                                                 "the reference view")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.threshold <= self.end_level:
+            raise ValueError(f"threshold ({self.threshold}) must be above end_level ({self.end_level})")
+        return self
 
 
 class ReplayConfig(Section):

@@ -7,6 +7,7 @@ what can change without a restart (LAME, drift, publishing, log level).
 """
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import signal
@@ -22,6 +23,7 @@ import numpy as np
 from .config import Config, ConfigError, load_config, read_password
 from .contract import read_model_info
 from .drift import DriftDetector, DriftEvent
+from .files import write_atomic
 from .gate import AdaptationGate, CollapseGuard
 from .lame import Lame
 from .mqtt import SCHEMA_VERSION, Command, MqttLink, utc
@@ -57,7 +59,8 @@ class Camera:
 def _drift_payload(device: str, camera: str, event: DriftEvent) -> dict:
     return {"schema": SCHEMA_VERSION, "device": device, "camera": camera, "type": event.type,
             "episode": event.episode, "frame": event.frame, "time": utc(event.time), "score": event.score,
-            "threshold": event.threshold, "detector": event.detector, "top_layers": event.top_layers}
+            "threshold": event.threshold, "detector": event.detector, "reason": event.reason,
+            "condition": event.condition, "statistics": event.statistics, "top_layers": event.top_layers}
 
 
 def _top_k(probs: np.ndarray | None, labels: tuple[str, ...], k: int) -> list[dict] | None:
@@ -110,7 +113,40 @@ class Agent:
         pipeline = CameraPipeline(session, self._lame(), self.config.lame.mode, self._drift(),
                                   raw_every=self.config.adaptation.raw_every, gate=self._gate(), guard=self._guard())
         pipeline.set_adaptation(self.config.adaptation.mode)
-        return Camera(cfg.name, open_source(cfg), pipeline)
+        camera = Camera(cfg.name, open_source(cfg), pipeline)
+        self._resume_drift(camera)
+        return camera
+
+    def _resume_drift(self, camera: Camera) -> None:
+        """A restart carries the camera's drift reference and open episode over: its end still comes."""
+        path = self._drift_path(camera.name)
+        if not path.exists():
+            return
+        try:
+            saved = json.loads(path.read_text())
+            if saved["detector"] is not None:
+                camera.pipeline.drift.restore(saved["detector"])
+            camera.drift_since = saved["since"] if camera.pipeline.drift.active else None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("camera %s: drift state %s ignored, learning the camera again: %s", camera.name, path, exc)
+            return
+        if camera.pipeline.drift.active:
+            log.info("camera %s: drift episode %s carried over from the last run", camera.name,
+                     camera.pipeline.drift.episode)
+
+    def _save_drift(self, camera: Camera) -> None:
+        doc = {"detector": camera.pipeline.drift.state(), "since": camera.drift_since}
+        write_atomic(self._drift_path(camera.name), lambda f: f.write(json.dumps(doc).encode()))
+
+    def _drift_path(self, camera: str) -> Path:
+        return self.config.state.dir / f"{camera}.drift.json"
+
+    def _publish_drift_state(self, camera: Camera, frame: int | None, now: float) -> None:
+        """The retained drift/state, always the detector's own."""
+        drift = camera.pipeline.drift
+        self.mqtt.publish_retained(f"{camera.name}/drift/state", {
+            "schema": SCHEMA_VERSION, "active": drift.active, "episode": drift.episode, "since": camera.drift_since,
+            "score": round(drift.score, 2), "frame": frame, "time": utc(now)})
 
     def _gate(self) -> AdaptationGate | None:
         g = self.config.adaptation.gate
@@ -126,7 +162,7 @@ class Agent:
         return None if c.mode == "off" else Lame(window=c.window, affinity=c.affinity, k=c.knn)
 
     def _drift(self) -> DriftDetector:
-        return DriftDetector(self.info.layer_names, **self.config.drift.model_dump())
+        return DriftDetector(layers=self.info.layer_names, **self.config.drift.model_dump())
 
     def _checkpoint_path(self, camera: str) -> Path:
         return self.config.state.dir / f"{camera}.state.npz"
@@ -151,6 +187,8 @@ class Agent:
         if not self.mqtt.connected.wait(FIRST_CONNECT_WAIT_S):
             log.warning("no broker connection after %.0f s; running anyway (alerts spool, predictions "
                         "are dropped and counted until it connects)", FIRST_CONNECT_WAIT_S)
+        for camera in self.cameras:
+            self._publish_drift_state(camera, None, time.time())
         self.notifier.ready(self._status_line())
         log.info("agent %s running %d camera(s) on %s", self.config.device_id, len(self.cameras),
                  self.cameras[0].pipeline.session.provider)
@@ -198,7 +236,7 @@ class Agent:
                 "adapted": _top_k(result.probs, labels, k), "raw": _top_k(result.raw, labels, k),
                 "lame_applied": result.lame_applied, "adaptation": camera.pipeline.adaptation,
                 "adaptation_strength": round(result.strength, 3),
-                "shift_score": round(result.shift_z, 3),
+                "drift_score": round(result.drift_score, 3),
             })
         if result.drift is not None:
             event = result.drift
@@ -207,9 +245,9 @@ class Agent:
             self.mqtt.publish_drift(camera.name, _drift_payload(self.config.device_id, camera.name, event))
             camera.drift_since = utc(event.time) if event.type == "start" else (
                 None if event.type == "end" else camera.drift_since)
-            self.mqtt.publish_retained(f"{camera.name}/drift/state", {
-                "schema": SCHEMA_VERSION, "active": event.type != "end", "episode": event.episode,
-                "since": camera.drift_since, "score": event.score, "frame": event.frame, "time": utc(event.time)})
+            self._publish_drift_state(camera, event.frame, event.time)
+            if event.type != "update":
+                self._save_drift(camera)
         session = camera.pipeline.session
         if session.fallbacks != camera.fallbacks_seen:
             camera.fallbacks_seen = session.fallbacks
@@ -252,7 +290,10 @@ class Agent:
         for camera in self.cameras:
             camera.pipeline.lame = self._lame()
             camera.pipeline.lame_mode = new.lame.mode
-            camera.pipeline.drift = self._drift()
+            drift, carried = self._drift(), camera.pipeline.drift.state()
+            if carried is not None:
+                drift.restore(carried)  # the reference and any open episode go on under the new thresholds
+            camera.pipeline.drift = drift
             camera.pipeline.raw_every = new.adaptation.raw_every
             camera.pipeline.gate = self._gate()
             camera.pipeline.guard = self._guard()
@@ -263,6 +304,7 @@ class Agent:
         for camera in self.cameras:
             try:
                 camera.pipeline.session.save(self._checkpoint_path(camera.name))
+                self._save_drift(camera)
             except OSError as exc:
                 log.error("checkpoint of %s failed: %s", camera.name, exc)
 

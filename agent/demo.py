@@ -47,7 +47,7 @@ class LiveView:
             raw = f"  raw {doc['raw'][0]['label'][:22]:<22}" if doc.get("raw") else ""
             top = doc["adapted"][0]
             print(f"  [mqtt] frame {doc['frame']:>4}  adapted {top['label'][:22]:<22} {top['p']:.2f}{raw}"
-                  f"  shift {doc['shift_score']:+.1f}{'  LAME' if doc['lame_applied'] else ''}")
+                  f"  drift {doc['drift_score']:.1f}{'  LAME' if doc['lame_applied'] else ''}")
         elif kind == "drift":
             layers = ", ".join(t["layer"] for t in doc["top_layers"])
             print(f"  [mqtt] DRIFT {doc['type'].upper():<6} frame {doc['frame']:>4}  episode {doc['episode']}  "

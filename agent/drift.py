@@ -1,13 +1,23 @@
-"""Drift alerts from the graph's per-layer shift scores.
+"""Drift alerts: a change of the camera's imaging conditions, told apart from a change of what it sees.
 
-Each layer's shift is KL(frame statistics || source statistics). A warm-up learns each
-layer's usual level and spread on this camera; the drift score is the mean standardised
-shift of the first `score_layers` layers, because low-level changes (fog, night, noise,
-blur) show there first while deeper statistics follow scene content, which a camera sees
-change all the time. A two-sided Page-Hinkley test on that score (statistics that move
-away from the source, or towards it) raises `start`; while drifting, `update` events follow every
-`update_every` frames; `end` comes once the smoothed score has stayed back near the
-warm-up level for `end_frames` frames (hysteresis, so a flickering score does not flap).
+A drift alert means the light, weather, focus, noise or lens changed, not that people walked
+through the scene. Every frame gives four imaging statistics (log brightness, contrast,
+sharpness, colourfulness, on a small grey copy of the frame) and a coarse picture of the view
+(normalised 24x18 thumbnails of intensity and of edge strength). The detector remembers the
+views the camera shows (one for a fixed camera; a patrolling or panning camera's scenes) with
+each view's usual statistics. A warm-up of `warmup` frames learns them and the spread of frames
+around their own view's statistics (at least `min_spread`, so a still camera's tiny spread does
+not turn a passer-by into an alarm). Each frame is compared with the view it shows: each
+statistic's distance in spreads is smoothed over frames, and the score is the largest. A `start`
+comes when the score passes `threshold`, an `update` every `update_every` frames or once the kind
+of change has differed for `end_frames` frames, an `end` once the score has stayed under
+`end_level` for `end_frames` frames.
+
+Conditions keep the view (a fogged, darkened, blurred or noisy hall is still the same hall at
+24x18); content that moves the statistics changes it. A frame that shows no known view is not
+scored, and `view_frames` such frames in a row that agree with each other (a panning camera's
+next scene) become a new view with their own statistics instead of raising an alert. While an
+episode is open no new view is learnt.
 """
 from __future__ import annotations
 
@@ -15,7 +25,51 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
+
+STATISTICS = ("brightness", "contrast", "sharpness", "colour")
+# the words a subscriber reads for a statistic that fell (-1) or rose (+1)
+DIRECTIONS = {("brightness", -1): "darker", ("brightness", 1): "brighter",
+              ("contrast", -1): "lower contrast", ("contrast", 1): "higher contrast",
+              ("sharpness", -1): "blurrier", ("sharpness", 1): "noisier",
+              ("colour", -1): "less colour", ("colour", 1): "more colour"}
+WORK_WIDTH = 192  # pixels: the grey copy the statistics are measured on
+VIEW_SIZE = (24, 18)
+MAX_VIEWS = 64  # views a camera remembers (a patrolling camera's presets, a pan's stretches)
+FOLLOW = 1 / 500  # per frame: how fast a view and its statistics follow a scene whose content slowly changes
+NEW_VIEW_MEMORY = 50  # frames: a view learnt after the warm-up (a pan's stretch) averages only its latest frames
+
+
+@dataclass
+class Observation:
+    """One frame as the drift detector sees it."""
+    statistics: np.ndarray  # (4,) log brightness, contrast, sharpness, colourfulness
+    view: np.ndarray  # (2, 432) unit-norm, zero-mean intensity and edge thumbnails
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    v = v.ravel() - v.mean()
+    return v / max(float(np.linalg.norm(v)), 1e-6)
+
+
+def observe(image: np.ndarray) -> Observation:
+    """A camera frame (BGR or grey uint8, any size) -> its imaging statistics and view."""
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    h, w = image.shape[:2]
+    size = (WORK_WIDTH, max(1, round(h * WORK_WIDTH / w)))
+    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
+    mean, std = cv2.meanStdDev(grey)
+    sharpness = cv2.mean(cv2.convertScaleAbs(cv2.Laplacian(grey, cv2.CV_16S)))[0]
+    b, g, r = cv2.split(small.astype(np.int16))
+    colour = np.abs(r - g).mean() + np.abs(((r + g) >> 1) - b).mean()
+    statistics = np.log(np.array([mean[0, 0] + 1, std[0, 0] + 1, sharpness + 0.5, colour + 4]))
+    grey = grey.astype(np.float32)
+    edges = cv2.magnitude(cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1))
+    view = np.stack([_unit(cv2.resize(x, VIEW_SIZE, interpolation=cv2.INTER_AREA)) for x in (grey, edges)])
+    return Observation(statistics, view)
 
 
 @dataclass
@@ -24,78 +78,182 @@ class DriftEvent:
     episode: str  # one id per drift episode, shared by its start/updates/end
     frame: int
     time: float  # unix seconds
-    score: float  # smoothed standardised shift score
-    threshold: float
+    score: float  # the largest smoothed statistic distance from the reference, in spreads
+    threshold: float  # the score a start needs (same scale)
     detector: str
-    top_layers: list[dict] = field(default_factory=list)  # [{"layer": name, "z": standardised shift}]
+    reason: str  # start: "changed"; update: "periodic" or "condition changed"; end: "cleared" or what closed it
+    condition: list[str] = field(default_factory=list)  # e.g. ["darker", "lower contrast"]
+    statistics: dict[str, float] = field(default_factory=dict)  # each statistic's smoothed distance, signed
+    top_layers: list[dict] = field(default_factory=list)  # [{"layer": name, "z": shift in the source's spreads}]
 
 
 class DriftDetector:
-    def __init__(self, layers: list[str], warmup: int = 100, score_layers: int = 2, delta: float = 1.0,
-                 threshold: float = 25.0,
-                 end_level: float = 1.0, end_frames: int = 30, update_every: int = 100, smoothing: float = 0.1,
-                 top_k: int = 3):
-        self.layers = layers
-        self.score_layers = max(1, min(score_layers, len(layers)))
-        self.warmup, self.delta, self.threshold = warmup, delta, threshold
-        self.end_level, self.end_frames, self.update_every = end_level, end_frames, update_every
-        self.smoothing, self.top_k = smoothing, top_k
-        self.detector = f"page-hinkley(delta={delta}, lambda={threshold})"
+    def __init__(self, warmup: int = 100, threshold: float = 6.0, end_level: float = 3.0, end_frames: int = 30,
+                 update_every: int = 100, smoothing: float = 0.1, min_spread: float = 0.03,
+                 view_similarity: float = 0.6, view_frames: int = 5, layers: tuple[str, ...] = (), top_k: int = 3):
+        if not threshold > end_level:
+            raise ValueError(f"drift threshold ({threshold}) must be above end_level ({end_level})")
+        self.warmup, self.threshold, self.end_level, self.end_frames = warmup, threshold, end_level, end_frames
+        self.update_every, self.smoothing, self.min_spread = update_every, smoothing, min_spread
+        self.view_similarity, self.view_frames = view_similarity, view_frames
+        self.layers, self.top_k = tuple(layers), top_k
+        self.detector = f"imaging-statistics(threshold={threshold}, end_level={end_level})"
         self.reset()
 
     def reset(self) -> None:
-        self._warm: list[np.ndarray] = []
-        self.mean: np.ndarray | None = None  # per-layer warm-up mean and spread
-        self.std: np.ndarray | None = None
+        """Forget the camera: learn its usual statistics again (an open episode is dropped)."""
+        self.views = np.zeros((0, 2, VIEW_SIZE[0] * VIEW_SIZE[1]))  # (n, 2, 432) the views this camera shows
+        self.references = np.zeros((0, len(STATISTICS)))  # (n, 4) each view's usual statistics
+        self._weights = np.zeros(0)  # frames behind each view's reference
+        self._memory = np.zeros(0)  # at most this many (warm-up views: no limit)
+        self._used = np.zeros(0)  # when each view was last seen (the least recent goes first)
+        self._warm: list[tuple[np.ndarray, int]] = []  # (statistics, view) of each warm-up frame
+        self.spread: np.ndarray | None = None  # (4,) set when the warm-up ends
+        self._new_view: list[Observation] = []  # a run of frames that agree with each other, with no known view
+        self.level = np.zeros(len(STATISTICS))  # smoothed signed distance per statistic, in spreads
         self.episode: str | None = None
-        self._up = self._down = 0.0  # Page-Hinkley sums above their running minima, one per direction
-        self.level = 0.0  # smoothed standardised score
-        self._calm = 0
-        self._since_update = 0
-        self.last_z = 0.0
+        self.condition: list[str] = []
+        self._calm = self._since_update = self._differs = self._frames = 0
+        self._layer_z: np.ndarray | None = None
 
     @property
     def active(self) -> bool:
         return self.episode is not None
 
-    def update(self, shift: np.ndarray, frame: int, now: float | None = None) -> DriftEvent | None:
-        shift = np.log1p(np.maximum(np.asarray(shift, np.float64), 0.0))  # heavy-tailed KL -> near-normal
-        if self.mean is None:
-            self._warm.append(shift)
-            if len(self._warm) >= self.warmup:
-                warm = np.stack(self._warm)
-                self.mean = warm.mean(0)
-                self.std = np.maximum(warm.std(0), 1e-3 * np.maximum(np.abs(self.mean), 1e-6))
-                self._warm = []
+    @property
+    def score(self) -> float:
+        return float(np.abs(self.level).max())
+
+    def update(self, observation: Observation, frame: int, now: float | None = None,
+               layer_z: np.ndarray | None = None) -> DriftEvent | None:
+        """One frame; `layer_z` is the model's per-layer shift on it, when measured (for the payload)."""
+        self._frames += 1
+        if layer_z is not None:
+            self._layer_z = np.asarray(layer_z, np.float64)
+        if self.spread is None:
+            self._warm_up(observation)
             return None
-        z_layers = (shift - self.mean) / self.std
-        z = float(z_layers[: self.score_layers].mean())
-        self.last_z = z
+        view = self._match(observation.view)
+        if view is None:
+            if self.episode is None:
+                self._collect_new_view(observation)
+            return None
+        z = (observation.statistics - self.references[view]) / self.spread
         self.level += self.smoothing * (z - self.level)
         now = time.time() if now is None else now
         if self.episode is None:
-            self._up = max(0.0, self._up + z - self.delta)
-            self._down = max(0.0, self._down - z - self.delta)
-            if max(self._up, self._down) > self.threshold:
+            self._follow(view, observation)
+            if self.score > self.threshold:
                 self.episode = uuid.uuid4().hex[:12]
-                self._calm = self._since_update = 0
-                self.level = z if abs(z) > abs(self.level) else self.level
-                return self._event("start", frame, now, z_layers)
+                self.condition = self._condition()
+                self._calm = self._since_update = self._differs = 0
+                return self._event("start", "changed", frame, now)
             return None
         self._since_update += 1
-        self._calm = self._calm + 1 if abs(self.level) < self.end_level else 0
+        self._calm = self._calm + 1 if self.score < self.end_level else 0
         if self._calm >= self.end_frames:
-            event = self._event("end", frame, now, z_layers)
-            self.episode = None
-            self._up = self._down = 0.0
+            event = self._event("end", "cleared", frame, now)
+            self.episode, self.condition = None, []
             return event
+        condition = self._condition()
+        self._differs = self._differs + 1 if condition and set(condition) != set(self.condition) else 0
+        if self._differs >= self.end_frames:
+            self.condition, self._since_update, self._differs = condition, 0, 0
+            return self._event("update", "condition changed", frame, now)
         if self._since_update >= self.update_every:
             self._since_update = 0
-            return self._event("update", frame, now, z_layers)
+            return self._event("update", "periodic", frame, now)
         return None
 
-    def _event(self, kind: str, frame: int, now: float, z_layers: np.ndarray) -> DriftEvent:
-        order = np.argsort(-np.abs(z_layers))[: self.top_k]
-        top = [{"layer": self.layers[i], "z": round(float(z_layers[i]), 2)} for i in order]
-        return DriftEvent(kind, self.episode, frame, now, round(float(self.level), 3), self.threshold, self.detector,
-                          top)
+    def _warm_up(self, observation: Observation) -> None:
+        """Warm-up frames are taken as clean: each joins the view it shows (or starts one); the spread
+        is how far frames sit from their own view's mean, so a panning camera's scenes do not widen it."""
+        view = self._match(observation.view)
+        if view is None:
+            view = self._add(observation.view, observation.statistics)
+        else:
+            w = self._weights[view] = self._weights[view] + 1
+            self.references[view] += (observation.statistics - self.references[view]) / w
+        self._warm.append((observation.statistics, view))
+        if len(self._warm) >= self.warmup:
+            deviations = np.stack([s - self.references[v] for s, v in self._warm])
+            self.spread = np.maximum(np.sqrt((deviations ** 2).mean(0)), self.min_spread)
+            self._warm = []
+
+    def _match(self, view: np.ndarray) -> int | None:
+        """The known view this frame shows, if any. Either thumbnail agreeing is enough: fog's haze moves
+        the intensity one, snow the edge one."""
+        if not len(self.views):
+            return None
+        similarity = np.einsum("nkd,kd->nk", self.views, view).max(1)
+        best = int(np.argmax(similarity))
+        if similarity[best] < self.view_similarity:
+            return None
+        self._used[best] = self._frames
+        return best
+
+    def _follow(self, view: int, observation: Observation) -> None:
+        """Outside episodes a view follows what it shows. One learnt in the warm-up averages its frames,
+        then follows slowly (a shelf restocked, a parked car gone), so that a condition coming on over a
+        few hundred frames is still far from it; one learnt later (a pan's next stretch) keeps up with
+        its latest NEW_VIEW_MEMORY frames."""
+        self._weights[view] = min(self._weights[view] + 1, self._memory[view])
+        rate = max(FOLLOW, 1 / self._weights[view])
+        self.references[view] += rate * (observation.statistics - self.references[view])
+        moved = self.views[view] + rate * (observation.view - self.views[view])
+        self.views[view] = moved / np.maximum(np.linalg.norm(moved, axis=1, keepdims=True), 1e-6)
+
+    def _collect_new_view(self, observation: Observation) -> None:
+        """`view_frames` frames in a row that agree with each other and with no known view are a new
+        view (a panning camera's next scene): their mean becomes its reference."""
+        if self._new_view and float((self._new_view[-1].view * observation.view).sum(1).max()) < self.view_similarity:
+            self._new_view = []
+        self._new_view.append(observation)
+        if len(self._new_view) >= self.view_frames:
+            view = np.mean([o.view for o in self._new_view], axis=0)
+            self._add(view, np.mean([o.statistics for o in self._new_view], axis=0))
+            self._new_view = []
+
+    def _add(self, view: np.ndarray, statistics: np.ndarray) -> int:
+        if len(self.views) >= MAX_VIEWS:
+            oldest = int(np.argmin(self._used))
+            keep = np.arange(len(self.views)) != oldest
+            self.views, self.references = self.views[keep], self.references[keep]
+            self._weights, self._used, self._memory = self._weights[keep], self._used[keep], self._memory[keep]
+        view = view / np.maximum(np.linalg.norm(view, axis=1, keepdims=True), 1e-6)
+        self.views = np.concatenate([self.views, view[None]])
+        self.references = np.concatenate([self.references, statistics[None]])
+        self._weights = np.append(self._weights, 1.0)
+        self._memory = np.append(self._memory, np.inf if self.spread is None else NEW_VIEW_MEMORY)
+        self._used = np.append(self._used, self._frames)
+        return len(self.views) - 1
+
+    def _condition(self) -> list[str]:
+        order = np.argsort(-np.abs(self.level))
+        return [DIRECTIONS[STATISTICS[i], 1 if self.level[i] > 0 else -1] for i in order
+                if abs(self.level[i]) >= self.end_level]
+
+    def _event(self, kind: str, reason: str, frame: int, now: float) -> DriftEvent:
+        top = []
+        if self._layer_z is not None and self.layers:
+            order = np.argsort(-np.abs(self._layer_z))[: self.top_k]
+            top = [{"layer": self.layers[i], "z": round(float(self._layer_z[i]), 2)} for i in order]
+        return DriftEvent(kind, self.episode, frame, now, round(self.score, 2), self.threshold, self.detector, reason,
+                          list(self.condition), {s: round(float(v), 2) for s, v in zip(STATISTICS, self.level)}, top)
+
+    # -- carried over a reload or a restart ---------------------------------------------------
+    def state(self) -> dict | None:
+        """What a restarted agent needs to go on with this camera (JSON-ready); None while warming up."""
+        if self.spread is None:
+            return None
+        return {"views": np.round(self.views, 4).tolist(), "references": self.references.tolist(),
+                "spread": self.spread.tolist(), "level": self.level.tolist(), "episode": self.episode,
+                "condition": self.condition}
+
+    def restore(self, state: dict) -> None:
+        self.reset()
+        self.views, self.references = np.asarray(state["views"], np.float64), np.asarray(state["references"])
+        self._weights, self._used = np.full(len(self.views), 1 / FOLLOW), np.zeros(len(self.views))
+        self._memory = np.full(len(self.views), np.inf)
+        self.spread, self.level = np.asarray(state["spread"]), np.asarray(state["level"], np.float64)
+        self.episode, self.condition = state["episode"], list(state["condition"])

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .drift import DriftDetector, DriftEvent
+from .drift import DriftDetector, DriftEvent, Observation, observe
 from .gate import AdaptationGate, CollapseGuard
 from .lame import CorrelationMonitor, Lame
 from .preprocess import FrameError, Preprocessor
@@ -43,7 +43,7 @@ class FrameResult:
     corrected: np.ndarray | None  # LAME over the window (None when LAME is off)
     lame_applied: bool  # whether probs is the LAME output (auto: only on label-correlated streams)
     shift: float | None  # mean per-layer shift score; None when the frame measured no statistics
-    shift_z: float  # the drift detector's standardised shift after this frame
+    drift_score: float  # the drift detector's score after this frame (drift.DriftDetector.score)
     drift: DriftEvent | None = None
 
 
@@ -79,7 +79,7 @@ class CameraPipeline:
         self.lame = lame
         self.lame_mode = lame_mode if lame is not None else "off"
         self.correlation = CorrelationMonitor(len(session.info.labels))
-        self.drift = drift or DriftDetector(session.info.layer_names)
+        self.drift = drift or DriftDetector(layers=session.info.layer_names)
         self.raw_every = raw_every
         self.gate = gate
         self.guard = guard
@@ -126,8 +126,8 @@ class CameraPipeline:
         reset while a stream runs."""
         with ThreadPoolExecutor(1, thread_name_prefix="pipeline") as worker:
             pending: Future[FrameResult] | None = None
-            for frame, image, start in self._prepared(frames, worker):
-                inferred = self._infer(frame, image, start)
+            for frame, prepared, start in self._prepared(frames, worker):
+                inferred = self._infer(frame, prepared, start)
                 if inferred is None:
                     continue
                 if pending is not None:
@@ -137,23 +137,27 @@ class CameraPipeline:
                 yield pending.result()
 
     def _prepared(self, frames: Iterable[Frame], worker: ThreadPoolExecutor
-                  ) -> Iterator[tuple[Frame, Future[np.ndarray], float]]:
+                  ) -> Iterator[tuple[Frame, Future, float]]:
         """Each frame with its preprocessing submitted one frame ahead of its turn."""
         ahead = None
         for frame in frames:
-            current = (frame, worker.submit(self.preprocess, frame.image), time.perf_counter())
+            current = (frame, worker.submit(self._prepare, frame.image), time.perf_counter())
             if ahead is not None:
                 yield ahead
             ahead = current
         if ahead is not None:
             yield ahead
 
-    def _infer(self, frame: Frame, image: Future[np.ndarray] | None = None, start: float | None = None
+    def _prepare(self, image: np.ndarray) -> tuple[np.ndarray, Observation]:
+        """The model's input and what the drift detector reads, from one camera frame."""
+        return self.preprocess(image), observe(image)
+
+    def _infer(self, frame: Frame, prepared: Future | None = None, start: float | None = None
                ) -> _Inferred | None:
-        """`image`: the frame's preprocessing already under way (stream), else it is done here."""
+        """`prepared`: the frame's preprocessing already under way (stream), else it is done here."""
         start = time.perf_counter() if start is None else start
         try:
-            image = self.preprocess(frame.image) if image is None else image.result()
+            image, observation = self._prepare(frame.image) if prepared is None else prepared.result()
         except FrameError as exc:
             self.counters.rejected[str(exc)] += 1
             if self.counters.rejected[str(exc)] == 1:
@@ -177,11 +181,17 @@ class CameraPipeline:
             self.paused = self.guard.hold
         self.correlation.update(int(np.argmax(adapted)))
         measured = out.shift is not None
-        event = self.drift.update(out.shift, frame.index, frame.captured) if measured else None
+        event = self.drift.update(observation, frame.index, frame.captured,
+                                  self._layer_z(out.shift) if measured else None)
         self.counters.processed += 1
         result = FrameResult(frame.index, frame.captured, 0.0, adapted, adapted, raw, strength, None, False,
-                             float(out.shift.mean()) if measured else None, self.drift.last_z, event)
+                             float(out.shift.mean()) if measured else None, self.drift.score, event)
         return _Inferred(result, out.features, self.lame_active, start)
+
+    def _layer_z(self, shift: np.ndarray) -> np.ndarray:
+        """Per-layer shift in the source's clean spreads (the exporter's reference), for drift payloads."""
+        reference = self.session.info.shift_reference
+        return np.log1p(np.maximum(shift, 0.0)) if reference is None else reference.standardise(shift)
 
     def _correct(self, x: _Inferred) -> FrameResult:
         result = x.result

@@ -73,7 +73,7 @@ class ReplayRecord:
 
     frames: list[int] = field(default_factory=list)
     latency_ms: list[float] = field(default_factory=list)
-    shift_z: list[float] = field(default_factory=list)
+    drift_score: list[float] = field(default_factory=list)
     correct: dict[str, list[bool]] = field(default_factory=lambda: {"unadapted": [], "adapted": [], "adapted+LAME": []})
     conditions: list[str] = field(default_factory=list)
     events: list[DriftEvent] = field(default_factory=list)
@@ -81,7 +81,7 @@ class ReplayRecord:
     def add(self, result: FrameResult, label: FrameLabel | None) -> None:
         self.frames.append(result.frame)
         self.latency_ms.append(result.latency_ms)
-        self.shift_z.append(result.shift_z)
+        self.drift_score.append(result.drift_score)
         if result.drift:
             self.events.append(result.drift)
         if label is not None and result.raw is not None:
@@ -180,8 +180,8 @@ def plot_report(record: ReplayRecord, summary: dict, path: str | Path) -> Path |
         a.legend(loc="lower left", fontsize=8)
         _shade_conditions(a, frames, record.conditions)
     a = next(ax)
-    a.plot(frames, record.shift_z, lw=0.8, color="tab:purple")
-    a.set_ylabel("shift score (z)")
+    a.plot(frames, record.drift_score, lw=0.8, color="tab:purple")
+    a.set_ylabel("drift score (spreads)")
     for event in record.events:
         a.axvline(event.frame, color={"start": "red", "update": "orange", "end": "green"}[event.type], ls="--",
                   lw=1)

@@ -220,7 +220,7 @@ def replay_throughput(model: Path, video: Path, threads: int, rounds: int) -> tu
     replayed, alone = [], []
     for _ in range(rounds):
         session = open_session(model, "cpu", "onnxruntime", threads=threads)
-        pipeline = CameraPipeline(session, Lame(16), "auto", DriftDetector(session.info.layer_names))
+        pipeline = CameraPipeline(session, Lame(16), "auto", DriftDetector(layers=session.info.layer_names))
         start = time.perf_counter()
         summary, _ = replay(pipeline, FileSource(video), None, progress=False)
         replayed.append(summary["frames_processed"] / (time.perf_counter() - start))

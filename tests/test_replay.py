@@ -33,7 +33,7 @@ def sample_video(tmp_path_factory):
 def test_replay_accounts_for_every_frame_and_raises_drift_around_the_change(effnet, sample_video):
     session = AdaptiveSession(effnet["int8"])
     labels = read_labels(sidecar_path(sample_video), session.info.labels)
-    pipeline = CameraPipeline(session, Lame(window=16), "auto", DriftDetector(session.info.layer_names),
+    pipeline = CameraPipeline(session, Lame(window=16), "auto", DriftDetector(layers=session.info.layer_names),
                               raw_every=1)
     source = FileSource(sample_video)
     summary, record = replay(pipeline, source, labels, progress=False)
@@ -57,7 +57,7 @@ def test_stream_overlapping_lame_gives_what_process_gives_frame_by_frame(effnet,
     nothing may change but the timing."""
     def pipeline():
         session = AdaptiveSession(effnet["int8"])
-        return CameraPipeline(session, Lame(window=16), "on", DriftDetector(session.info.layer_names), raw_every=5)
+        return CameraPipeline(session, Lame(window=16), "on", DriftDetector(layers=session.info.layer_names), raw_every=5)
 
     frames = list(FileSource(sample_video, end=150).frames())
     frames.insert(75, Frame(999, np.zeros((0, 0), np.uint8), 0.0))  # rejected, in either way of running
@@ -69,7 +69,7 @@ def test_stream_overlapping_lame_gives_what_process_gives_frame_by_frame(effnet,
     for a, b in zip(streamed, expected):
         np.testing.assert_array_equal(a.probs, b.probs)
         np.testing.assert_array_equal(a.corrected, b.corrected)
-        assert (a.shift, a.shift_z, a.lame_applied) == (b.shift, b.shift_z, b.lame_applied)
+        assert (a.shift, a.drift_score, a.lame_applied) == (b.shift, b.drift_score, b.lame_applied)
         drift = [None if r.drift is None else (r.drift.type, r.drift.score, r.drift.top_layers) for r in (a, b)]
         assert drift[0] == drift[1]  # episode ids are random, times are the capture clock's
     assert any(r.drift for r in streamed)

@@ -1,0 +1,72 @@
+"""The drift detector on its own (numpy and OpenCV only): a still camera with passers-by raises
+nothing, a changed condition starts an episode that names it and ends once the camera is back, a
+panning camera's scene switches raise nothing, and an episode carries over a restart."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from agent.drift import DriftDetector, observe
+from agent.samples import photo, photo_stream
+
+
+def hall(frames: int, rng: np.random.Generator, dark: range = range(0)):
+    """A still camera on a real photo; a 'person' (a dark block) walks across; frames in `dark` are
+    night (a quarter of the light, sensor noise)."""
+    scene = cv2.resize(photo("coffee"), (320, 240))
+    for t in range(frames):
+        frame = scene.astype(np.float32)
+        x = (7 * t) % 300
+        frame[100:200, x:x + 20] = 40
+        frame += rng.normal(0, 2, frame.shape)
+        if t in dark:
+            frame = 0.25 * frame + rng.normal(0, 10, frame.shape)
+        yield t, np.clip(frame, 0, 255).astype(np.uint8)
+
+
+def events(detector: DriftDetector, frames) -> list:
+    return [e for t, f in frames if (e := detector.update(observe(f), t, now=float(t))) is not None]
+
+
+def test_still_camera_with_a_passer_by_raises_nothing():
+    assert events(DriftDetector(), hall(1000, np.random.default_rng(0))) == []
+
+
+def test_night_starts_an_episode_that_names_it_and_ends_when_the_light_is_back():
+    found = events(DriftDetector(), hall(600, np.random.default_rng(1), dark=range(200, 400)))
+    kinds = [e.type for e in found if e.type != "update"]
+    assert kinds == ["start", "end"], found
+    start, end = found[0], found[-1]
+    assert 200 <= start.frame <= 210 and 400 <= end.frame <= 500
+    assert start.episode == end.episode and end.reason == "cleared"
+    assert "darker" in start.condition and start.score > start.threshold == 6.0
+    assert start.statistics["brightness"] < 0
+
+
+def test_scene_switches_of_a_panning_camera_raise_nothing():
+    detector = DriftDetector()
+    assert events(detector, enumerate(f for _, f in photo_stream(30))) == []
+    assert len(detector.views) > 1  # it learnt the scenes as views, not as changes
+
+
+@pytest.mark.parametrize("mid_episode", [True, False])
+def test_state_carries_the_reference_and_the_open_episode_over(mid_episode):
+    rng = np.random.default_rng(2)
+    first = DriftDetector()
+    frames = list(hall(600, rng, dark=range(200, 400)))
+    cut = 300 if mid_episode else 150
+    before = events(first, frames[:cut])
+    second = DriftDetector()
+    second.restore(first.state())
+    after = events(second, frames[cut:])
+    assert second.active is False
+    starts = [e for e in before + after if e.type == "start"]
+    ends = [e for e in before + after if e.type == "end"]
+    assert len(starts) == len(ends) == 1 and starts[0].episode == ends[0].episode
+    assert (starts[0] in before) is mid_episode
+
+
+def test_threshold_must_be_above_the_end_level():
+    with pytest.raises(ValueError, match="threshold"):
+        DriftDetector(threshold=2.0, end_level=3.0)
