@@ -56,12 +56,15 @@ def test_subscriber_receives_every_topic_with_valid_schemas(tmp_path, broker, fm
     events = sub.payloads("cam1/drift")
     for e in events:
         jsonschema.validate(e, schema("drift"))
-    assert [e["type"] for e in events if e["type"] != "update"] == ["start", "end", "start", "end"]
-    assert events[0]["episode"] == events[1]["episode"] != events[2]["episode"]
+    edges = [e for e in events if e["type"] != "update"]
+    assert [e["type"] for e in edges] == ["start", "end", "start", "end"]
+    assert edges[0]["episode"] == edges[1]["episode"] != edges[2]["episode"]
+    assert "lower contrast" in edges[0]["condition"] and edges[0]["score"] > edges[0]["threshold"]
     states = sub.payloads("cam1/drift/state")
     for s in states:
         jsonschema.validate(s, schema("drift_state"))
-    assert [s["active"] for s in states] == [False, True, False, True, False]  # the first: at start
+    changes = [a for i, a in enumerate(s["active"] for s in states) if i == 0 or a != states[i - 1]["active"]]
+    assert changes == [False, True, False, True, False]  # the first: at start; updates repeat True
     stats = sub.payloads("tta/test-box/stats")
     assert stats
     for s in stats:
@@ -325,3 +328,52 @@ def test_gpu_failure_in_the_daemon_publishes_degraded_and_loses_no_frame(tmp_pat
     assert last["cameras"]["cam1"]["frames_processed"] == 520  # the failed frame was rerun on the CPU
     # predictions made before the first connect are dropped and counted, never silently lost
     assert last["mqtt"]["predictions_sent"] + last["mqtt"]["predictions_dropped"] == 520
+
+
+def _episodes(sub: Subscriber) -> list[tuple[str, str]]:
+    return list(dict.fromkeys((e["type"], e["episode"]) for e in sub.payloads("cam1/drift") if e["type"] != "update"))
+
+
+def test_a_drift_episode_goes_on_across_sighup_and_ends_once(tmp_path, broker, fmnist):
+    video = tmp_path / "dark.avi"
+    fmnist_video(video, [("clean", 120), ("dark", 250), ("clean", 150)])
+    sub = Subscriber(broker.port, "tta/test-box/cam1/drift/#")
+    log = tmp_path / "agent.log"
+    config = agent_config(tmp_path, fmnist["int8"], video, broker.port)
+    daemon = start_daemon(config, log=log)
+    try:
+        assert wait_for(lambda: "drift start" in log.read_text(), 60), log.read_text()[-2000:]
+        daemon.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "reloaded" in log.read_text(), 10)
+        assert daemon.wait(60) == 0, log.read_text()[-2000:]
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    assert wait_for(lambda: len(_episodes(sub)) >= 2, 5)
+    sub.stop()
+    (start, episode), (end, same) = _episodes(sub)
+    assert (start, end) == ("start", "end") and episode == same
+    assert sub.payloads("cam1/drift/state")[-1]["active"] is False
+
+
+def test_a_restart_mid_episode_carries_it_over_and_its_end_comes(tmp_path, broker, fmnist):
+    """The first run ends inside a dark episode; the second sees the light come back."""
+    dark, back = tmp_path / "dark.avi", tmp_path / "back.avi"
+    fmnist_video(dark, [("clean", 120), ("dark", 150)])
+    fmnist_video(back, [("dark", 20), ("clean", 150)])
+    sub = Subscriber(broker.port, "tta/test-box/cam1/drift/#")
+    for video in (dark, back):
+        config = agent_config(tmp_path, fmnist["int8"], video, broker.port,
+                              cameras=[{"name": "cam1", "source": str(video), "replay": {"paced": False}}])
+        assert start_daemon(config, log=tmp_path / "agent.log").wait(60) == 0, (tmp_path / "agent.log").read_text()
+        if video == dark:
+            assert wait_for(lambda: sub.payloads("cam1/drift/state")[-1:] and
+                            sub.payloads("cam1/drift/state")[-1]["active"], 5)
+    assert wait_for(lambda: len(_episodes(sub)) >= 2, 5)
+    sub.stop()
+    assert "carried over" in (tmp_path / "agent.log").read_text()
+    (start, episode), (end, same) = _episodes(sub)
+    assert (start, end) == ("start", "end") and episode == same
+    states = sub.payloads("cam1/drift/state")
+    assert states[-1]["active"] is False and states[-1]["episode"] is None
+    assert any(s["active"] and s["frame"] is None and s["episode"] == episode for s in states)  # at the restart
