@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from . import contract
+from .onnxruntime_quiet import ort
 
 CPU = "CPUExecutionProvider"
 

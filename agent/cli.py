@@ -12,6 +12,9 @@ from .drift import DriftDetector
 from .gate import AdaptationGate
 from .lame import Lame
 from .pipeline import LAME_MODES, CameraPipeline
+from .preflight import EXIT_CONFIG, check, report
+
+EXIT_DAMAGED_INPUT = 3  # replay ran to the end of what could be decoded, but the video is cut or corrupt
 from .replay import LabelsError, format_table, plot_report, read_labels, replay, write_json
 from .runtime import BACKENDS, DEVICES, REBAKE_DIVERGENCE, STATISTICS_EVERY, open_session
 from .sources import FileSource, SourceError
@@ -46,7 +49,7 @@ def cmd_replay(args) -> int:
         write_json(summary, args.json)
     if args.save_state:
         session.save(args.save_state)
-    return 0
+    return EXIT_DAMAGED_INPUT if summary["truncated"] else 0
 
 
 def cmd_run(args) -> int:
@@ -57,13 +60,12 @@ def cmd_run(args) -> int:
 
 def cmd_validate(args) -> int:
     config = load_config(args.config)
-    missing = [str(p) for p in (config.model.path,) if not p.exists()]
-    missing += [c.source for c in config.cameras if not c.source.isdigit() and "://" not in c.source
-                and not Path(c.source).exists()]
-    if missing:
-        print(f"tta-agent: error: {args.config}: files not found: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    print(f"{args.config}: valid ({len(config.cameras)} camera(s), model {config.model.path.name})")
+    info, problems = check(config, probe=args.probe)
+    if problems:
+        return report(args.config, problems)
+    probed = ", every camera opened" if args.probe else ""
+    print(f"{args.config}: valid ({len(config.cameras)} camera(s), model {config.model.path.name} with "
+          f"{len(info.labels)} classes{probed})")
     return 0
 
 
@@ -122,6 +124,7 @@ def parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate-config", help="check a config file (for ExecStartPre)")
     v.add_argument("config", type=Path)
+    v.add_argument("--probe", action="store_true", help="also open every camera and read a frame")
     v.set_defaults(func=cmd_validate)
 
     m = sub.add_parser("demo", help="the sample video through the agent with a live MQTT view")
@@ -138,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, ContractError, LabelsError, SourceError, StateError, ValueError) as exc:
         print(f"tta-agent: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except OSError as exc:  # a file named on the command line: missing, unreadable, a folder not writable
+        print(f"tta-agent: error: {exc.filename or ''}: {exc.strerror or exc}; check the path and its "
+              "permissions", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

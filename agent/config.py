@@ -182,6 +182,14 @@ class StateConfig(Section):
     spool_max_events: int = Field(10_000, ge=10, le=10_000_000)
 
 
+class HttpConfig(Section):
+    enabled: bool = Field(False, description="serve /healthz and /metrics (Prometheus) over HTTP")
+    host: str = Field("127.0.0.1", min_length=1, max_length=255, description="address to bind; 0.0.0.0 for all")
+    port: int = Field(9464, ge=1, le=65535)
+    stall_s: float = Field(30.0, gt=0, le=3600, description="/healthz fails once the main loop has not come "
+                                                            "round for this long")
+
+
 class Config(Section):
     device_id: str = Field(default_factory=lambda: re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64],
                            pattern=r"^[A-Za-z0-9_-]{1,64}$")
@@ -193,6 +201,7 @@ class Config(Section):
     cameras: list[CameraConfig] = Field(min_length=1, max_length=64)
     mqtt: MqttConfig = MqttConfig()
     state: StateConfig = StateConfig()
+    http: HttpConfig = HttpConfig()
     exit_when_done: bool = Field(False, description="stop once every file source has ended (replay runs)")
 
     @field_validator("cameras")

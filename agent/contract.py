@@ -179,6 +179,34 @@ def _check_types(labels: tuple, preprocess: Preprocess, adaptation: AdaptationSp
            and isinstance(layer.channels, int) and layer.channels > 0, f"tta.adaptation layer {layer!r:.80} malformed")
 
 
+def _static_shape(value_info) -> tuple:
+    """Dimensions of a graph input/output: an int where fixed, None where symbolic."""
+    dims = value_info.type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+
+
+def _check_shapes(path: Path, model, labels: tuple, preprocess: Preprocess, adaptation: AdaptationSpec,
+                  stats: dict) -> None:
+    """The metadata must describe the graph it sits on: a mismatch would only surface on the first frame."""
+    outputs = {o.name: _static_shape(o) for o in model.graph.output}
+    inputs = {i.name: _static_shape(i) for i in model.graph.input}
+    classes = outputs[LOGITS][-1] if outputs[LOGITS] else None
+    if classes is not None and classes != len(labels):
+        raise ContractError(f"{path}: tta.labels names {len(labels)} classes but the classifier has {classes} "
+                            "outputs; re-export the model with the labels of its classifier")
+    image = inputs[IMAGE]
+    channels = 1 if preprocess.channel_order == "GRAY" else 3
+    if len(image) != 4 or (image[1] is not None and image[1] != channels) \
+            or any(d is not None and d != s for d, s in zip(image[2:], preprocess.size)):
+        raise ContractError(f"{path}: input '{IMAGE}' has shape {list(image)} but tta.preprocess describes "
+                            f"{channels}x{preprocess.size[0]}x{preprocess.size[1]} images; re-export the model")
+    for layer in adaptation.layers:
+        mean, var = stats[layer.name]
+        if mean.shape != (layer.channels,) or var.shape != (layer.channels,):
+            raise ContractError(f"{path}: source statistics of layer {layer.name} have {mean.shape} and "
+                                f"{var.shape} values for {layer.channels} channels; re-export the model")
+
+
 def read_model_info(path: str | Path) -> ModelInfo:
     """Load and check the contract of an adaptive model; raise ContractError naming what is wrong."""
     import onnx
@@ -230,6 +258,7 @@ def read_model_info(path: str | Path) -> ModelInfo:
         absent = sorted((expected_in - inputs) | (expected_out - outputs))
         more = "..." if len(absent) > 5 else ""
         raise ContractError(f"{path}: graph lacks the contract's tensors {absent[:5]}{more}")
+    _check_shapes(path, model, labels, preprocess, adaptation, stats)
     calibration = json.loads(meta.get(KEY_CALIBRATION, "{}"))
     reference = None
     if KEY_SHIFT_REFERENCE in meta:

@@ -20,14 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, ConfigError, load_config, read_password
-from .contract import read_model_info
+from .config import Config, ConfigError, MqttConfig, load_config, read_password
+from .contract import ContractError, ModelInfo, read_model_info
 from .drift import DriftDetector, DriftEvent
+from .endpoint import HealthServer
 from .files import write_atomic
 from .gate import AdaptationGate, CollapseGuard
 from .lame import Lame
-from .mqtt import SCHEMA_VERSION, Command, MqttLink, utc
+from .mqtt import PAHO_LOGGER, SCHEMA_VERSION, Command, MqttLink, utc
 from .pipeline import CameraPipeline, FrameResult
+from .preflight import check, report
 from .runtime import open_session, physical_cores
 from .sdnotify import Notifier
 from .sources import FileSource, LiveSource, SourceError, open_source
@@ -35,6 +37,8 @@ from .spool import Spool
 from .state import StateError
 
 FIRST_CONNECT_WAIT_S = 5.0
+CLASS_MIN_INTERVAL_S = 1.0
+RELOADABLE_MQTT = ("top_k", "predictions_every", "stats_interval_s")  # read per message; the rest is the connection
 log = logging.getLogger(__name__)
 
 
@@ -47,6 +51,15 @@ class Camera:
     frame_times: deque = field(default_factory=lambda: deque(maxlen=100))
     drift_since: str | None = None
     fallbacks_seen: int = 0  # session fallbacks already announced in stats
+    published_class: tuple[str | None, float] = (None, 0.0)  # the retained class topic's label, when sent
+
+    def health(self) -> dict:
+        """Whether frames come, and if not why: the source's own account."""
+        last = getattr(self.source, "last_frame_at", None)
+        if last is None and self.frame_times:
+            last = self.frame_times[-1]
+        return {"connected": bool(self.source.connected), "last_error": self.source.last_error,
+                "since_last_frame_s": None if last is None else round(time.monotonic() - last, 1)}
 
     @property
     def fps(self) -> float:
@@ -72,18 +85,19 @@ def _top_k(probs: np.ndarray | None, labels: tuple[str, ...], k: int) -> list[di
 
 class Agent:
     def __init__(self, config: Config, config_path: Path | None = None, broker: tuple[str, int] | None = None,
-                 sinks: list[Callable[[str, FrameResult], None]] | None = None):
+                 sinks: list[Callable[[str, FrameResult], None]] | None = None, info: ModelInfo | None = None,
+                 stop: threading.Event | None = None, reload: threading.Event | None = None):
         self.config = config
         self.config_path = config_path
         self.sinks = sinks or []
         self.notifier = Notifier()
-        self._stop = threading.Event()
-        self._reload = threading.Event()
+        self._stop = stop or threading.Event()
+        self._reload = reload or threading.Event()
         self.started = time.time()
         self.commands: queue.Queue[Command] = queue.Queue(maxsize=100)
         state_dir = config.state.dir
         state_dir.mkdir(parents=True, exist_ok=True)
-        self.info = read_model_info(config.model.path)
+        self.info = info or read_model_info(config.model.path)
         if config.adaptation.gate.enabled and self.info.shift_reference is None:
             raise ConfigError(f"adaptation.gate.enabled: {config.model.path} has no shift reference "
                               "(tta.shift_reference, written by tta-export); re-export the model or set "
@@ -93,6 +107,12 @@ class Agent:
         host, port = broker or (config.mqtt.host, config.mqtt.port)
         self.mqtt = MqttLink(config.mqtt, config.device_id, [c.name for c in self.cameras], self.spool,
                              self.commands, read_password(config.mqtt), host=host, port=port)
+        self.heartbeat: float | None = None  # time.monotonic() of the main loop's latest round
+        http = config.http
+        try:
+            self.endpoint = HealthServer(self, http.host, http.port, http.stall_s) if http.enabled else None
+        except OSError as exc:
+            raise ConfigError(f"http: cannot listen on {http.host}:{http.port}: {exc.strerror}") from None
 
     def _camera(self, cfg) -> Camera:
         model = self.config.model
@@ -192,9 +212,12 @@ class Agent:
         self.notifier.ready(self._status_line())
         log.info("agent %s running %d camera(s) on %s", self.config.device_id, len(self.cameras),
                  self.cameras[0].pipeline.session.provider)
+        if self.endpoint:
+            self.endpoint.start()
         now = time.monotonic()
         next_stats, next_checkpoint, next_ping = now, now + self.config.state.checkpoint_every_s, now
         while not self._stop.is_set():
+            self.heartbeat = time.monotonic()
             worked = False
             for camera in self.cameras:
                 frame = camera.source.poll()
@@ -226,6 +249,13 @@ class Agent:
         if result is None:
             return
         camera.latencies.append(result.latency_ms)
+        if self.endpoint:
+            self.endpoint.metrics.latency.labels(camera.name).observe(result.latency_ms / 1000)
+        if log.isEnabledFor(logging.DEBUG):
+            top = "-" if result.probs is None else self.info.labels[int(np.argmax(result.probs))]
+            log.debug("camera %s frame %d: %s, strength %.2f, drift score %.2f, LAME %s, %.1f ms", camera.name,
+                      result.frame, top, result.strength, result.drift_score, result.lame_applied,
+                      result.latency_ms)
         camera.frame_times.append(time.monotonic())
         labels, k = self.info.labels, self.config.mqtt.top_k
         if result.frame % self.config.mqtt.predictions_every == 0:
@@ -238,6 +268,7 @@ class Agent:
                 "adaptation_strength": round(result.strength, 3),
                 "drift_score": round(result.drift_score, 3),
             })
+        self._publish_class(camera, result)
         if result.drift is not None:
             event = result.drift
             log.info("drift %s camera=%s episode=%s frame=%d score=%.2f", event.type, camera.name, event.episode,
@@ -254,6 +285,18 @@ class Agent:
             self._publish_stats()  # tell subscribers at once that the agent is degraded
         for sink in self.sinks:
             sink(camera.name, result)
+
+    def _publish_class(self, camera: Camera, result: FrameResult) -> None:
+        """The retained class topic (Home Assistant's sensor): on a change, at most once a second."""
+        if result.probs is None:
+            return
+        label = self.info.labels[int(np.argmax(result.probs))]
+        now = time.monotonic()
+        if label != camera.published_class[0] and now - camera.published_class[1] >= CLASS_MIN_INTERVAL_S:
+            camera.published_class = (label, now)
+            self.mqtt.publish_retained(f"{camera.name}/class", {
+                "schema": SCHEMA_VERSION, "label": label, "p": round(float(result.probs.max()), 4),
+                "frame": result.frame, "time": utc(time.time())})
 
     def _handle_commands(self) -> None:
         while True:
@@ -280,24 +323,35 @@ class Agent:
         except ConfigError as exc:
             log.error("reload refused, keeping the running config:\n%s", exc)
             return
-        fixed = {k for k in ("model", "cameras", "mqtt", "state", "device_id")
-                 if getattr(new, k) != getattr(self.config, k)}
+        old = self.config
+        fixed = [k for k in ("model", "cameras", "state", "device_id") if getattr(new, k) != getattr(old, k)]
+        fixed += [f"mqtt.{k}" for k in MqttConfig.model_fields
+                  if k not in RELOADABLE_MQTT and getattr(new.mqtt, k) != getattr(old.mqtt, k)]
         if fixed:
-            log.warning("reload: %s changed; those take effect after a restart", ", ".join(sorted(fixed)))
-        new = new.model_copy(update={k: getattr(self.config, k) for k in fixed})
+            log.warning("reload: %s changed; those take effect after a restart", ", ".join(fixed))
+        mqtt = old.mqtt.model_copy(update={k: getattr(new.mqtt, k) for k in RELOADABLE_MQTT})
+        new = new.model_copy(update={"mqtt": mqtt, **{k: getattr(old, k) for k in ("model", "cameras", "state",
+                                                                                    "device_id")}})
         self.config = new
-        logging.getLogger().setLevel(new.log_level.upper())
+        set_log_level(new.log_level)
         for camera in self.cameras:
-            camera.pipeline.lame = self._lame()
-            camera.pipeline.lame_mode = new.lame.mode
-            drift, carried = self._drift(), camera.pipeline.drift.state()
+            pipeline = camera.pipeline
+            # a mode set by an MQTT command stays unless the file's own value changed
+            adaptation = new.adaptation.mode if new.adaptation.mode != old.adaptation.mode else pipeline.adaptation
+            lame_mode = new.lame.mode if new.lame.mode != old.lame.mode else pipeline.lame_mode
+            pipeline.lame = self._lame()
+            pipeline.lame_mode = lame_mode if pipeline.lame else "off"
+            drift, carried = self._drift(), pipeline.drift.state()
             if carried is not None:
                 drift.restore(carried)  # the reference and any open episode go on under the new thresholds
-            camera.pipeline.drift = drift
-            camera.pipeline.raw_every = new.adaptation.raw_every
-            camera.pipeline.gate = self._gate()
-            camera.pipeline.guard = self._guard()
-            camera.pipeline.set_adaptation(new.adaptation.mode)
+            pipeline.drift = drift
+            pipeline.raw_every = new.adaptation.raw_every
+            pipeline.gate = self._gate()
+            pipeline.guard = self._guard()
+            pipeline.set_adaptation(adaptation)
+            if (adaptation, pipeline.lame_mode) != (new.adaptation.mode, new.lame.mode):
+                log.info("reload: camera %s keeps adaptation %s, LAME %s (set by MQTT command)", camera.name,
+                         adaptation, pipeline.lame_mode)
         log.info("reloaded %s", self.config_path)
 
     def _checkpoint(self) -> None:
@@ -324,10 +378,10 @@ class Agent:
                 "adaptation": p.adaptation, "adaptation_strength": round(p.strength, 3),
                 "guard_fired": p.guard.fired if p.guard else 0,
                 "frames_adapted": p.session.frames, "lame_active": p.lame_active,
-                "drift_active": p.drift.active, "provider": p.session.provider,
+                "drift_active": p.drift.active, "provider": p.session.provider, **c.health(),
             }
         sessions = [c.pipeline.session for c in self.cameras]
-        degraded = [s.fallback_reason for s in sessions if s.fallback_reason]
+        degraded = self.degraded()
         return {
             "schema": SCHEMA_VERSION, "device": self.config.device_id, "time": utc(time.time()),
             "uptime_s": round(time.time() - self.started, 1), "status": "degraded" if degraded else "ok",
@@ -337,8 +391,15 @@ class Agent:
                      "queue_depth": self.mqtt.queue_depth, "predictions_sent": self.mqtt.predictions_sent,
                      "predictions_dropped": self.mqtt.predictions_dropped, "alerts_spooled": len(self.spool),
                      "alerts_acked": self.mqtt.alerts_acked, "alerts_dropped": self.spool.dropped,
-                     "commands_rejected": self.mqtt.commands_rejected},
+                     "commands_rejected": self.mqtt.commands_rejected,
+                     "commands_ignored": self.mqtt.commands_ignored},
         }
+
+    def degraded(self) -> list[str]:
+        """Why the agent is not fully working: a GPU fallback, a camera that is down."""
+        reasons = [c.pipeline.session.fallback_reason for c in self.cameras if c.pipeline.session.fallback_reason]
+        return reasons + [f"camera {c.name}: {c.source.last_error}" for c in self.cameras
+                          if not c.source.connected and not c.source.finished and c.source.last_error]
 
     def _status_line(self) -> str:
         fps = sum(c.fps for c in self.cameras)
@@ -358,17 +419,31 @@ class Agent:
             camera.source.stop()
         self._publish_stats()
         self.mqtt.stop(flush_timeout=3.0)
+        if self.endpoint:
+            self.endpoint.stop()
         return 0
 
 
-def run_daemon(config_path: Path) -> int:
-    config = load_config(config_path)
-    logging.getLogger().setLevel(config.log_level.upper())
-    try:
-        agent = Agent(config, config_path)
-    except (SourceError, ConfigError) as exc:
-        log.error("%s", exc)
-        return 1
-    agent.install_signal_handlers()
-    return agent.run()
+def set_log_level(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())
+    # paho narrates each reconnect attempt at error level; its lines are for debugging only
+    logging.getLogger(PAHO_LOGGER).setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL + 1)
 
+
+def run_daemon(config_path: Path) -> int:
+    # first of all, so a SIGHUP or SIGTERM while the model loads is taken up by the loop, not fatal
+    stop, reload = threading.Event(), threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
+    config = load_config(config_path)
+    set_log_level(config.log_level)
+    log.info("starting: %s, model %s, %d camera(s)", config_path, config.model.path, len(config.cameras))
+    info, problems = check(config)
+    if problems:
+        return report(config_path, problems)
+    try:
+        agent = Agent(config, config_path, info=info, stop=stop, reload=reload)
+    except (SourceError, ConfigError, ContractError) as exc:
+        return report(config_path, [str(exc)])
+    return agent.run()

@@ -15,7 +15,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 
 from .config import load_config
-from .daemon import Agent
+from .daemon import Agent, set_log_level
 from .replay import ReplayRecord, format_table, plot_report, read_labels, summarize
 from .samples import render_sample_video, sidecar_path
 
@@ -74,7 +74,7 @@ def ensure_inputs(model: Path, video: Path) -> None:
 
 def run_demo(config_path: Path) -> int:
     config = load_config(config_path)
-    logging.getLogger().setLevel(config.log_level.upper())
+    set_log_level(config.log_level)
     for noisy in ("amqtt", "transitions"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     video = Path(config.cameras[0].source)

@@ -6,6 +6,7 @@ Topics under <prefix>/<device>:
     <camera>/prediction                 every frame (or every Nth), QoS 0, dropped and counted when offline
     <camera>/drift                      start/update/end events, QoS 1, through the on-disk spool
     <camera>/drift/state                the current drift state, retained
+    <camera>/class                      the answer's top class when it changes (at most 1/s), retained
     <camera>/adaptation/set             command in: on | frozen | off | reset
     <camera>/lame/set                   command in: auto | on | off
 Payloads are JSON with a `schema` version (agent/schemas/*.json).
@@ -16,7 +17,9 @@ import json
 import logging
 import queue
 import ssl
+import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 COMMANDS = {"adaptation": ("on", "frozen", "off", "reset"), "lame": ("auto", "on", "off")}
 MAX_COMMAND_BYTES = 64
+PAHO_LOGGER = "agent.mqtt.paho"  # paho's own lines; shown only at log_level debug
+TROUBLE_REPEAT_S = 60.0  # a broker problem that persists is logged again this often
 
 
 def utc(ts: float) -> str:
@@ -41,6 +46,37 @@ class Command:
     camera: str
     kind: str  # "adaptation" or "lame"
     value: str
+
+
+class BrokerTrouble:
+    """Says why the broker cannot be reached: at once, again when the reason changes, and every
+    TROUBLE_REPEAT_S while it lasts; then once how long it lasted."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.since: float | None = None
+        self._said: tuple[str, float] | None = None
+
+    def failed(self, reason: str) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        if self._said is None or self._said[0] != reason or now - self._said[1] >= TROUBLE_REPEAT_S:
+            log.error("broker %s: %s (no connection for %.0f s; retrying)", self.where, reason, now - self.since)
+            self._said = (reason, now)
+
+    def connected(self) -> None:
+        if self.since is not None:
+            log.info("broker %s reached after %.0f s without a connection", self.where, time.monotonic() - self.since)
+        self.since, self._said = None, None
+
+
+def _reason(exc: BaseException | None) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc.reason or exc}); is this a TLS listener, and the CA the broker's?"
+    if exc is None:
+        return "cannot connect"
+    return f"cannot connect: {exc.strerror or exc}" if isinstance(exc, OSError) else f"cannot connect: {exc}"
 
 
 class MqttLink:
@@ -60,6 +96,8 @@ class MqttLink:
         self.predictions_sent = self.predictions_dropped = 0
         self.alerts_acked = 0
         self.commands_rejected = 0
+        self.commands_ignored = 0  # retained commands: a config is not overridden by a stale retained message
+        self.trouble = BrokerTrouble(f"{self.host}:{self.port}")
         self._lock = threading.Lock()
         self._inflight: dict[int, str] = {}  # mid -> spool id, at most one alert in flight (keeps order)
         self._retained: dict[str, str] = {}  # topic -> payload, re-published on reconnect
@@ -82,6 +120,8 @@ class MqttLink:
                            cert_reqs=ssl.CERT_NONE if cfg.tls.insecure else ssl.CERT_REQUIRED)
             client.tls_insecure_set(cfg.tls.insecure)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.enable_logger(logging.getLogger(PAHO_LOGGER))
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
@@ -116,8 +156,9 @@ class MqttLink:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
-            log.error("broker %s:%s refused the connection: %s", self.host, self.port, reason_code)
+            self.trouble.failed(f"refused the connection: {reason_code}")
             return
+        self.trouble.connected()
         self.reconnects += 1
         log.info("connected to %s:%s", self.host, self.port)
         client.publish(self.availability, "online", qos=1, retain=True)
@@ -134,10 +175,16 @@ class MqttLink:
         self.connected.set()
         self._pump()
 
+    def _on_connect_fail(self, client, userdata):
+        # paho calls this inside its `except OSError`, so the exception it caught is the reason
+        self.trouble.failed(_reason(sys.exc_info()[1]))
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        was_connected = self.connected.is_set()
         self.connected.clear()
-        if reason_code.value != 0:
+        if reason_code.value != 0 and was_connected:
             log.warning("disconnected from %s:%s (%s); reconnecting", self.host, self.port, reason_code)
+            self.trouble.failed(f"connection lost ({reason_code})")
 
     # -- alerts through the spool ------------------------------------------------------------
     def publish_drift(self, camera: str, event: dict) -> None:
@@ -193,10 +240,22 @@ class MqttLink:
                 if message.payload == b"online":
                     self._publish_discovery()
                 return
+            if message.retain or not message.payload:
+                self._ignore(message)
+                return
             self.commands.put_nowait(self.parse_command(message.topic, message.payload))
         except (ValueError, queue.Full) as exc:
             self.commands_rejected += 1
             log.warning("command rejected on %r: %s", message.topic[:200], exc)
+
+    def _ignore(self, message) -> None:
+        """A retained command would override the config at every start; an empty one clears it."""
+        if not message.payload:
+            log.debug("empty message on %r (a retained command being cleared): nothing to do", message.topic[:200])
+            return
+        self.commands_ignored += 1
+        log.warning("retained command on %r ignored: commands act once, publish them without the retain flag; "
+                    "clear it with: mosquitto_pub -r -n -t '%s'", message.topic[:200], message.topic[:200])
 
     def parse_command(self, topic: str, payload: bytes) -> Command:
         """Strict: a known camera, a known command, a known value; nothing else."""
@@ -226,8 +285,8 @@ class MqttLink:
             configs = {
                 f"{prefix}/sensor/{uid}_class/config": {
                     "name": f"{camera} class", "unique_id": f"{uid}_class",
-                    "state_topic": f"{self.base}/{camera}/prediction",
-                    "value_template": "{{ value_json.adapted[0].label }}",
+                    "state_topic": f"{self.base}/{camera}/class",
+                    "value_template": "{{ value_json.label }}",
                 },
                 f"{prefix}/binary_sensor/{uid}_drift/config": {
                     "name": f"{camera} drift", "unique_id": f"{uid}_drift", "device_class": "problem",

@@ -43,6 +43,8 @@ def read_labels(path: str | Path, class_names: tuple[str, ...]) -> dict[int, Fra
             return _parse_labels(path, csv.DictReader(f), index)
     except (UnicodeDecodeError, csv.Error) as exc:
         raise LabelsError(f"labels file {path} is not UTF-8 CSV: {exc}") from None
+    except OSError as exc:
+        raise LabelsError(f"labels file {path} cannot be read: {exc.strerror}") from None
 
 
 def _parse_labels(path: Path, reader: csv.DictReader, index: dict[str, int]) -> dict[int, FrameLabel]:
@@ -121,6 +123,7 @@ def summarize(pipeline: CameraPipeline, source: FileSource, record: ReplayRecord
         "frames_rejected": counters.rejected_total,
         "rejected_reasons": dict(counters.rejected),
         "source_errors": source.counters.errors,
+        "truncated": source.truncated,
         "fps": round(counters.processed / elapsed, 2) if elapsed else None,
         "latency_ms_p50": round(float(np.percentile(lat, 50)), 2),
         "latency_ms_p95": round(float(np.percentile(lat, 95)), 2),
@@ -147,6 +150,7 @@ def format_table(summary: dict) -> str:
             ("latency p50 / p95", f"{summary['latency_ms_p50']} / {summary['latency_ms_p95']} ms"),
             ("provider", summary["provider"]),
             ("drift events", ", ".join(f"{e['type']}@{e['frame']}" for e in summary["drift_events"]) or "none")]
+    rows += [("input damaged", error) for error in summary["source_errors"]]
     for name, value in summary.get("accuracy", {}).items():
         rows.append((f"accuracy {name}", f"{100 * value:.1f}%"))
     for condition, accs in summary.get("accuracy_by_condition", {}).items():

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from . import contract
 from .baked import CPU, BakedNormalisation
 from .contract import ModelInfo, read_model_info
+from .onnxruntime_quiet import ort
 from .state import initial_state, load_state, save_state
 from .unmix import RobustMixture
 

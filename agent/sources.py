@@ -7,7 +7,10 @@ the stream with exponential backoff when frames stop coming.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import re
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +26,50 @@ READ_AHEAD = 8  # frames a file replay decodes ahead of the model
 
 class SourceError(RuntimeError):
     """The source cannot be opened at all; the message names it."""
+
+
+STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
+_DEVICE = re.compile(r"^/dev/video(\d+)$")
+_CREDENTIALS = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
+
+
+def redact(uri: str | int) -> str:
+    """A stream URL without its user and password: safe for logs, stats and errors."""
+    return _CREDENTIALS.sub(r"\1***@", str(uri))
+
+
+def source_kind(uri: str) -> str:
+    """'index' (a digit), 'device' (/dev/videoN), 'stream' (a URL) or 'file'."""
+    if uri.isdigit() or _DEVICE.match(uri):
+        return "device" if uri.startswith("/") else "index"
+    return "stream" if "://" in uri else "file"
+
+
+def source_problem(uri: str) -> str | None:
+    """Why this source cannot be opened, from its form alone (nothing is opened), or None."""
+    kind = source_kind(uri)
+    if kind in ("index", "device"):
+        node = uri if kind == "device" else f"/dev/video{uri}"
+        if os.path.isdir("/dev/") and not os.path.exists(node):
+            return f"camera device {node} does not exist (is the camera plugged in? v4l2-ctl --list-devices)"
+        return None
+    if kind == "stream":
+        scheme = uri.split("://", 1)[0].lower()
+        if scheme not in STREAM_SCHEMES:
+            return f"stream {redact(uri)}: scheme {scheme!r} is not one of {', '.join(STREAM_SCHEMES)}"
+        return None
+    try:
+        mode = os.stat(uri).st_mode
+    except FileNotFoundError:
+        return f"video file {uri} does not exist"
+    except OSError as exc:
+        return f"video file {uri} cannot be read: {exc.strerror}"
+    if not stat.S_ISREG(mode):
+        return (f"{uri} is neither a video file nor a camera device (cameras are a digit, /dev/videoN "
+                "or a stream URL)")
+    if not os.access(uri, os.R_OK):
+        return f"video file {uri} cannot be read: permission denied (the service's user needs read access)"
+    return None
 
 
 @dataclass
@@ -47,8 +94,9 @@ class FileSource:
     def __init__(self, path: str | Path, paced: bool = False, loop: bool = False, start: int = 0,
                  end: int | None = None):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise SourceError(f"video file {self.path} does not exist")
+        problem = source_problem(str(self.path))
+        if problem:
+            raise SourceError(problem)
         self.paced, self.loop, self.start, self.end = paced, loop, start, end
         self.counters = SourceCounters()
         self._capture = self._open()
@@ -61,8 +109,21 @@ class FileSource:
     def _open(self) -> cv2.VideoCapture:
         capture = cv2.VideoCapture(str(self.path))
         if not capture.isOpened():
+            if _mp4_without_index(self.path):
+                raise SourceError(f"video file {self.path} cannot be opened: it is an MP4/MOV without its index "
+                                  "('moov' box), a recording cut off before it was finished; recover it with a "
+                                  "tool such as untrunc, or record MKV or fragmented MP4, which stay readable "
+                                  "when cut")
             raise SourceError(f"video file {self.path} cannot be opened (not a video OpenCV can decode)")
         return capture
+
+    @property
+    def connected(self) -> bool:
+        return not self.finished
+
+    @property
+    def last_error(self) -> str | None:
+        return self.counters.errors[-1] if self.counters.errors else None
 
     def _rewind(self) -> None:
         if self.start:
@@ -145,8 +206,29 @@ class FileSource:
         self._capture.release()
 
 
+def _mp4_without_index(path: Path) -> bool:
+    """An ISO media file (MP4/MOV: an 'ftyp' box first) whose top-level boxes hold no 'moov'."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            position, boxes = 0, []
+            while position + 8 <= size and len(boxes) < 10_000:
+                f.seek(position)
+                header = f.read(16)
+                length, kind = int.from_bytes(header[:4], "big"), header[4:8]
+                if length == 1 and len(header) == 16:
+                    length = int.from_bytes(header[8:16], "big")
+                boxes.append(kind)
+                if length < 8:
+                    break
+                position += length
+    except OSError:
+        return False
+    return bool(boxes) and boxes[0] == b"ftyp" and b"moov" not in boxes
+
+
 class LiveSource:
-    """A camera index or a stream URL; always hands out the newest frame."""
+    """A camera (index or /dev/videoN) or a stream URL; always hands out the newest frame."""
 
     def __init__(self, uri: str | int, stall_timeout: float = 5.0, backoff_initial: float = 0.5,
                  backoff_max: float = 30.0, open_timeout: float = 10.0):
@@ -156,11 +238,14 @@ class LiveSource:
         self.open_timeout = open_timeout
         self.counters = SourceCounters()
         self.connected = False
+        self.last_error: str | None = None  # why the source is down, cleared by the next frame
+        self.last_frame_at: float | None = None  # time.monotonic() of the newest frame read
+        self.name = redact(uri)
         self._latest: Frame | None = None
         self._taken = True
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._reader, name=f"source-{uri}", daemon=True)
+        self._thread = threading.Thread(target=self._reader, name=f"source-{self.name}", daemon=True)
         self._thread.start()
 
     def _capture(self) -> cv2.VideoCapture:
@@ -168,6 +253,8 @@ class LiveSource:
                   cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.stall_timeout * 1000)]
         if isinstance(self.uri, int):
             return cv2.VideoCapture(self.uri, cv2.CAP_ANY, params)
+        if _DEVICE.match(self.uri):
+            return cv2.VideoCapture(self.uri, cv2.CAP_V4L2, params)
         return cv2.VideoCapture(self.uri, cv2.CAP_FFMPEG, params)
 
     def _reader(self) -> None:
@@ -178,8 +265,8 @@ class LiveSource:
             capture = self._capture()
             if not capture.isOpened():
                 capture.release()
-                self.counters.errors.append(f"cannot open {self.uri}")
-                log.warning("cannot open %s; retrying in %.1f s", self.uri, backoff)
+                self._failed(f"cannot open {self.name}")
+                log.warning("cannot open %s; retrying in %.1f s", self.name, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.backoff_max)
                 continue
@@ -195,7 +282,8 @@ class LiveSource:
                         break
                     self._stop.wait(0.01)
                     continue
-                last = time.monotonic()
+                last = self.last_frame_at = time.monotonic()
+                self.last_error = None
                 backoff = self.backoff_initial
                 self.counters.read += 1
                 with self._cond:
@@ -208,10 +296,16 @@ class LiveSource:
             self.connected = False
             if not self._stop.is_set():
                 self.counters.stalls += 1
-                log.warning("%s stalled (no frame for %.1f s); reconnecting in %.1f s", self.uri,
+                self._failed(f"{self.name} stalled (no frame for {self.stall_timeout:.1f} s)")
+                log.warning("%s stalled (no frame for %.1f s); reconnecting in %.1f s", self.name,
                             self.stall_timeout, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.backoff_max)
+
+    def _failed(self, error: str) -> None:
+        self.last_error = error
+        self.counters.errors.append(error)
+        del self.counters.errors[:-20]
 
     finished = False  # a live source never ends by itself
 
@@ -239,10 +333,11 @@ class LiveSource:
 
 
 def open_source(camera) -> FileSource | LiveSource:
-    """From a CameraConfig: a digit is a camera index, a URL a stream, anything else a video file."""
+    """From a CameraConfig: a digit or /dev/videoN is a camera, a URL a stream, anything else a video file."""
     uri = camera.source
-    if uri.isdigit() or "://" in uri:
-        return LiveSource(int(uri) if uri.isdigit() else uri, stall_timeout=camera.stall_timeout_s,
+    kind = source_kind(uri)
+    if kind != "file":
+        return LiveSource(int(uri) if kind == "index" else uri, stall_timeout=camera.stall_timeout_s,
                           backoff_max=camera.reconnect_max_s)
     replay = camera.replay
     return FileSource(uri, paced=replay.paced, loop=replay.loop, start=replay.start, end=replay.end)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from agent import contract
@@ -184,12 +185,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_libraries() -> None:
+    """torch.onnx, onnxscript and onnx_ir narrate every pass; the user needs our lines and real problems."""
+    for name in ("torch", "onnxscript", "onnx_ir", "agent.runtime"):
+        logging.getLogger(name).setLevel(logging.ERROR if name != "agent.runtime" else logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    _quiet_libraries()
     args = parser().parse_args(argv)
     try:
         result = export(args)
-    except (ExportError, ValueError) as exc:
+    except (ExportError, ValueError, OSError) as exc:  # OSError: a dataset or file it names is missing
         print(f"tta-export: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))

@@ -20,6 +20,8 @@ their kernel does not pair products, and 7 bits there cost 11 points of agreemen
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import tempfile
@@ -136,6 +138,17 @@ def _seven_bit_weights(model: onnx.ModelProto) -> dict[str, list[dict]]:
     return overrides
 
 
+@contextlib.contextmanager
+def _root_logging_above(level: int):
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(level + 1)
+    try:
+        yield
+    finally:
+        root.setLevel(before)
+
+
 def _quantize_static(source: Path, target: Path, feeds: list[dict], method: str, exclude: list[str],
                      ops: list[str]) -> int:
     """Returns how many weights got 7 bits."""
@@ -149,10 +162,12 @@ def _quantize_static(source: Path, target: Path, feeds: list[dict], method: str,
                "CalibStridedMinMax": min(CHUNK, len(feeds)), "TensorQuantOverrides": seven_bit}
     if method == "percentile":
         options["CalibPercentile"] = 99.999
-    quantize_static(str(source), str(target), _Reader(feeds), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=ops, per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=methods[method], extra_options=options,
-                    nodes_to_exclude=exclude)
+    # onnxruntime's calibrator prints a line per chunk and logs advice on the root logger: not for the user
+    with contextlib.redirect_stdout(io.StringIO()), _root_logging_above(logging.WARNING):
+        quantize_static(str(source), str(target), _Reader(feeds), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=ops, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=methods[method], extra_options=options,
+                        nodes_to_exclude=exclude)
     return len(seven_bit)
 
 
