@@ -13,14 +13,13 @@ from .gate import AdaptationGate
 from .lame import Lame
 from .pipeline import LAME_MODES, CameraPipeline
 from .preflight import EXIT_CONFIG, check, report
-
-EXIT_DAMAGED_INPUT = 3  # replay ran to the end of what could be decoded, but the video is cut or corrupt
 from .replay import LabelsError, format_table, plot_report, read_labels, replay, write_json
 from .runtime import BACKENDS, DEVICES, REBAKE_DIVERGENCE, STATISTICS_EVERY, open_session
 from .sources import FileSource, SourceError
 from .state import StateError
 
 log = logging.getLogger("tta-agent")
+EXIT_DAMAGED_INPUT = 3  # replay ran to the end of what could be decoded, but the video is cut or corrupt
 
 
 def cmd_replay(args) -> int:
@@ -109,7 +108,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--statistics-every-max", type=int, metavar="N",
                    help="folded-layout models: the faster mode; measure adapted frames down to every N-th "
                         "while the measurements rebuild nothing")
-    r.add_argument("--drift-warmup", type=int, default=100, help="frames that learn the camera's usual imaging statistics")
+    r.add_argument("--drift-warmup", type=int, default=100,
+                   help="frames that learn the camera's usual imaging statistics")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--state", type=Path, help="start from these components (.npz)")
     r.add_argument("--save-state", type=Path, help="write the final components (.npz)")

@@ -101,7 +101,8 @@ class LameConfig(Section):
 
 class DriftConfig(Section):
     warmup: int = Field(100, ge=2, le=1_000_000, description="frames that learn the camera's usual imaging statistics")
-    threshold: float = Field(6.0, gt=0, le=1e6, description="score (smoothed spreads from usual) that starts an episode")
+    threshold: float = Field(6.0, gt=0, le=1e6,
+                             description="score (smoothed spreads from usual) that starts an episode")
     end_level: float = Field(3.0, ge=0, le=1e6, description="an episode ends once the score stays under this...")
     end_frames: int = Field(30, ge=1, le=1_000_000, description="...for this many frames")
     update_every: int = Field(100, ge=1, le=1_000_000, description="an `update` event every N frames while drifting")
