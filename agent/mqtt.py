@@ -71,9 +71,12 @@ class BrokerTrouble:
         self.since, self._said = None, None
 
 
-def _reason(exc: BaseException | None) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS handshake failed ({exc.reason or exc}); is this a TLS listener, and the CA the broker's?"
+def _reason(exc: BaseException | None, tls: bool) -> str:
+    # a plain listener answers a TLS hello by resetting the connection: with TLS on, say so
+    if isinstance(exc, ssl.SSLError) or (tls and isinstance(exc, (ConnectionResetError, BrokenPipeError))):
+        detail = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else exc.strerror or exc
+        return (f"TLS handshake failed ({detail}); is this port a TLS listener, and mqtt.tls.ca the CA that "
+                "signed its certificate?")
     if exc is None:
         return "cannot connect"
     return f"cannot connect: {exc.strerror or exc}" if isinstance(exc, OSError) else f"cannot connect: {exc}"
@@ -177,7 +180,7 @@ class MqttLink:
 
     def _on_connect_fail(self, client, userdata):
         # paho calls this inside its `except OSError`, so the exception it caught is the reason
-        self.trouble.failed(_reason(sys.exc_info()[1]))
+        self.trouble.failed(_reason(sys.exc_info()[1], self.cfg.tls is not None))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         was_connected = self.connected.is_set()
