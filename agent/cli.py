@@ -6,15 +6,12 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config, parse_config
 from .contract import ContractError
-from .drift import DriftDetector
-from .gate import AdaptationGate
-from .lame import Lame
-from .pipeline import LAME_MODES, CameraPipeline
+from .pipeline import LAME_MODES, build_pipeline, open_camera_session
 from .preflight import EXIT_CONFIG, check, report
 from .replay import LabelsError, format_table, plot_report, read_labels, replay, write_json
-from .runtime import BACKENDS, DEVICES, REBAKE_DIVERGENCE, STATISTICS_EVERY, open_session
+from .runtime import BACKENDS, DEVICES, REBAKE_DIVERGENCE, STATISTICS_EVERY
 from .sources import FileSource, SourceError
 from .state import StateError
 
@@ -22,28 +19,42 @@ log = logging.getLogger("tta-agent")
 EXIT_DAMAGED_INPUT = 3  # replay ran to the end of what could be decoded, but the video is cut or corrupt
 
 
+def replay_config(args) -> Config:
+    """What the daemon would run on this video: the --config file's sections, or one made from the flags."""
+    if args.config:
+        config = load_config(args.config)
+        model = config.model.model_copy(update={"path": args.model}) if args.model else config.model
+        return config.model_copy(update={"model": model})
+    if args.model is None:
+        raise ConfigError("replay needs --model or --config")
+    return parse_config({
+        "model": {"path": str(args.model), "device": args.device, "backend": args.backend, "threads": args.threads},
+        "adaptation": {"mode": args.adaptation, "seed": args.seed, "raw_every": args.raw_every,
+                       "statistics_every": args.statistics_every, "rebake_divergence": args.rebake_divergence,
+                       "measure_on_worker": args.measure_on_worker,
+                       "statistics_every_max": args.statistics_every_max,
+                       "gate": {"enabled": args.gate == "on"}, "guard": {"enabled": args.guard == "on"}},
+        "lame": {"mode": args.lame, "window": args.window, "affinity": args.affinity, "knn": args.knn},
+        "drift": {"warmup": args.drift_warmup},
+        "cameras": [{"name": "replay", "source": str(args.video)}],
+    })
+
+
 def cmd_replay(args) -> int:
-    session = open_session(args.model, device=args.device, backend=args.backend, threads=args.threads, seed=args.seed,
-                           statistics_every=args.statistics_every, rebake_divergence=args.rebake_divergence,
-                           measure_on_worker=args.measure_on_worker, statistics_every_max=args.statistics_every_max)
+    config = replay_config(args)
+    session = open_camera_session(config)
     if args.state:
         session.load(args.state)
     labels = read_labels(args.labels, session.info.labels) if args.labels else None
-    lame = None if args.lame == "off" else Lame(window=args.window, affinity=args.affinity, k=args.knn)
-    drift = DriftDetector(warmup=args.drift_warmup, layers=session.info.layer_names)
-    gate = None
-    if args.gate == "on":
-        if session.info.shift_reference is None:
-            raise ContractError(f"{args.model} has no shift reference (re-export it, or --gate off)")
-        gate = AdaptationGate(session.info.shift_reference)
-    pipeline = CameraPipeline(session, lame, args.lame, drift, raw_every=1 if labels else args.raw_every, gate=gate)
-    pipeline.set_adaptation(args.adaptation)
+    pipeline = build_pipeline(config, session)
+    if labels:
+        pipeline.raw_every = 1  # the unadapted model on every frame, to score it
     source = FileSource(args.video, paced=args.paced, loop=False, start=args.start, end=args.end)
     summary, record = replay(pipeline, source, labels, progress=not args.quiet)
     print(format_table(summary))
-    report = args.report or Path(args.video).with_suffix(".report.png")
-    if plot_report(record, summary, report):
-        print(f"report: {report}")
+    report_path = args.report or Path(args.video).with_suffix(".report.png")
+    if plot_report(record, summary, report_path):
+        print(f"report: {report_path}")
     if args.json:
         write_json(summary, args.json)
     if args.save_state:
@@ -81,7 +92,9 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("replay", help="run a recorded video through the agent and report")
     r.add_argument("video", type=Path)
-    r.add_argument("--model", type=Path, required=True, help="adaptive .onnx from tta-export")
+    r.add_argument("--config", type=Path, help="run as the daemon would under this config (its model, adaptation, "
+                                               "LAME and drift sections; the flags below are then ignored)")
+    r.add_argument("--model", type=Path, help="adaptive .onnx from tta-export (with --config: overrides model.path)")
     r.add_argument("--labels", type=Path, help="CSV sidecar: frame,label[,condition]")
     r.add_argument("--device", choices=DEVICES, default="auto")
     r.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -93,11 +106,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--adaptation", choices=("on", "frozen", "off"), default="on")
     r.add_argument("--gate", choices=("on", "off"), default="on",
                    help="adapt only as far as frames leave the model's clean shift reference (off: always fully)")
+    r.add_argument("--guard", choices=("on", "off"), default="on",
+                   help="reset and pause adaptation when its predictions collapse onto few classes")
     r.add_argument("--lame", choices=LAME_MODES, default="auto")
     r.add_argument("--window", type=int, default=16, help="LAME window, frames")
     r.add_argument("--affinity", choices=("knn", "rbf"), default="knn")
     r.add_argument("--knn", type=int, default=3)
-    r.add_argument("--raw-every", type=int, default=0, help="also run the unadapted model every N frames")
+    r.add_argument("--raw-every", type=int, default=30, help="also run the unadapted model every N frames (0: never)")
     r.add_argument("--statistics-every", type=int, default=STATISTICS_EVERY,
                    help="folded-layout models: measure statistics every N frames")
     r.add_argument("--rebake-divergence", type=float, default=REBAKE_DIVERGENCE,

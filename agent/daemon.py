@@ -22,15 +22,12 @@ import numpy as np
 
 from .config import Config, ConfigError, MqttConfig, load_config, read_password
 from .contract import ContractError, ModelInfo, read_model_info
-from .drift import DriftDetector, DriftEvent
+from .drift import DriftEvent
 from .endpoint import HealthServer
 from .files import write_atomic
-from .gate import AdaptationGate, CollapseGuard
-from .lame import Lame
 from .mqtt import PAHO_LOGGER, SCHEMA_VERSION, Command, MqttLink, utc
-from .pipeline import CameraPipeline, FrameResult
+from .pipeline import CameraPipeline, FrameResult, build_pipeline, open_camera_session
 from .preflight import check, report
-from .runtime import open_session, physical_cores
 from .sdnotify import Notifier
 from .sources import FileSource, LiveSource, SourceError, open_source
 from .spool import Spool
@@ -98,10 +95,6 @@ class Agent:
         state_dir = config.state.dir
         state_dir.mkdir(parents=True, exist_ok=True)
         self.info = info or read_model_info(config.model.path)
-        if config.adaptation.gate.enabled and self.info.shift_reference is None:
-            raise ConfigError(f"adaptation.gate.enabled: {config.model.path} has no shift reference "
-                              "(tta.shift_reference, written by tta-export); re-export the model or set "
-                              "adaptation.gate.enabled: false")
         self.cameras = [self._camera(c) for c in config.cameras]
         self.spool = Spool(state_dir / "spool", config.state.spool_max_events)
         host, port = broker or (config.mqtt.host, config.mqtt.port)
@@ -115,12 +108,7 @@ class Agent:
             raise ConfigError(f"http: cannot listen on {http.host}:{http.port}: {exc.strerror}") from None
 
     def _camera(self, cfg) -> Camera:
-        model = self.config.model
-        a = self.config.adaptation
-        session = open_session(model.path, device=model.device, backend=model.backend,
-                               threads=model.threads or physical_cores(), seed=a.seed, info=self.info,
-                               statistics_every=a.statistics_every, rebake_divergence=a.rebake_divergence,
-                               measure_on_worker=a.measure_on_worker, statistics_every_max=a.statistics_every_max)
+        session = open_camera_session(self.config, self.info)
         checkpoint = self._checkpoint_path(cfg.name)
         if checkpoint.exists():
             try:
@@ -130,10 +118,7 @@ class Agent:
                          session.frames, age)
             except StateError as exc:
                 log.error("camera %s: checkpoint ignored, starting fresh: %s", cfg.name, exc)
-        pipeline = CameraPipeline(session, self._lame(), self.config.lame.mode, self._drift(),
-                                  raw_every=self.config.adaptation.raw_every, gate=self._gate(), guard=self._guard())
-        pipeline.set_adaptation(self.config.adaptation.mode)
-        camera = Camera(cfg.name, open_source(cfg), pipeline)
+        camera = Camera(cfg.name, open_source(cfg), build_pipeline(self.config, session))
         self._resume_drift(camera)
         return camera
 
@@ -167,22 +152,6 @@ class Agent:
         self.mqtt.publish_retained(f"{camera.name}/drift/state", {
             "schema": SCHEMA_VERSION, "active": drift.active, "episode": drift.episode, "since": camera.drift_since,
             "score": round(drift.score, 2), "frame": frame, "time": utc(now)})
-
-    def _gate(self) -> AdaptationGate | None:
-        g = self.config.adaptation.gate
-        return AdaptationGate(self.info.shift_reference, g.low, g.high, g.smoothing, g.shadow_every, g.margin) \
-            if g.enabled else None
-
-    def _guard(self) -> CollapseGuard | None:
-        g = self.config.adaptation.guard
-        return CollapseGuard(len(self.info.labels), g.window, g.diversity, g.hold) if g.enabled else None
-
-    def _lame(self) -> Lame | None:
-        c = self.config.lame
-        return None if c.mode == "off" else Lame(window=c.window, affinity=c.affinity, k=c.knn)
-
-    def _drift(self) -> DriftDetector:
-        return DriftDetector(layers=self.info.layer_names, **self.config.drift.model_dump())
 
     def _checkpoint_path(self, camera: str) -> Path:
         return self.config.state.dir / f"{camera}.state.npz"
@@ -339,15 +308,12 @@ class Agent:
             # a mode set by an MQTT command stays unless the file's own value changed
             adaptation = new.adaptation.mode if new.adaptation.mode != old.adaptation.mode else pipeline.adaptation
             lame_mode = new.lame.mode if new.lame.mode != old.lame.mode else pipeline.lame_mode
-            pipeline.lame = self._lame()
+            try:
+                pipeline.configure(new)  # the drift reference and any open episode go on under the new thresholds
+            except ContractError as exc:
+                log.error("reload refused for camera %s: %s", camera.name, exc)
+                continue
             pipeline.lame_mode = lame_mode if pipeline.lame else "off"
-            drift, carried = self._drift(), pipeline.drift.state()
-            if carried is not None:
-                drift.restore(carried)  # the reference and any open episode go on under the new thresholds
-            pipeline.drift = drift
-            pipeline.raw_every = new.adaptation.raw_every
-            pipeline.gate = self._gate()
-            pipeline.guard = self._guard()
             pipeline.set_adaptation(adaptation)
             if (adaptation, pipeline.lame_mode) != (new.adaptation.mode, new.lame.mode):
                 log.info("reload: camera %s keeps adaptation %s, LAME %s (set by MQTT command)", camera.name,

@@ -2,6 +2,8 @@
 
 The loops (replay, daemon) feed frames to `process` (or a whole stream to `stream`) and hand the
 results to their sinks (progress bar, report, MQTT); nothing here knows where frames come from or go.
+`open_camera_session` and `build_pipeline` make what a camera runs from a config: the daemon,
+`tta-agent replay` and the benchmarks all build it there, so what is measured is what is published.
 """
 from __future__ import annotations
 
@@ -11,15 +13,20 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .contract import ContractError, ModelInfo
 from .drift import DriftDetector, DriftEvent, Observation, observe
 from .gate import AdaptationGate, CollapseGuard
 from .lame import CorrelationMonitor, Lame
 from .preprocess import FrameError, Preprocessor
-from .runtime import OnnxSession
+from .runtime import OnnxSession, open_session, physical_cores
 from .sources import Frame
+
+if TYPE_CHECKING:
+    from .config import Config
 
 log = logging.getLogger(__name__)
 ADAPTATION_MODES = ("on", "frozen", "off")
@@ -86,6 +93,28 @@ class CameraPipeline:
         self.paused = 0  # frames left without adaptation after the guard fired
         self.adaptation = "on"
         self.counters = PipelineCounters()
+
+    def configure(self, config: Config) -> None:
+        """Take the config's adaptation, LAME and drift sections (at start, and again on SIGHUP); the drift
+        detector's reference and open episode carry over, the modes are set to the config's."""
+        info = self.session.info
+        a, c = config.adaptation, config.lame
+        self.lame = None if c.mode == "off" else Lame(window=c.window, affinity=c.affinity, k=c.knn)
+        self.lame_mode = c.mode
+        carried = self.drift.state()
+        self.drift = DriftDetector(layers=info.layer_names, **config.drift.model_dump())
+        if carried is not None:
+            self.drift.restore(carried)
+        self.raw_every = a.raw_every
+        if a.gate.enabled and info.shift_reference is None:
+            raise ContractError(f"adaptation.gate.enabled: {info.path} has no shift reference (tta.shift_reference, "
+                                "written by tta-export); re-export the model or set adaptation.gate.enabled: false")
+        g = a.gate
+        self.gate = AdaptationGate(info.shift_reference, g.low, g.high, g.smoothing, g.shadow_every, g.margin) \
+            if g.enabled else None
+        self.guard = CollapseGuard(len(info.labels), a.guard.window, a.guard.diversity, a.guard.hold) \
+            if a.guard.enabled else None
+        self.set_adaptation(a.mode)
 
     def set_adaptation(self, mode: str) -> None:
         """on: adapt and update; frozen: adapt with fixed components; off: the unadapted model."""
@@ -202,3 +231,20 @@ class CameraPipeline:
                 result.probs = result.corrected
         result.latency_ms = (time.perf_counter() - x.start) * 1000
         return result
+
+
+def open_camera_session(config: Config, info: ModelInfo | None = None):
+    """The adaptive model session a camera runs under `config` (model and adaptation sections)."""
+    model, a = config.model, config.adaptation
+    return open_session(model.path, device=model.device, backend=model.backend,
+                        threads=model.threads or physical_cores(), seed=a.seed, info=info,
+                        statistics_every=a.statistics_every, rebake_divergence=a.rebake_divergence,
+                        measure_on_worker=a.measure_on_worker, statistics_every_max=a.statistics_every_max)
+
+
+def build_pipeline(config: Config, session: OnnxSession | None = None) -> CameraPipeline:
+    """The pipeline a camera runs under `config`: gate, collapse guard, LAME, drift, the unadapted cadence
+    and the modes, around `session` (opened from the config when not given)."""
+    pipeline = CameraPipeline(session or open_camera_session(config))
+    pipeline.configure(config)
+    return pipeline

@@ -2,7 +2,7 @@
 
 With a labels sidecar (CSV: frame,label[,condition]; a label may list accepted classes
 separated by '|') the summary compares accuracy of the unadapted model, the adapted
-model and adapted + LAME.
+model before LAME, and the agent's answer (LAME-corrected where LAME was applied).
 """
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ class ReplayRecord:
     frames: list[int] = field(default_factory=list)
     latency_ms: list[float] = field(default_factory=list)
     drift_score: list[float] = field(default_factory=list)
-    correct: dict[str, list[bool]] = field(default_factory=lambda: {"unadapted": [], "adapted": [], "adapted+LAME": []})
+    # the unadapted model, UnMix-TNS before LAME, and what the agent answered (published as `adapted`)
+    correct: dict[str, list[bool]] = field(default_factory=lambda: {"unadapted": [], "adapted": [], "answer": []})
     conditions: list[str] = field(default_factory=list)
     events: list[DriftEvent] = field(default_factory=list)
 
@@ -90,8 +91,7 @@ class ReplayRecord:
             self.conditions.append(label.condition)
             self.correct["unadapted"].append(int(np.argmax(result.raw)) in label.accepted)
             self.correct["adapted"].append(int(np.argmax(result.adapted)) in label.accepted)
-            lame = result.adapted if result.corrected is None else result.corrected
-            self.correct["adapted+LAME"].append(int(np.argmax(lame)) in label.accepted)
+            self.correct["answer"].append(int(np.argmax(result.probs)) in label.accepted)
 
 
 def replay(pipeline: CameraPipeline, source: FileSource, labels: dict[int, FrameLabel] | None = None,

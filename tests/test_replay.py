@@ -48,7 +48,7 @@ def test_replay_accounts_for_every_frame_and_raises_drift_around_the_change(effn
     assert starts and changed <= starts[0].frame < changed + FRAMES_PER_PHOTO, record.events
     assert ends and ends[-1].frame >= back and ends[-1].episode == starts[-1].episode, record.events
     assert all(e.frame < back for e in starts), "no drift should start once the clean scene is back"
-    assert set(summary["accuracy"]) == {"unadapted", "adapted", "adapted+LAME"}
+    assert set(summary["accuracy"]) == {"unadapted", "adapted", "answer"}
     assert summary["accuracy_by_condition"]["clean"]["unadapted"] > 0.9
 
 
@@ -83,7 +83,7 @@ def test_replay_cli_prints_the_table_and_writes_the_report(effnet, sample_video,
                        "--json", str(summary), "--device", "cpu"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "accuracy adapted+LAME" in out and "latency p50 / p95" in out
+    assert "accuracy answer" in out and "latency p50 / p95" in out
     assert cv2.imread(str(report)) is not None
     assert json.loads(summary.read_text())["frames_processed"] == 150
 
@@ -175,3 +175,25 @@ def test_live_source_hands_out_the_newest_frame_and_counts_what_it_skipped(sampl
     assert taken == sorted(taken) and len(set(taken)) == 20
     assert source.counters.skipped > 0
     assert source.counters.read >= len(taken) + source.counters.skipped
+
+
+def test_replay_under_the_daemon_config_builds_what_the_daemon_builds(effnet, sample_video, tmp_path, capsys):
+    """One builder for every camera pipeline: replay --config gets the gate, the guard, LAME and drift the
+    daemon would run, and scores what the agent answers."""
+    import yaml
+
+    from agent.config import load_config
+    from agent.pipeline import build_pipeline
+
+    doc = {"model": {"path": str(effnet["int8"]), "device": "cpu"}, "lame": {"mode": "on", "window": 8},
+           "adaptation": {"guard": {"window": 20}}, "drift": {"warmup": 40},
+           "cameras": [{"name": "cam1", "source": str(sample_video)}]}
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    pipeline = build_pipeline(load_config(path))
+    assert pipeline.gate is not None and pipeline.guard.window == 20 and pipeline.raw_every == 30
+    assert pipeline.lame.window == 8 and pipeline.lame_mode == "on" and pipeline.drift.warmup == 40
+    code = agent_main(["replay", str(sample_video), "--config", str(path), "--labels",
+                       str(sidecar_path(sample_video)), "--end", "60", "--quiet", "--report", str(tmp_path / "r.png")])
+    assert code == 0
+    assert "accuracy answer" in capsys.readouterr().out
