@@ -19,8 +19,6 @@ the config's defaults (agent.config.DriftConfig).
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import time
 import warnings
 from datetime import date
@@ -32,6 +30,8 @@ import numpy as np
 from agent.config import DriftConfig
 from agent.drift import DriftDetector, observe
 from agent.samples import PHOTOS, photo_stream
+
+from .provenance import commit, machine
 
 VIDEO = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")
 FPS = 10.0
@@ -126,31 +126,13 @@ def pan_run(frames_per_photo: int) -> dict:
             "after_switch": len(near)}
 
 
-def _machine() -> str:
-    model, flags = "unknown CPU", ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and model == "unknown CPU":
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and not flags:
-            flags = " ".join(f for f in line.split(":", 1)[1].split() if f.startswith(("avx512f", "avx2", "avx512_vnni")))
-    return f"{model} ({flags or 'no AVX2'}), {platform.machine()}"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _fmt(v, digits: int = 0) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
 def report(clean: dict, changes: list[dict], pans: list[dict], seconds: float) -> str:
     lines = ["# Drift alerts on real footage", "",
-             f"`python -m bench.drift` on {_machine()}, commit {_commit()}, {date.today().isoformat()}, "
+             f"`python -m bench.drift` on {machine()}, commit {commit()}, {date.today().isoformat()}, "
              f"{seconds / 60:.1f} min. Default drift config; both layouts alike (the detector reads the frame).", "",
              "## Unchanged camera (vtest.avi looped, people walking through)", "",
              "| frames | false starts | per 10,000 frames | frames reported in drift |", "|---|---|---|---|",

@@ -1,0 +1,303 @@
+"""Camera benchmark for ImageNet-class models: real photos watched by a camera, reference ImageNet-C corruptions.
+
+    python -m bench.camera [--layouts graph folded] [--severities 3 5] [--workers 2]
+
+Views: 24 crops of 13 real photos that install offline (scikit-image, Debian's opencv-doc,
+matplotlib), each one whose clean FP32 top-1 is confident and sensible (VIEWS; the table lists
+them). Streams, all through the agent's own pipeline as the daemon builds it from the default
+config (agent.pipeline.build_pipeline; LAME `auto`, gate and guard on, unadapted every 30th):
+  fixed      a camera watching each view for 24 frames (a few pixels of shake), one view after another
+  pan        slow pans over six of the photos, 24 frames each
+  continual  the fixed views clean, then fog, night, contrast (severity 3), then clean again, 300 frames each
+Conditions: the 15 ImageNet-C corruptions of the reference implementation (PyPI imagecorruptions)
+and `night` (darker and sensor noise), per severity, plus clean. Labels: the FP32 model's top-1
+on the clean frame. Reported per condition and severity: unadapted (the model with its source
+statistics on every frame), adapted (UnMix-TNS before LAME), answer (what the agent publishes)
+and the gate's mean strength. Writes bench/results/camera.md and camera.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import date
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from agent.config import parse_config
+from agent.contract import read_model_info
+from agent.pipeline import build_pipeline
+from agent.samples import photo
+from agent.sources import Frame
+
+from .provenance import commit, machine
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
+SIZE = 224
+FRAMES_PER_VIEW = 24
+VARIANTS = 4  # shaken crops per view, each corrupted on its own
+CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+               "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+               "jpeg_compression")
+CONDITIONS = CORRUPTIONS + ("night",)
+CONTINUAL = (("clean", 0), ("fog", 3), ("night", 3), ("contrast", 3), ("clean", 0))
+CONTINUAL_FRAMES = 300
+# (photo, zoom of the shorter side, centre x, centre y as fractions of the free room): clean FP32 top-1
+VIEWS = {
+    ("skimage:coffee", 1.0, 0.5, 0.5): "espresso", ("skimage:coffee", 0.6, 0.2, 0.2): "espresso",
+    ("skimage:camera", 1.0, 0.5, 0.5): "tripod", ("skimage:camera", 0.6, 0.8, 0.8): "tripod",
+    ("skimage:chelsea", 0.6, 0.2, 0.2): "Egyptian cat", ("skimage:chelsea", 0.6, 0.8, 0.8): "Egyptian cat",
+    ("opencv:baboon.jpg", 1.0, 0.5, 0.5): "baboon", ("opencv:baboon.jpg", 0.6, 0.2, 0.8): "baboon",
+    ("opencv:squirrel_cls.jpg", 1.0, 0.5, 0.5): "fox squirrel",
+    ("opencv:squirrel_cls.jpg", 0.6, 0.5, 0.5): "fox squirrel",
+    ("opencv:squirrel_cls.jpg", 0.6, 0.8, 0.2): "fox squirrel",
+    ("opencv:chicky_512.png", 1.0, 0.5, 0.5): "Pekinese", ("opencv:chicky_512.png", 0.6, 0.2, 0.2): "Pekinese",
+    ("opencv:fruits.jpg", 1.0, 0.5, 0.5): "lemon", ("opencv:fruits.jpg", 0.6, 0.2, 0.8): "orange",
+    ("opencv:fruits.jpg", 0.6, 0.2, 0.2): "orange",
+    ("opencv:board.jpg", 1.0, 0.5, 0.5): "modem",
+    ("opencv:sudoku.png", 1.0, 0.5, 0.5): "crossword puzzle", ("opencv:sudoku.png", 0.6, 0.8, 0.2): "crossword puzzle",
+    ("opencv:messi5.jpg", 1.0, 0.5, 0.5): "soccer ball",
+    ("opencv:orange.jpg", 1.0, 0.5, 0.5): "orange", ("opencv:orange.jpg", 0.6, 0.8, 0.2): "orange",
+    ("opencv:graf1.png", 0.6, 0.5, 0.5): "comic book",
+    ("opencv:stuff.jpg", 0.6, 0.8, 0.2): "ping-pong ball",
+}
+PANS = ("skimage:coffee", "skimage:camera", "opencv:squirrel_cls.jpg", "opencv:chicky_512.png", "opencv:fruits.jpg",
+        "opencv:sudoku.png")
+NIGHT = {1: (0.6, 4.0), 2: (0.45, 7.0), 3: (0.35, 10.0), 4: (0.25, 14.0), 5: (0.18, 18.0)}  # light, noise sd
+
+
+def load_photo(name: str) -> np.ndarray:
+    source, file = name.split(":", 1)
+    if source == "skimage":
+        return photo(file)
+    image = cv2.imread(str(OPENCV_DATA / file))
+    if image is None:
+        raise SystemExit(f"{OPENCV_DATA / file} not found: apt-get install opencv-doc")
+    return image
+
+
+def view_frames(image: np.ndarray, zoom: float, fx: float, fy: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """VARIANTS crops of one view, each shaken by up to 2% of its side."""
+    h, w = image.shape[:2]
+    side = int(min(h, w) * zoom)
+    frames = []
+    for _ in range(VARIANTS):
+        shake = int(0.02 * side)
+        x0 = int(np.clip((w - side) * fx + rng.integers(-shake, shake + 1), 0, w - side))
+        y0 = int(np.clip((h - side) * fy + rng.integers(-shake, shake + 1), 0, h - side))
+        frames.append(cv2.resize(image[y0:y0 + side, x0:x0 + side], (SIZE, SIZE), interpolation=cv2.INTER_AREA))
+    return frames
+
+
+def pan_frames(image: np.ndarray, frames: int = FRAMES_PER_VIEW) -> list[np.ndarray]:
+    """A slow pan and zoom (0.8 -> 0.6 of the shorter side) from the top left to the bottom right."""
+    h, w = image.shape[:2]
+    out = []
+    for i in range(frames):
+        t = i / (frames - 1)
+        side = int(min(h, w) * (0.8 - 0.2 * t))
+        x0, y0 = int((w - side) * t), int((h - side) * (0.3 + 0.4 * t))
+        out.append(cv2.resize(image[y0:y0 + side, x0:x0 + side], (SIZE, SIZE), interpolation=cv2.INTER_AREA))
+    return out
+
+
+def _reference():
+    """imagecorruptions under numpy 2 and today's scikit-image (it was written for numpy 1 and multichannel=)."""
+    np.float_ = np.float64
+    import imagecorruptions.corruptions as reference
+    from skimage.filters import gaussian
+
+    def gaussian_multichannel(x, sigma=1, multichannel=None, **kw):
+        if multichannel is not None:
+            kw.setdefault("channel_axis", -1 if multichannel else None)
+        return gaussian(x, sigma=sigma, **kw)
+
+    reference.gaussian = gaussian_multichannel
+    from imagecorruptions import corrupt
+
+    return corrupt
+
+
+def apply(frame_bgr: np.ndarray, condition: str, severity: int, seed: int) -> np.ndarray:
+    """One camera frame under a condition: the reference ImageNet-C corruption, or night."""
+    if condition == "clean":
+        return frame_bgr
+    np.random.seed(seed)  # imagecorruptions draws from numpy's global generator
+    if condition == "night":
+        light, noise = NIGHT[severity]
+        x = frame_bgr.astype(np.float32) * light + np.random.normal(0, noise, frame_bgr.shape)
+        return np.clip(x, 0, 255).astype(np.uint8)
+    rgb = np.ascontiguousarray(frame_bgr[:, :, ::-1])
+    out = _reference()(rgb, corruption_name=condition, severity=severity)
+    return np.ascontiguousarray(np.asarray(out, np.uint8)[:, :, ::-1])
+
+
+def clean_scenes(seed: int = 0) -> dict[str, list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    photos = {name: load_photo(name) for name in {v[0] for v in VIEWS} | set(PANS)}
+    fixed = [f for (name, zoom, fx, fy) in VIEWS for f in view_frames(photos[name], zoom, fx, fy, rng)]
+    pans = [f for name in PANS for f in pan_frames(photos[name])]
+    return {"fixed": fixed, "pan": pans}
+
+
+def stream(kind: str, condition: str, severity: int, scenes: dict) -> list[tuple[np.ndarray, int]]:
+    """(frame, index of its clean frame in scenes[kind]) in camera order."""
+    if kind == "pan":
+        return [(apply(f, condition, severity, 1000 * severity + i), i) for i, f in enumerate(scenes["pan"])]
+    corrupted = [apply(f, condition, severity, 1000 * severity + i) for i, f in enumerate(scenes["fixed"])]
+    order = [v * VARIANTS + i % VARIANTS for v in range(len(VIEWS)) for i in range(FRAMES_PER_VIEW)]
+    return [(corrupted[j], j) for j in order]
+
+
+def continual(scenes: dict) -> list[tuple[np.ndarray, int]]:
+    """CONTINUAL's segments in turn, CONTINUAL_FRAMES each, going on through the fixed views."""
+    frames = []
+    order = [v * VARIANTS + i % VARIANTS for v in range(len(VIEWS)) for i in range(FRAMES_PER_VIEW)]
+    for s, (condition, severity) in enumerate(CONTINUAL):
+        for i in range(CONTINUAL_FRAMES):
+            j = order[(s * CONTINUAL_FRAMES + i) % len(order)]
+            frames.append((apply(scenes["fixed"][j], condition, severity or 1, 7919 * s + i), j))
+    return frames
+
+
+def labels_fp32(fp32: Path, scenes: dict) -> dict[str, np.ndarray]:
+    """The FP32 model's top-1 on every clean frame (the graph at strength 0: the source statistics)."""
+    config = _config(fp32, adaptation={"mode": "off", "gate": {"enabled": False}}, lame={"mode": "off"})
+    pipeline = build_pipeline(config)
+    return {kind: np.array([int(np.argmax(pipeline.process(Frame(i, f, 0.0)).probs)) for i, f in enumerate(frames)])
+            for kind, frames in scenes.items()}
+
+
+def _config(model: Path, **sections):
+    return parse_config({"model": {"path": str(model), "device": "cpu", "backend": "onnxruntime", "threads": 1},
+                         "cameras": [{"name": "bench", "source": "0"}], **sections})
+
+
+def run_task(task) -> dict:
+    """One stream through the unadapted model and the default agent; per-frame correctness."""
+    model, kind, condition, severity, labels = task
+    scenes = clean_scenes()
+    frames = continual(scenes) if kind == "continual" else stream(kind, condition, severity, scenes)
+    truth = labels["fixed" if kind == "continual" else kind]
+    unadapted = build_pipeline(_config(model, adaptation={"mode": "off"}, lame={"mode": "off"}))
+    agent = build_pipeline(_config(model))
+    correct = {"unadapted": [], "adapted": [], "answer": []}
+    strength = []
+    for i, (image, clean) in enumerate(frames):
+        frame = Frame(i, image, 0.0)
+        raw, result = unadapted.process(frame), agent.process(frame)
+        y = truth[clean]
+        correct["unadapted"].append(bool(np.argmax(raw.probs) == y))
+        correct["adapted"].append(bool(np.argmax(result.adapted) == y))
+        correct["answer"].append(bool(np.argmax(result.probs) == y))
+        strength.append(result.strength)
+    return {"model": model.name, "kind": kind, "condition": condition, "severity": severity, "correct": correct,
+            "strength": strength, "guard_fired": agent.guard.fired if agent.guard else 0}
+
+
+def _mean(values) -> float:
+    return 100 * float(np.mean(values)) if len(values) else float("nan")
+
+
+def _row(runs: list[dict], condition: str, severity: int) -> tuple[dict, float]:
+    """Accuracy of each answer and mean strength over the fixed and pan streams of one condition."""
+    rs = [r for r in runs if r["condition"] == condition and r["severity"] == severity and r["kind"] != "continual"]
+    acc = {m: _mean(sum((r["correct"][m] for r in rs), [])) for m in ("unadapted", "adapted", "answer")}
+    return acc, float(np.mean(sum((r["strength"] for r in rs), [])))
+
+
+def markdown(runs: list[dict], layouts: dict[str, Path], severities: list[int], minutes: float) -> str:
+    lines = ["# Camera benchmark: EfficientNet-Lite0 INT8, real photos, ImageNet-C", "",
+             f"`python -m bench.camera` on {machine()}, commit {commit()}, {date.today().isoformat()}, "
+             f"{minutes:.0f} min. Default agent config (`lame: auto`, gate and guard on). Labels: the FP32 model's "
+             "top-1 on the clean frame. Accuracy in %, over the fixed-view and the pan stream of each condition "
+             f"({len(VIEWS) * FRAMES_PER_VIEW} + {len(PANS) * FRAMES_PER_VIEW} frames); strength: the gate's mean "
+             "(0: the unadapted model, 1: full UnMix-TNS).", ""]
+    for layout in layouts:
+        mine = [r for r in runs if r["layout"] == layout]
+        lines += [f"## {layout} layout", "",
+                  "| condition | severity | unadapted | adapted | answer | answer - unadapted | strength |",
+                  "|---|---|---|---|---|---|---|"]
+
+        acc, strength = _row(mine, "clean", 0)
+        lines.append(f"| clean | - | {acc['unadapted']:.1f} | {acc['adapted']:.1f} | {acc['answer']:.1f} | "
+                     f"{acc['answer'] - acc['unadapted']:+.1f} | {strength:.2f} |")
+        for severity in severities:
+            means = []
+            for condition in CONDITIONS:
+                acc, strength = _row(mine, condition, severity)
+                if condition in CORRUPTIONS:
+                    means.append(acc)
+                lines.append(f"| {condition} | {severity} | {acc['unadapted']:.1f} | {acc['adapted']:.1f} | "
+                             f"{acc['answer']:.1f} | {acc['answer'] - acc['unadapted']:+.1f} | {strength:.2f} |")
+            m = {k: float(np.mean([a[k] for a in means])) for k in means[0]}
+            lines.append(f"| **mean of 15** | {severity} | **{m['unadapted']:.1f}** | **{m['adapted']:.1f}** | "
+                         f"**{m['answer']:.1f}** | **{m['answer'] - m['unadapted']:+.1f}** | |")
+        cont = next((r for r in mine if r["kind"] == "continual"), None)
+        if cont:
+            lines += ["", f"Continual stream (fixed views, {CONTINUAL_FRAMES} frames a segment, each scored after its "
+                      "first 100 frames):", "", "| segment | unadapted | adapted | answer | strength |",
+                      "|---|---|---|---|---|"]
+            for s, (condition, severity) in enumerate(CONTINUAL):
+                idx = slice(s * CONTINUAL_FRAMES + 100, (s + 1) * CONTINUAL_FRAMES)
+                acc = {m: _mean(np.asarray(cont["correct"][m])[idx]) for m in ("unadapted", "adapted", "answer")}
+                name = condition + (f" s{severity}" if severity else "")
+                lines.append(f"| {s + 1}. {name} | {acc['unadapted']:.1f} | {acc['adapted']:.1f} | "
+                             f"{acc['answer']:.1f} | {np.mean(np.asarray(cont['strength'])[idx]):.2f} |")
+        lines.append("")
+    lines += ["## Views", "", "| photo | crop (zoom, x, y) | clean FP32 top-1 |", "|---|---|---|"]
+    lines += [f"| {name} | {zoom}, {fx}, {fy} | {label} |" for (name, zoom, fx, fy), label in VIEWS.items()]
+    lines += ["", f"Pans: {', '.join(PANS)}.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path, default=Path("models"),
+                        help="folder with efficientnet_lite0.onnx, efficientnet_lite0.fp32.onnx and "
+                             "efficientnet_lite0_folded.onnx (tta-export efficientnet-lite0 [--layout folded])")
+    parser.add_argument("--layouts", nargs="+", choices=("graph", "folded"), default=["graph", "folded"])
+    parser.add_argument("--severities", type=int, nargs="+", default=[3, 5], choices=range(1, 6))
+    parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    layouts = {"graph": args.models / "efficientnet_lite0.onnx",
+               "folded": args.models / "efficientnet_lite0_folded.onnx"}
+    layouts = {k: v for k, v in layouts.items() if k in args.layouts}
+    for path in [*layouts.values(), args.models / "efficientnet_lite0.fp32.onnx"]:
+        read_model_info(path)  # a clear error before minutes of work
+    started = time.time()
+    labels = labels_fp32(args.models / "efficientnet_lite0.fp32.onnx", clean_scenes())
+    tasks, keys = [], []
+    for layout, model in layouts.items():
+        for kind in ("fixed", "pan"):
+            tasks.append((model, kind, "clean", 0, labels))
+            keys.append(layout)
+            for severity in args.severities:
+                for condition in args.conditions:
+                    tasks.append((model, kind, condition, severity, labels))
+                    keys.append(layout)
+        tasks.append((model, "continual", "continual", 0, labels))
+        keys.append(layout)
+    runs = []
+    with ProcessPoolExecutor(args.workers) as pool:
+        for i, (layout, result) in enumerate(zip(keys, pool.map(run_task, tasks))):
+            runs.append({"layout": layout, **result})
+            print(f"{i + 1}/{len(tasks)} {layout} {result['kind']} {result['condition']} s{result['severity']}: "
+                  f"unadapted {_mean(result['correct']['unadapted']):.1f} "
+                  f"answer {_mean(result['correct']['answer']):.1f} strength {np.mean(result['strength']):.2f} "
+                  f"({time.time() - started:.0f} s)", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "camera.json").write_text(json.dumps(runs))
+    table = markdown(runs, layouts, args.severities, (time.time() - started) / 60)
+    (RESULTS / "camera.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
