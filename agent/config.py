@@ -66,6 +66,10 @@ class GuardConfig(Section):
 class AdaptationConfig(Section):
     mode: Literal["on", "frozen", "off"] = "on"
     _switch = field_validator("mode", mode="before")(_yaml_switch)
+    method: Literal["auto", "anchor", "unmix"] = Field(
+        "auto", description="anchor: folded-layout models normalise with the change of conditions since the "
+                            "camera's own usual frames, during drift episodes; unmix: robust UnMix-TNS under the "
+                            "shift gate; auto: anchor for folded models, unmix for graph models")
     seed: int = Field(0, ge=0)
     raw_every: int = Field(30, ge=0, description="run the unadapted model every N frames (0: never)")
     statistics_every: int = Field(STATISTICS_EVERY, ge=1, le=100_000,

@@ -109,6 +109,7 @@ class DriftDetector:
         self._used = np.zeros(0)  # when each view was last seen (the least recent goes first)
         self._warm: list[tuple[np.ndarray, int]] = []  # (statistics, view) of each warm-up frame
         self.spread: np.ndarray | None = None  # (4,) set when the warm-up ends
+        self.warmup_views = 0  # views the warm-up saw: 1 for a fixed camera, more for a panning or patrolling one
         self._new_view: list[Observation] = []  # a run of frames that agree with each other, with no known view
         self.level = np.zeros(len(STATISTICS))  # smoothed signed distance per statistic, in spreads
         self.episode: str | None = None
@@ -119,6 +120,11 @@ class DriftDetector:
     @property
     def active(self) -> bool:
         return self.episode is not None
+
+    @property
+    def fixed(self) -> bool:
+        """A fixed camera: its warm-up showed one view (later views, passers-by standing still, do not count)."""
+        return self.warmup_views == 1
 
     @property
     def score(self) -> float:
@@ -178,6 +184,7 @@ class DriftDetector:
         if len(self._warm) >= self.warmup:
             deviations = np.stack([s - self.references[v] for s, v in self._warm])
             self.spread = np.maximum(np.sqrt((deviations ** 2).mean(0)), self.min_spread)
+            self.warmup_views = len(self.views)
             self._warm = []
 
     def _match(self, view: np.ndarray) -> int | None:
@@ -248,7 +255,7 @@ class DriftDetector:
             return None
         return {"views": np.round(self.views, 4).tolist(), "references": self.references.tolist(),
                 "spread": self.spread.tolist(), "level": self.level.tolist(), "episode": self.episode,
-                "condition": self.condition}
+                "condition": self.condition, "warmup_views": self.warmup_views}
 
     def restore(self, state: dict) -> None:
         self.reset()
@@ -257,3 +264,4 @@ class DriftDetector:
         self._memory = np.full(len(self.views), np.inf)
         self.spread, self.level = np.asarray(state["spread"]), np.asarray(state["level"], np.float64)
         self.episode, self.condition = state["episode"], list(state["condition"])
+        self.warmup_views = int(state.get("warmup_views", len(self.views)))

@@ -22,7 +22,7 @@ from .drift import DriftDetector, DriftEvent, Observation, observe
 from .gate import AdaptationGate, CollapseGuard
 from .lame import CorrelationMonitor, Lame
 from .preprocess import FrameError, Preprocessor
-from .runtime import OnnxSession, open_session, physical_cores
+from .runtime import OnnxSession, open_session, physical_cores, resolve_method
 from .sources import Frame
 
 if TYPE_CHECKING:
@@ -91,6 +91,7 @@ class CameraPipeline:
         self.gate = gate
         self.guard = guard
         self.paused = 0  # frames left without adaptation after the guard fired
+        self.anchored = False  # the session's learner is the camera anchor (configure)
         self.adaptation = "on"
         self.counters = PipelineCounters()
 
@@ -106,12 +107,13 @@ class CameraPipeline:
         if carried is not None:
             self.drift.restore(carried)
         self.raw_every = a.raw_every
-        if a.gate.enabled and info.shift_reference is None:
+        self.anchored = resolve_method(a.method, info) == "anchor"
+        if a.gate.enabled and not self.anchored and info.shift_reference is None:
             raise ContractError(f"adaptation.gate.enabled: {info.path} has no shift reference (tta.shift_reference, "
                                 "written by tta-export); re-export the model or set adaptation.gate.enabled: false")
         g = a.gate
         self.gate = AdaptationGate(info.shift_reference, g.low, g.high, g.smoothing, g.shadow_every, g.margin) \
-            if g.enabled else None
+            if g.enabled and not self.anchored else None
         self.guard = CollapseGuard(len(info.labels), a.guard.window, a.guard.diversity, a.guard.hold) \
             if a.guard.enabled else None
         self.set_adaptation(a.mode)
@@ -134,8 +136,14 @@ class CameraPipeline:
 
     @property
     def strength(self) -> float:
+        """The camera anchor adapts a fixed camera during drift episodes (its conditions have changed)
+        and learns the camera's usual statistics outside them; a moving camera's content changes with
+        its view, which differencing cannot tell from a condition (bench/camera.py), so it is left
+        unadapted. UnMix-TNS adapts as far as its gate says."""
         if self.adaptation == "off" or self.paused:
             return 0.0
+        if self.anchored:
+            return float(self.drift.active and self.drift.fixed)
         return 1.0 if self.gate is None else self.gate.strength
 
     @property
@@ -198,7 +206,7 @@ class CameraPipeline:
         unadapted = out if strength == 0 else None
         gate_shadow = self.gate is not None and self.gate.needs_shadow(frame.index)
         if unadapted is None and (gate_shadow or (self.raw_every and frame.index % self.raw_every == 0)):
-            unadapted = self.session.step(image, adapt=0.0, measure=gate_shadow)
+            unadapted = self.session.step(image, adapt=0.0, measure=gate_shadow, update=False)
         if unadapted is not None and unadapted.shift is not None and self.gate is not None:
             self.gate.update(unadapted.shift, frame.index)
         raw = None if unadapted is None else softmax(unadapted.logits)
@@ -239,7 +247,8 @@ def open_camera_session(config: Config, info: ModelInfo | None = None):
     return open_session(model.path, device=model.device, backend=model.backend,
                         threads=model.threads or physical_cores(), seed=a.seed, info=info,
                         statistics_every=a.statistics_every, rebake_divergence=a.rebake_divergence,
-                        measure_on_worker=a.measure_on_worker, statistics_every_max=a.statistics_every_max)
+                        measure_on_worker=a.measure_on_worker, statistics_every_max=a.statistics_every_max,
+                        method=a.method)
 
 
 def build_pipeline(config: Config, session: OnnxSession | None = None) -> CameraPipeline:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import contract
+from .anchor import CameraAnchor
 from .baked import CPU, BakedNormalisation
 from .contract import ModelInfo, read_model_info
 from .onnxruntime_quiet import ort
@@ -70,11 +71,12 @@ QUIET_MEASUREMENTS = 16  # measurements in a row that rebuild nothing before ada
 def open_session(path: str | Path, device: str = "auto", backend: str = "auto", threads: int | None = None,
                  seed: int = 0, info: ModelInfo | None = None, statistics_every: int = STATISTICS_EVERY,
                  rebake_divergence: float = REBAKE_DIVERGENCE, measure_on_worker: bool = False,
-                 statistics_every_max: int | None = None):
+                 statistics_every_max: int | None = None, method: str = "auto"):
     """onnxruntime, unless torch is asked for, or `cuda` is asked for and torch is the only way to a
     GPU here (onnxruntime without a GPU provider). torch is imported only in those two cases.
     `statistics_every` / `rebake_divergence` / `measure_on_worker` / `statistics_every_max` are the
-    folded layout's cadence (FoldedSession); the graph layout measures every frame."""
+    folded layout's cadence (FoldedSession); the graph layout measures every frame. `method`:
+    the folded layout's learner (`auto`: the camera anchor); the graph layout runs UnMix-TNS in its graph."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto" and device == "cuda" and choose_providers("cuda").providers == [CPU]:
@@ -89,11 +91,26 @@ def open_session(path: str | Path, device: str = "auto", backend: str = "auto", 
 
         return TorchSession(path, device=device, threads=threads, seed=seed, info=info)
     info = info or read_model_info(path)
+    learner = resolve_method(method, info)
     if info.adaptation.layout == "folded":
         return FoldedSession(path, device=device, threads=threads, seed=seed, info=info,
                              statistics_every=statistics_every, rebake_divergence=rebake_divergence,
-                             measure_on_worker=measure_on_worker, statistics_every_max=statistics_every_max)
+                             measure_on_worker=measure_on_worker, statistics_every_max=statistics_every_max,
+                             learner=learner)
     return AdaptiveSession(path, device=device, threads=threads, seed=seed, info=info)
+
+
+def resolve_method(method: str, info: ModelInfo) -> str:
+    """`auto`: the camera anchor where the layout allows it (folded), UnMix-TNS in the graph otherwise."""
+    folded = info.adaptation.layout == "folded"
+    if method == "auto":
+        return "anchor" if folded else "unmix"
+    if method == "anchor" and not folded:
+        raise contract.ContractError(f"adaptation.method: anchor needs a folded-layout model; {info.path} runs "
+                                     "UnMix-TNS inside its graph (tta-export --layout folded, or method: auto)")
+    if method not in LEARNERS:
+        raise ValueError(f"adaptation method must be auto or one of {', '.join(LEARNERS)}, got {method!r}")
+    return method
 
 
 def physical_cores() -> int:
@@ -270,6 +287,9 @@ class AdaptiveSession(OnnxSession):
         return nested
 
 
+LEARNERS = {"anchor": CameraAnchor, "unmix": RobustMixture}  # the folded layout's, by adaptation.method
+
+
 @dataclass
 class _Bake:
     """A session that normalises with constant statistics (agent/baked.py); None until built."""
@@ -323,7 +343,7 @@ class FoldedSession(OnnxSession):
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, seed: int = 0,
                  info: ModelInfo | None = None, statistics_every: int = STATISTICS_EVERY,
                  rebake_divergence: float = REBAKE_DIVERGENCE, measure_on_worker: bool = False,
-                 statistics_every_max: int | None = None):
+                 statistics_every_max: int | None = None, learner: str = "unmix"):
         statistics_every_max = statistics_every_max or statistics_every
         if statistics_every < 1 or statistics_every_max < statistics_every or not rebake_divergence >= 0:
             raise ValueError(f"statistics_every must be >= 1, statistics_every_max >= statistics_every and "
@@ -332,12 +352,18 @@ class FoldedSession(OnnxSession):
         info = info or read_model_info(path)
         self.statistics_every, self.rebake_divergence = statistics_every, rebake_divergence
         self.statistics_every_max = statistics_every_max
-        self.mixture = RobustMixture(info.adaptation, info.source_stats)
+        if learner not in LEARNERS:
+            raise ValueError(f"learner must be one of {', '.join(LEARNERS)}, got {learner!r}")
+        self.learner = LEARNERS[learner](info.adaptation, info.source_stats)
+        # the anchor's statistics feed back through the layers it corrects: followed in steps of a frame
+        # they settle, in steps of `statistics_every` frames they oscillate (bench/camera.py); so while it
+        # adapts, every frame runs the graph, measured
+        self._anchored = learner == "anchor"
         self._source: dict[bool, ort.InferenceSession] = {}  # the source bake, by whether it measures
         self._measurement: _Measurement | None = None
         self.bakes = 0  # adapted bakes built
         super().__init__(path, device=device, threads=threads, seed=seed, info=info)
-        self._baker = (BakedNormalisation(path, (self.mixture.source_mean, self.mixture.source_var),
+        self._baker = (BakedNormalisation(path, (self.learner.source_mean, self.learner.source_var),
                                           self._session_options, self.session.get_providers())
                        if statistics_every > 1 else None)
         on_worker = measure_on_worker and self._baker is not None
@@ -347,7 +373,7 @@ class FoldedSession(OnnxSession):
     def _set_state(self, state: dict) -> None:
         self._settle()
         self._measurement = None
-        self.mixture.set_state(state)
+        self.learner.set_state(state)
         self._last = None  # the last measured frame's statistics (a gate shadow's too), for the instance term
         self._normalised: tuple[float, tuple[np.ndarray, np.ndarray]] | None = None  # (strength, _normalisation)
         self._unmeasured = {False: 0, True: 0}  # unadapted / adapted frames since the last measured one
@@ -363,24 +389,25 @@ class FoldedSession(OnnxSession):
     @property
     def state(self) -> dict[str, dict[str, np.ndarray]]:
         self._settle()
-        return self.mixture.state()
+        return self.learner.state()
 
     def step(self, image: np.ndarray, adapt: float = 1.0, update: bool = True, measure: bool = False) -> StepOutput:
         _check_strength(adapt)
         adapted = adapt > 0
         shift = None
-        every = self._adapted_every if adapted else self.statistics_every
+        every = (1 if self._anchored else self._adapted_every) if adapted else self.statistics_every
         if not (measure or self._unmeasured[adapted] + 1 >= every):
             self._unmeasured[adapted] += 1
             self._run_or_fall_back(lambda: self._run_baked(image, adapt))
-        elif adapted and self._baker is not None:
+        elif adapted and self._baker is not None and not self._anchored:
             shift = self._run_or_fall_back(self._take_up)
             frames, self._unmeasured[True] = self._unmeasured[True] + 1, 0
             if self._worker is not None:
                 self._run_or_fall_back(lambda: self._run_baked(image, adapt))
             self._measure(image, adapt, update, frames)
         else:
-            shift = self._measured_now(image, adapt, update and adapted)
+            frames = self._unmeasured[adapted] + 1
+            shift = self._measured_now(image, adapt, update, frames)
         if adapted:
             self.frames += update
         out = self._outputs
@@ -389,7 +416,7 @@ class FoldedSession(OnnxSession):
     def _normalisation(self, adapt: float) -> tuple[np.ndarray, np.ndarray]:
         """Kept until the components or the instance term change: what a measurement moved to is what
         the next one normalises with (the mixture's statistics cost 0.4-0.6 ms of numpy)."""
-        m = self.mixture
+        m = self.learner
         if adapt == 0:
             return m.source_mean, m.source_var
         if self._normalised is None or self._normalised[0] != adapt:
@@ -401,9 +428,9 @@ class FoldedSession(OnnxSession):
     def _update(self, stats: np.ndarray, adapt: float, update: bool, frames: int) -> np.ndarray:
         mu, var_x = stats[0].copy(), stats[1].copy()
         if update:
-            self.mixture.update(mu, var_x, adapt, frames=frames)
+            self.learner.update(mu, var_x, adapt, frames=frames)
         self._last, self._normalised = (mu, var_x), None
-        return self.mixture.shift(mu, var_x)
+        return self.learner.shift(mu, var_x)
 
     def _measure(self, image: np.ndarray, adapt: float, update: bool, frames: int) -> None:
         """Here, the graph's pass is the frame's answer; on the worker, the main thread's bake is."""
@@ -421,7 +448,7 @@ class FoldedSession(OnnxSession):
             self.session.run_with_iobinding(binding)
             shift = self._update(outputs[contract.STATS], adapt, update, frames)
             moved_to = self._normalisation(adapt)
-            if self._bake is not None and self.mixture.divergence(
+            if self._bake is not None and self.learner.divergence(
                     *moved_to, self._bake.mean, self._bake.var).mean() <= self.rebake_divergence:
                 return shift, None
             self.bakes += 1
@@ -459,23 +486,25 @@ class FoldedSession(OnnxSession):
         elif self._quiet >= QUIET_MEASUREMENTS:
             self._adapted_every, self._quiet = min(2 * self._adapted_every, self.statistics_every_max), 0
 
-    def _measured_now(self, image: np.ndarray, adapt: float, update: bool) -> np.ndarray:
+    def _measured_now(self, image: np.ndarray, adapt: float, update: bool, frames: int = 1) -> np.ndarray:
         """Unadapted frames (the gate's shadow passes) through a source bake that keeps `stats` (4.4
         ms instead of 7.7 through the graph, EfficientNet-Lite0, one-off); they leave the components
         alone but become the instance term (0.5-1.3 quality points better gated than without, bench.quality).
         Without a baker (statistics every frame), the graph."""
         normalisation = self._normalisation(adapt)
-        self._run_or_fall_back(lambda: self._run_measuring(image, *normalisation))
+        self._run_or_fall_back(lambda: self._run_measuring(image, *normalisation, adapted=adapt > 0))
         self._unmeasured[adapt > 0] = 0
         stats = self._outputs[contract.STATS]
         if adapt > 0:
             return self._update(stats, adapt, update, frames=1)
         self._settle()  # a measurement under way reads and sets the instance term
         self._last, self._normalised = (stats[0].copy(), stats[1].copy()), None
-        return self.mixture.shift(*self._last)
+        if update and isinstance(self.learner, CameraAnchor):  # the camera's usual conditions: its reference
+            self.learner.update(*self._last, strength=0.0, frames=frames)
+        return self.learner.shift(*self._last)
 
-    def _run_measuring(self, image: np.ndarray, mean: np.ndarray, var: np.ndarray) -> None:
-        if self._baker is not None:  # unadapted
+    def _run_measuring(self, image: np.ndarray, mean: np.ndarray, var: np.ndarray, adapted: bool = False) -> None:
+        if self._baker is not None and not adapted:
             session = self._source_session(measuring=True)
             binding = session.io_binding()
         else:

@@ -11,19 +11,42 @@ import numpy as np
 from .contract import AdaptationSpec
 
 
-class RobustMixture:
-    """Components of every layer; `update` moves them with one frame's statistics, `statistics`
-    gives what to normalise the next frame with."""
+class LayerStatistics:
+    """Every adapted layer's channels side by side, with the source statistics and the divergence
+    the folded session decides its rebuilds by: what the learners (RobustMixture, CameraAnchor) share."""
 
     def __init__(self, spec: AdaptationSpec, source_stats: dict):
-        o = spec.options
         self.names = [layer.name for layer in spec.layers]
         self.sizes = np.array([layer.channels for layer in spec.layers])
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
         self.eps = np.repeat([layer.eps for layer in spec.layers], self.sizes).astype(np.float32)
         self.source_mean = np.concatenate([source_stats[n][0] for n in self.names]).astype(np.float32)
         self.source_var = np.concatenate([source_stats[n][1] for n in self.names]).astype(np.float32)
-        self.k, self.temperature = spec.components, spec.temperature
+        self.k = spec.components
+
+    def _per_layer_sum(self, values: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(values, self.starts, axis=-1)
+
+    def divergence(self, mu: np.ndarray, var_x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+        """Per layer, KL(N(mu, var_x) || N(mean, var)) averaged over channels."""
+        vs = var + self.eps
+        ratio = (var_x + self.eps) / vs
+        terms = (mu - mean) ** 2 / vs + ratio - np.log(ratio) - 1
+        return (0.5 * self._per_layer_sum(terms) / self.sizes).astype(np.float32)
+
+    def shift(self, mu: np.ndarray, var_x: np.ndarray) -> np.ndarray:
+        """A frame's divergence from the source statistics, as the graph layout's `shift`."""
+        return self.divergence(mu, var_x, self.source_mean, self.source_var)
+
+
+class RobustMixture(LayerStatistics):
+    """Components of every layer; `update` moves them with one frame's statistics, `statistics`
+    gives what to normalise the next frame with."""
+
+    def __init__(self, spec: AdaptationSpec, source_stats: dict):
+        super().__init__(spec, source_stats)
+        o = spec.options
+        self.temperature = spec.temperature
         self.decay, self.support, self.prior, self.instance = o["decay"], o["support"], o["prior"], o["instance"]
         self.seeds = (o["seed_similarity"] - 1e-3 * np.arange(self.k, dtype=np.float32))[:, None]
 
@@ -37,9 +60,6 @@ class RobustMixture:
         means, variances = np.split(self.means, self.starts[1:], axis=1), np.split(self.vars, self.starts[1:], axis=1)
         return {n: {"means": m.copy(), "vars": v.copy(), "counts": self.counts[:, [i]].copy()}
                 for i, (n, m, v) in enumerate(zip(self.names, means, variances))}
-
-    def _per_layer_sum(self, values: np.ndarray) -> np.ndarray:
-        return np.add.reduceat(values, self.starts, axis=-1)
 
     def update(self, mu: np.ndarray, var_x: np.ndarray, strength: float = 1.0, frames: int = 1) -> None:
         """One measured frame standing for `frames` frames: the components forget for all of them."""
@@ -81,14 +101,3 @@ class RobustMixture:
             mean = mean + self.instance * (mu - mean)
             second = second + self.instance * (var_x + mu * mu - second)
         return mean.astype(np.float32), np.maximum(second - mean * mean, 0.0).astype(np.float32)
-
-    def divergence(self, mu: np.ndarray, var_x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
-        """Per layer, KL(N(mu, var_x) || N(mean, var)) averaged over channels."""
-        vs = var + self.eps
-        ratio = (var_x + self.eps) / vs
-        terms = (mu - mean) ** 2 / vs + ratio - np.log(ratio) - 1
-        return (0.5 * self._per_layer_sum(terms) / self.sizes).astype(np.float32)
-
-    def shift(self, mu: np.ndarray, var_x: np.ndarray) -> np.ndarray:
-        """A frame's divergence from the source statistics, as the graph layout's `shift`."""
-        return self.divergence(mu, var_x, self.source_mean, self.source_var)

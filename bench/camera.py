@@ -4,22 +4,26 @@
 
 Views: 24 crops of 13 real photos that install offline (scikit-image, Debian's opencv-doc,
 matplotlib), each one whose clean FP32 top-1 is confident and sensible (VIEWS; the table lists
-them). Streams, all through the agent's own pipeline as the daemon builds it from the default
-config (agent.pipeline.build_pipeline; LAME `auto`, gate and guard on, unadapted every 30th):
-  fixed      a camera watching each view for 24 frames (a few pixels of shake), one view after another
-  pan        slow pans over six of the photos, 24 frames each
-  continual  the fixed views clean, then fog, night, contrast (severity 3), then clean again, 300 frames each
+them). Every camera first runs clean (its history: LEAD_IN frames, what an installed camera
+has seen), then its conditions change; that history is run once, checkpointed as the daemon
+checkpoints (components and drift state), and each condition starts from it. Streams, all
+through the agent's own pipeline as the daemon builds it from the default config
+(agent.pipeline.build_pipeline; LAME `auto`, gate and guard on, unadapted every 30th):
+  fixed      a camera watching one view (a few pixels of shake): CONDITION_FRAMES frames per view, 24 views
+  pan        a camera panning over six of the photos in turn, 24 frames each
+  continual  one view clean, then fog, night, contrast (severity 3), then clean, SEGMENT frames each (8 views)
 Conditions: the 15 ImageNet-C corruptions of the reference implementation (PyPI imagecorruptions)
 and `night` (darker and sensor noise), per severity, plus clean. Labels: the FP32 model's top-1
 on the clean frame. Reported per condition and severity: unadapted (the model with its source
-statistics on every frame), adapted (UnMix-TNS before LAME), answer (what the agent publishes)
-and the gate's mean strength. Writes bench/results/camera.md and camera.json.
+statistics on every frame), adapted (before LAME), answer (what the agent publishes) and the
+mean adaptation strength. Writes bench/results/camera.md and camera.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import date
@@ -39,14 +43,17 @@ from .provenance import commit, machine
 RESULTS = Path(__file__).resolve().parent / "results"
 OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
 SIZE = 224
-FRAMES_PER_VIEW = 24
+FRAMES_PER_VIEW = 24  # a pan's frames per photo
 VARIANTS = 4  # shaken crops per view, each corrupted on its own
+LEAD_IN = 120  # clean frames a camera has run before its conditions change (the drift warm-up is 100)
+CONDITION_FRAMES = 48
+SEGMENT = 200
+CONTINUAL_VIEWS = 8
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
                "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
                "jpeg_compression")
 CONDITIONS = CORRUPTIONS + ("night",)
-CONTINUAL = (("clean", 0), ("fog", 3), ("night", 3), ("contrast", 3), ("clean", 0))
-CONTINUAL_FRAMES = 300
+CONTINUAL = (("fog", 3), ("night", 3), ("contrast", 3), ("clean", 0))
 # (photo, zoom of the shorter side, centre x, centre y as fractions of the free room): clean FP32 top-1
 VIEWS = {
     ("skimage:coffee", 1.0, 0.5, 0.5): "espresso", ("skimage:coffee", 0.6, 0.2, 0.2): "espresso",
@@ -145,23 +152,25 @@ def clean_scenes(seed: int = 0) -> dict[str, list[np.ndarray]]:
     return {"fixed": fixed, "pan": pans}
 
 
-def stream(kind: str, condition: str, severity: int, scenes: dict) -> list[tuple[np.ndarray, int]]:
-    """(frame, index of its clean frame in scenes[kind]) in camera order."""
-    if kind == "pan":
-        return [(apply(f, condition, severity, 1000 * severity + i), i) for i, f in enumerate(scenes["pan"])]
-    corrupted = [apply(f, condition, severity, 1000 * severity + i) for i, f in enumerate(scenes["fixed"])]
-    order = [v * VARIANTS + i % VARIANTS for v in range(len(VIEWS)) for i in range(FRAMES_PER_VIEW)]
-    return [(corrupted[j], j) for j in order]
+def view_stream(view: int, condition: str, severity: int, frames: int, scenes: dict, seed: int
+                ) -> list[tuple[np.ndarray, int]]:
+    """(frame, index of its clean frame in scenes["fixed"]) of a camera watching one view."""
+    out = []
+    for i in range(frames):
+        j = view * VARIANTS + i % VARIANTS
+        out.append((apply(scenes["fixed"][j], condition, severity, seed + i), j))
+    return out
 
 
-def continual(scenes: dict) -> list[tuple[np.ndarray, int]]:
-    """CONTINUAL's segments in turn, CONTINUAL_FRAMES each, going on through the fixed views."""
+def pan_stream(condition: str, severity: int, scenes: dict) -> list[tuple[np.ndarray, int]]:
+    return [(apply(f, condition, severity, 1000 * severity + i), i) for i, f in enumerate(scenes["pan"])]
+
+
+def continual(view: int, scenes: dict) -> list[tuple[np.ndarray, int]]:
+    """CONTINUAL's segments in turn on one view, SEGMENT frames each."""
     frames = []
-    order = [v * VARIANTS + i % VARIANTS for v in range(len(VIEWS)) for i in range(FRAMES_PER_VIEW)]
     for s, (condition, severity) in enumerate(CONTINUAL):
-        for i in range(CONTINUAL_FRAMES):
-            j = order[(s * CONTINUAL_FRAMES + i) % len(order)]
-            frames.append((apply(scenes["fixed"][j], condition, severity or 1, 7919 * s + i), j))
+        frames += view_stream(view, condition, severity or 1, SEGMENT, scenes, 7919 * (s + 1))
     return frames
 
 
@@ -178,26 +187,57 @@ def _config(model: Path, **sections):
                          "cameras": [{"name": "bench", "source": "0"}], **sections})
 
 
-def run_task(task) -> dict:
-    """One stream through the unadapted model and the default agent; per-frame correctness."""
-    model, kind, condition, severity, labels = task
+def history(task) -> tuple[str, str]:
+    """A camera's clean history through the default agent, checkpointed: (components file, drift state)."""
+    model, camera, folder = task
     scenes = clean_scenes()
-    frames = continual(scenes) if kind == "continual" else stream(kind, condition, severity, scenes)
-    truth = labels["fixed" if kind == "continual" else kind]
-    unadapted = build_pipeline(_config(model, adaptation={"mode": "off"}, lame={"mode": "off"}))
+    frames = pan_stream("clean", 0, scenes) if camera == "pan" else \
+        view_stream(int(camera), "clean", 0, LEAD_IN, scenes, 0)
     agent = build_pipeline(_config(model))
+    for i, (image, _) in enumerate(frames):
+        agent.process(Frame(i, image, 0.0))
+    path = Path(folder) / f"{model.stem}.{camera}.npz"
+    agent.session.save(path)
+    return str(path), json.dumps(agent.drift.state())
+
+
+def _resumed(model: Path, checkpoint: tuple[str, str]):
+    agent = build_pipeline(_config(model))
+    agent.session.load(checkpoint[0])
+    agent.drift.restore(json.loads(checkpoint[1]))
+    return agent
+
+
+def run_task(task) -> dict:
+    """One condition on every camera, each resumed from its clean history; per-frame correctness."""
+    model, kind, condition, severity, labels, checkpoints = task
+    scenes = clean_scenes()
+    if kind == "continual":
+        cameras = [(str(v), continual(v, scenes)) for v in range(0, len(VIEWS), len(VIEWS) // CONTINUAL_VIEWS)]
+    elif kind == "pan":
+        cameras = [("pan", pan_stream(condition, severity, scenes))]
+    else:
+        cameras = [(str(v), view_stream(v, condition, severity, CONDITION_FRAMES, scenes, 1000 * severity))
+                   for v in range(len(VIEWS))]
+    truth = labels["pan" if kind == "pan" else "fixed"]
     correct = {"unadapted": [], "adapted": [], "answer": []}
     strength = []
-    for i, (image, clean) in enumerate(frames):
-        frame = Frame(i, image, 0.0)
-        raw, result = unadapted.process(frame), agent.process(frame)
-        y = truth[clean]
-        correct["unadapted"].append(bool(np.argmax(raw.probs) == y))
-        correct["adapted"].append(bool(np.argmax(result.adapted) == y))
-        correct["answer"].append(bool(np.argmax(result.probs) == y))
-        strength.append(result.strength)
+    fired = 0
+    for camera, frames in cameras:
+        unadapted = build_pipeline(_config(model, adaptation={"mode": "off"}, lame={"mode": "off"}))
+        agent = _resumed(model, checkpoints[camera])
+        start = LEAD_IN if camera != "pan" else len(scenes["pan"])
+        for i, (image, clean) in enumerate(frames):
+            frame = Frame(start + i, image, 0.0)
+            raw, result = unadapted.process(frame), agent.process(frame)
+            y = truth[clean]
+            correct["unadapted"].append(bool(np.argmax(raw.probs) == y))
+            correct["adapted"].append(bool(np.argmax(result.adapted) == y))
+            correct["answer"].append(bool(np.argmax(result.probs) == y))
+            strength.append(result.strength)
+        fired += agent.guard.fired if agent.guard else 0
     return {"model": model.name, "kind": kind, "condition": condition, "severity": severity, "correct": correct,
-            "strength": strength, "guard_fired": agent.guard.fired if agent.guard else 0}
+            "strength": strength, "guard_fired": fired}
 
 
 def _mean(values) -> float:
@@ -214,10 +254,12 @@ def _row(runs: list[dict], condition: str, severity: int) -> tuple[dict, float]:
 def markdown(runs: list[dict], layouts: dict[str, Path], severities: list[int], minutes: float) -> str:
     lines = ["# Camera benchmark: EfficientNet-Lite0 INT8, real photos, ImageNet-C", "",
              f"`python -m bench.camera` on {machine()}, commit {commit()}, {date.today().isoformat()}, "
-             f"{minutes:.0f} min. Default agent config (`lame: auto`, gate and guard on). Labels: the FP32 model's "
-             "top-1 on the clean frame. Accuracy in %, over the fixed-view and the pan stream of each condition "
-             f"({len(VIEWS) * FRAMES_PER_VIEW} + {len(PANS) * FRAMES_PER_VIEW} frames); strength: the gate's mean "
-             "(0: the unadapted model, 1: full UnMix-TNS).", ""]
+             f"{minutes:.0f} min. Default agent config (`adaptation.method: auto`, `lame: auto`, guard on). Every "
+             f"camera first ran {LEAD_IN} clean frames (a pan: one clean pass), checkpointed; each condition resumes "
+             "from that. Labels: the FP32 model's top-1 on the clean frame. Accuracy in %, over the "
+             f"{len(VIEWS)} fixed cameras ({CONDITION_FRAMES} frames each) and the panning one "
+             f"({len(PANS) * FRAMES_PER_VIEW} frames) in each condition; strength: the mean adaptation strength "
+             "(0: the unadapted model).", ""]
     for layout in layouts:
         mine = [r for r in runs if r["layout"] == layout]
         lines += [f"## {layout} layout", "",
@@ -240,11 +282,13 @@ def markdown(runs: list[dict], layouts: dict[str, Path], severities: list[int], 
                          f"**{m['answer']:.1f}** | **{m['answer'] - m['unadapted']:+.1f}** | |")
         cont = next((r for r in mine if r["kind"] == "continual"), None)
         if cont:
-            lines += ["", f"Continual stream (fixed views, {CONTINUAL_FRAMES} frames a segment, each scored after its "
-                      "first 100 frames):", "", "| segment | unadapted | adapted | answer | strength |",
-                      "|---|---|---|---|---|"]
+            lines += ["", f"Continual streams ({CONTINUAL_VIEWS} cameras, each resumed from its clean history; "
+                      f"{SEGMENT} frames a segment, each scored after its first 100 frames):", "",
+                      "| segment | unadapted | adapted | answer | strength |", "|---|---|---|---|---|"]
+            per_camera = len(CONTINUAL) * SEGMENT
             for s, (condition, severity) in enumerate(CONTINUAL):
-                idx = slice(s * CONTINUAL_FRAMES + 100, (s + 1) * CONTINUAL_FRAMES)
+                idx = np.concatenate([np.arange(c * per_camera + s * SEGMENT + 100, c * per_camera + (s + 1) * SEGMENT)
+                                      for c in range(len(cont["strength"]) // per_camera)])
                 acc = {m: _mean(np.asarray(cont["correct"][m])[idx]) for m in ("unadapted", "adapted", "answer")}
                 name = condition + (f" s{severity}" if severity else "")
                 lines.append(f"| {s + 1}. {name} | {acc['unadapted']:.1f} | {acc['adapted']:.1f} | "
@@ -273,16 +317,24 @@ def main() -> None:
         read_model_info(path)  # a clear error before minutes of work
     started = time.time()
     labels = labels_fp32(args.models / "efficientnet_lite0.fp32.onnx", clean_scenes())
+    folder = tempfile.mkdtemp(prefix="bench-camera-")
+    cameras = [str(v) for v in range(len(VIEWS))] + ["pan"]
+    with ProcessPoolExecutor(args.workers) as pool:
+        jobs = [(model, camera, folder) for model in layouts.values() for camera in cameras]
+        done = list(pool.map(history, jobs))
+    checkpoints = {layout: {camera: done[i * len(cameras) + j] for j, camera in enumerate(cameras)}
+                   for i, layout in enumerate(layouts)}
+    print(f"clean histories of {len(cameras)} cameras checkpointed ({time.time() - started:.0f} s)", flush=True)
     tasks, keys = [], []
     for layout, model in layouts.items():
         for kind in ("fixed", "pan"):
-            tasks.append((model, kind, "clean", 0, labels))
+            tasks.append((model, kind, "clean", 0, labels, checkpoints[layout]))
             keys.append(layout)
             for severity in args.severities:
                 for condition in args.conditions:
-                    tasks.append((model, kind, condition, severity, labels))
+                    tasks.append((model, kind, condition, severity, labels, checkpoints[layout]))
                     keys.append(layout)
-        tasks.append((model, "continual", "continual", 0, labels))
+        tasks.append((model, "continual", "continual", 0, labels, checkpoints[layout]))
         keys.append(layout)
     runs = []
     with ProcessPoolExecutor(args.workers) as pool:

@@ -16,7 +16,7 @@ def _export(tmp_path_factory, name: str, *extra: str) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp(name)
     out = folder / f"{name}.onnx"
     state = folder / f"{name}.init.npz"
-    assert main([name, "--out", str(out), "--state-out", str(state), *extra]) == 0
+    assert main([name.removesuffix("-folded"), "--out", str(out), "--state-out", str(state), *extra]) == 0
     return {"int8": out, "fp32": folder / f"{name}.fp32.onnx", "state": state}
 
 
@@ -30,6 +30,13 @@ def effnet(tmp_path_factory) -> dict[str, Path]:
 def fmnist(tmp_path_factory) -> dict[str, Path]:
     """The committed Fashion-MNIST ResNet, FP32 and INT8."""
     return _export(tmp_path_factory, "fashion-mnist", "--calib-frames", "200", "--holdout-frames", "500")
+
+
+@pytest.fixture(scope="session")
+def fmnist_folded(tmp_path_factory) -> dict[str, Path]:
+    """The committed Fashion-MNIST ResNet in the folded layout, FP32 and INT8."""
+    return _export(tmp_path_factory, "fashion-mnist-folded", "--layout", "folded", "--calib-frames", "200",
+                   "--holdout-frames", "500")
 
 
 def _export_fp32(tmp_path_factory, name: str, module, shape, mode: str) -> Path:

@@ -18,18 +18,14 @@ from agent.preprocess import Preprocessor
 from agent.runtime import FoldedSession, open_session
 from agent.state import initial_state
 from agent.unmix import RobustMixture
-from exporters.cli import main as export_main
 from exporters.export import ExportError, adaptation_spec
 from exporters.models import fashion_mnist as fm
 from exporters.unmix import ROBUST_OPTIONS, RobustUnMixTNS2d
 
 
 @pytest.fixture(scope="module")
-def folded(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("folded") / "fm.onnx"
-    assert export_main(["fashion-mnist", "--layout", "folded", "--out", str(out), "--calib-frames", "200",
-                        "--holdout-frames", "500"]) == 0
-    return {"int8": out, "fp32": out.with_name("fm.fp32.onnx")}
+def folded(fmnist_folded) -> dict:
+    return fmnist_folded
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +86,7 @@ def test_the_folded_file_carries_the_contract_and_opens_as_a_folded_session(fold
     ops = {n.op_type for n in model.graph.node}
     assert "QLinearConv" in ops and "BatchNormalization" not in ops  # BatchNorm really folded into INT8 convs
     assert {i.name for i in model.graph.input} == {contract.IMAGE, contract.NORM_MEAN, contract.NORM_VAR}
-    assert isinstance(open_session(folded["int8"], "cpu", "onnxruntime"), FoldedSession)
+    assert isinstance(open_session(folded["int8"], "cpu", "onnxruntime", method="unmix"), FoldedSession)
 
 
 def test_int8_agrees_with_fp32_as_the_exporter_reports(folded):
@@ -111,7 +107,7 @@ def test_dense_weights_have_seven_bits_so_u8s8_kernels_cannot_saturate(folded):
 def test_fp32_graph_measures_the_sampled_batchnorm_inputs_and_normalises_like_torch(folded, test_images):
     """On source statistics the graph is the torch model; its statistics are those of every r-th
     position of each BatchNorm's input, as torch computes them."""
-    session = open_session(folded["fp32"], "cpu", "onnxruntime")
+    session = open_session(folded["fp32"], "cpu", "onnxruntime", method="unmix")
     model = fm.pretrained().eval()
     inputs = {}
     for name, bn in model.named_modules():
@@ -154,7 +150,7 @@ def test_a_baked_session_normalises_as_the_graph_does_with_the_same_statistics(f
     """A bake's constants reach the network whichever way it is built (added initializers on the
     optimised INT8 graph, written into the FP32 template for the fusions to see): the baked answer
     equals the graph's for the same statistics and differs from the source statistics' answer."""
-    session = open_session(folded[precision], "cpu", "onnxruntime")
+    session = open_session(folded[precision], "cpu", "onnxruntime", method="unmix")
     source = (session.mixture.source_mean, session.mixture.source_var)
     baker = BakedNormalisation(folded[precision], source, session._session_options, ["CPUExecutionProvider"])
     rng = np.random.default_rng(3)
@@ -183,7 +179,8 @@ def test_statistics_every_n_frames_and_taken_up_by_the_next_measured_frame(folde
     reports its shift. The other frames' answer is the bake in use's; a measured frame's is the
     graph's with the components as they were (here) or the bake's (measuring on the worker)."""
     images = test_images[0]
-    session = open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=4, rebake_divergence=0.0,
+    session = open_session(folded["int8"], "cpu", "onnxruntime", method="unmix",
+                           statistics_every=4, rebake_divergence=0.0,
                            measure_on_worker=on_worker)
     assert (session._worker is not None) == on_worker
     in_use, expected_shift = [], None
@@ -211,7 +208,7 @@ def test_statistics_every_n_frames_and_taken_up_by_the_next_measured_frame(folde
     assert [i for i in range(1, 16) if in_use[i] != in_use[i - 1]] == [7, 11, 15]
     assert session.frames == 16 and session.bakes == 5
     assert session.step(images[16], adapt=0.0).shift is None
-    every_frame = open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=1)
+    every_frame = open_session(folded["int8"], "cpu", "onnxruntime", method="unmix", statistics_every=1)
     np.testing.assert_allclose(session.step(images[17], adapt=0.0, measure=True).shift,  # the source bake
                                every_frame.step(images[17], adapt=0.0).shift, rtol=1e-4, atol=1e-6)
     session.reset()
@@ -226,7 +223,8 @@ def test_a_settled_camera_measures_less_often_until_a_measurement_rebuilds(folde
     rebuilds halves the spacing once taken up; unadapted frames keep every 2nd."""
     monkeypatch.setattr(runtime, "QUIET_MEASUREMENTS", 2)
     images = test_images[0]
-    session = open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=2, statistics_every_max=8,
+    session = open_session(folded["int8"], "cpu", "onnxruntime", method="unmix", statistics_every=2,
+                           statistics_every_max=8,
                            rebake_divergence=1e9, measure_on_worker=on_worker)
     layer = session.info.layer_names[0]
     measured = []
@@ -251,7 +249,8 @@ def test_slow_measurements_on_the_worker_are_waited_for_so_results_do_not_depend
     between them included; answers differ only on measured frames (the bake's instead of the
     graph's with the latest instance term)."""
     images = test_images[0][:24]
-    slow, twin = (open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=4, rebake_divergence=0.0,
+    slow, twin = (open_session(folded["int8"], "cpu", "onnxruntime", method="unmix",
+                           statistics_every=4, rebake_divergence=0.0,
                                measure_on_worker=on_worker) for on_worker in (True, False))
     bake = slow._baker.session
 
@@ -276,7 +275,8 @@ def test_slow_measurements_on_the_worker_are_waited_for_so_results_do_not_depend
 @pytest.mark.parametrize("on_worker", [False, True])
 def test_a_rebuild_that_fails_in_the_measurement_is_built_again_when_taken_up(folded, test_images, on_worker):
     images = test_images[0][:12]
-    session, twin = (open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=4, rebake_divergence=0.0,
+    session, twin = (open_session(folded["int8"], "cpu", "onnxruntime", method="unmix",
+                           statistics_every=4, rebake_divergence=0.0,
                                   measure_on_worker=on_worker) for _ in range(2))
     bake, calls = session._baker.session, []
 
@@ -299,7 +299,8 @@ def test_a_baked_session_failing_on_the_gpu_falls_back_to_the_cpu_with_the_same_
     CPU, bakes the same statistics again there, runs a measurement that failed again, reruns the
     frame and carries on as its CPU twin."""
     images = test_images[0]
-    session, twin = (open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=4, rebake_divergence=0.0,
+    session, twin = (open_session(folded["int8"], "cpu", "onnxruntime", method="unmix",
+                           statistics_every=4, rebake_divergence=0.0,
                                   measure_on_worker=on_worker) for _ in range(2))
     for image in images[:6]:  # frame 4 measured; frames 5 and 6 run the first bake
         session.step(image)
@@ -319,15 +320,15 @@ def test_a_baked_session_failing_on_the_gpu_falls_back_to_the_cpu_with_the_same_
 
 
 def test_int8_statistics_and_shift_follow_fp32(folded, test_images):
-    fp32, int8 = (open_session(folded[k], "cpu", "onnxruntime") for k in ("fp32", "int8"))
+    fp32, int8 = (open_session(folded[k], "cpu", "onnxruntime", method="unmix") for k in ("fp32", "int8"))
     for image in test_images[0][:20]:
         a, b = fp32.step(image, adapt=0.0, measure=True), int8.step(image, adapt=0.0, measure=True)
         np.testing.assert_allclose(b.shift, a.shift, rtol=0.1, atol=0.02)
 
 
 def test_a_frame_is_normalised_with_the_components_after_the_previous_frame(folded, test_images):
-    session = open_session(folded["fp32"], "cpu", "onnxruntime", statistics_every=1)
-    reference = open_session(folded["fp32"], "cpu", "onnxruntime", statistics_every=1)
+    session = open_session(folded["fp32"], "cpu", "onnxruntime", method="unmix", statistics_every=1)
+    reference = open_session(folded["fp32"], "cpu", "onnxruntime", method="unmix", statistics_every=1)
     images = test_images[0]
     first = session.step(images[0], adapt=1.0)
     np.testing.assert_allclose(first.logits, reference.step(images[0], adapt=0.0).logits, atol=1e-5)
@@ -345,7 +346,8 @@ def test_a_gate_shadow_pass_is_the_instance_term_of_the_next_adapted_normalisati
     (the gate's shadow pass) in between replaces the instance term, so the next adapted frame is
     normalised with the components and the shadow's statistics, not with what was kept."""
     images = test_images[0]
-    session = open_session(folded["int8"], "cpu", "onnxruntime", statistics_every=4, rebake_divergence=0.0)
+    session = open_session(folded["int8"], "cpu", "onnxruntime", method="unmix", statistics_every=4,
+                           rebake_divergence=0.0)
     for image in images[:4]:
         session.step(image, adapt=1.0)
     kept = session._normalisation(1.0)
@@ -364,14 +366,14 @@ def test_adaptation_helps_on_a_shifted_stream_and_checkpoints_resume(folded, tes
     checkpoint holds the components, not the previous frame's instance term)."""
     images, labels = test_images
     shifted = [(x * 0.3).astype(np.float32) for x in images]  # contrast 0.3 around the normalised mean 0
-    adapted, plain = (open_session(folded["int8"], "cpu", "onnxruntime") for _ in range(2))
+    adapted, plain = (open_session(folded["int8"], "cpu", "onnxruntime", method="unmix") for _ in range(2))
     right = {"adapted": 0, "plain": 0}
     for x, y in zip(shifted, labels):
         right["adapted"] += int(np.argmax(adapted.step(x).logits) == y)
         right["plain"] += int(np.argmax(plain.step(x, adapt=0.0).logits) == y)
     assert right["adapted"] > right["plain"] + 5, right
     adapted.save(tmp_path / "state.npz")
-    resumed = open_session(folded["int8"], "cpu", "onnxruntime")
+    resumed = open_session(folded["int8"], "cpu", "onnxruntime", method="unmix")
     resumed.load(tmp_path / "state.npz")
     adapted.load(tmp_path / "state.npz")
     assert resumed.frames == adapted.frames == len(shifted)

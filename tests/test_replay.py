@@ -57,7 +57,8 @@ def test_stream_overlapping_lame_gives_what_process_gives_frame_by_frame(effnet,
     nothing may change but the timing."""
     def pipeline():
         session = AdaptiveSession(effnet["int8"])
-        return CameraPipeline(session, Lame(window=16), "on", DriftDetector(layers=session.info.layer_names), raw_every=5)
+        return CameraPipeline(session, Lame(window=16), "on", DriftDetector(layers=session.info.layer_names),
+                              raw_every=5)
 
     frames = list(FileSource(sample_video, end=150).frames())
     frames.insert(75, Frame(999, np.zeros((0, 0), np.uint8), 0.0))  # rejected, in either way of running

@@ -1,0 +1,121 @@
+"""The camera anchor: the folded layout's default learner (agent/anchor.py), on its own and in the pipeline."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import fmnist_video
+
+from agent.anchor import STRENGTH, CameraAnchor
+from agent.config import parse_config
+from agent.contract import AdaptationSpec, LayerSpec, read_model_info
+from agent.pipeline import build_pipeline
+from agent.runtime import FoldedSession
+from agent.sources import FileSource
+from agent.state import initial_state, load_state, save_state
+
+
+def spec(channels=(3, 2), k=4) -> tuple[AdaptationSpec, dict]:
+    layers = tuple(LayerSpec(f"l{i}", c, 1e-5, f"m{i}", f"v{i}") for i, c in enumerate(channels))
+    source = {f"l{i}": (np.arange(c, dtype=np.float32), np.full(c, 2.0, np.float32)) for i, c in enumerate(channels)}
+    return AdaptationSpec("robust", k, 0.1, 0.07, layers, ("means", "vars", "counts")), source
+
+
+def anchor() -> CameraAnchor:
+    s, source = spec()
+    learner = CameraAnchor(s, source)
+    learner.set_state(initial_state(s, source))
+    return learner
+
+
+def test_before_it_has_seen_the_camera_it_normalises_with_the_source():
+    learner = anchor()
+    assert not learner.learned
+    learner.update(np.ones(5), np.ones(5), strength=1.0)  # a changed condition before any usual frame: ignored
+    mean, var = learner.statistics()
+    np.testing.assert_array_equal(mean, learner.source_mean)
+    np.testing.assert_array_equal(var, learner.source_var)
+
+
+def test_content_the_camera_always_shows_cancels_and_only_the_change_is_applied():
+    learner = anchor()
+    content = np.array([5.0, -3.0, 1.0, 7.0, 0.5]), np.array([4.0, 1.0, 9.0, 2.0, 3.0])
+    for _ in range(20):
+        learner.update(*content, strength=0.0)
+    for _ in range(200):  # the same content in the changed condition: no change to apply
+        learner.update(*content, strength=1.0)
+    mean, var = learner.statistics()
+    np.testing.assert_allclose(mean, learner.source_mean, atol=1e-5)
+    np.testing.assert_allclose(var, learner.source_var, rtol=1e-5)
+    darker = content[0] - 2.0, content[1] * 0.25  # fog/darkness: means move, variances shrink
+    for _ in range(200):
+        learner.update(*darker, strength=1.0)
+    mean, var = learner.statistics()
+    np.testing.assert_allclose(mean, learner.source_mean - STRENGTH * 2.0, atol=1e-4)
+    np.testing.assert_allclose(var, learner.source_var * 0.25 ** STRENGTH, rtol=1e-4)
+    learner.update(*content, strength=0.0)  # usual conditions again: the current statistics restart
+    np.testing.assert_allclose(learner.statistics()[0], learner.source_mean, atol=1e-5)
+
+
+def test_its_state_is_components_and_survives_a_checkpoint(tmp_path):
+    s, source = spec()
+    learner = anchor()
+    rng = np.random.default_rng(0)
+    for strength in (0.0,) * 10 + (1.0,) * 5:
+        learner.update(rng.normal(size=5), rng.uniform(0.5, 2, 5), strength=strength, frames=3)
+    save_state(tmp_path / "cam.npz", learner.state(), s, frames=15)
+    restored = CameraAnchor(s, source)
+    restored.set_state(load_state(tmp_path / "cam.npz", s)[0])
+    for a, b in zip(learner.statistics(), restored.statistics()):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert restored.reference_frames == 30 and restored.current_frames == 15
+
+
+@pytest.fixture(scope="module")
+def fixed_camera(tmp_path_factory):
+    path = tmp_path_factory.mktemp("anchor") / "shelf.avi"
+    fmnist_video(path, [("clean", 150), ("noise", 120), ("clean", 120)])
+    return path
+
+
+def test_a_fixed_camera_is_anchored_during_its_drift_episode_only(fmnist_folded, fixed_camera):
+    config = parse_config({"model": {"path": str(fmnist_folded["int8"]), "device": "cpu", "threads": 1},
+                           "cameras": [{"name": "shelf", "source": str(fixed_camera)}]})
+    pipeline = build_pipeline(config)
+    session = pipeline.session
+    assert isinstance(session, FoldedSession) and isinstance(session.learner, CameraAnchor) and pipeline.anchored
+    results = list(pipeline.stream(FileSource(fixed_camera).frames()))
+    strength = np.array([r.strength for r in results])
+    starts = [r.frame for r in results if r.drift and r.drift.type == "start"]
+    ends = [r.frame for r in results if r.drift and r.drift.type == "end"]
+    assert pipeline.drift.fixed and starts and ends and 150 <= starts[0] < ends[0]
+    assert not strength[: starts[0] + 1].any()  # learning the camera: the unadapted model
+    assert strength[starts[0] + 1: ends[0] + 1].all()  # the episode: anchored
+    assert not strength[ends[0] + 1:].any()
+    assert session.learner.reference_frames >= 100
+    during = [r for r in results if starts[0] + 10 < r.frame <= ends[0]]
+    moved = [float(np.abs(r.adapted - r.raw).max()) for r in during if r.raw is not None]
+    assert moved and max(moved) > 1e-3  # the anchored answer is not the unadapted one
+
+
+def test_a_camera_that_pans_is_not_anchored(fmnist_folded, tmp_path):
+    """Differencing cannot tell a pan's new content from a condition (bench/camera.py): left unadapted."""
+    import cv2
+
+    from agent.samples import pan, photo
+
+    path = tmp_path / "pan.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (160, 120))
+    rng = np.random.default_rng(0)
+    for name in ("coffee", "chelsea", "rocket", "astronaut", "coffee", "chelsea"):
+        for frame in pan(photo(name), 40, (160, 120)):
+            writer.write(frame)
+    for frame in pan(photo("coffee"), 120, (160, 120)):  # noise comes on while it pans
+        writer.write(np.clip(frame + rng.normal(0, 60, frame.shape), 0, 255).astype(np.uint8))
+    writer.release()
+    info = read_model_info(fmnist_folded["int8"])
+    config = parse_config({"model": {"path": str(fmnist_folded["int8"]), "device": "cpu", "threads": 1},
+                           "cameras": [{"name": "pan", "source": str(path)}]})
+    pipeline = build_pipeline(config)
+    results = list(pipeline.stream(FileSource(path).frames()))
+    assert info.adaptation.layout == "folded" and not pipeline.drift.fixed
+    assert all(r.strength == 0 for r in results)
