@@ -143,17 +143,21 @@ def report(clean: dict, changes: list[dict], pans: list[dict], seconds: float) -
              "| condition | severity | onset (frames) | detected | delay (frames) | delay (s) | end after (frames) "
              "| open at end | false starts before | reported as |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in changes:
-        lines.append(f"| {c['condition']} | {c['severity']} | {c['onset'] or 'abrupt'} | {'yes' if c['detected'] else 'MISSED'} "
+        detected = "yes" if c["detected"] else "MISSED"
+        lines.append(f"| {c['condition']} | {c['severity']} | {c['onset'] or 'abrupt'} | {detected} "
                      f"| {_fmt(c['delay'])} | {_fmt(None if c['delay'] is None else c['delay'] / FPS, 1)} "
                      f"| {_fmt(c['end_delay'])} | {'yes' if c['open_at_end'] else 'no'} | {c['false_before']} "
                      f"| {', '.join(c['condition_words'])} |")
-    for label, rows in (("abrupt", [c for c in changes if not c["onset"]]), ("faded in", [c for c in changes if c["onset"]])):
+    kinds = (("abrupt", [c for c in changes if not c["onset"]]), ("faded in", [c for c in changes if c["onset"]]))
+    for label, rows in kinds:
         delays = [c["delay"] for c in rows if c["delay"] is not None]
         end = [c["end_delay"] for c in rows if c["end_delay"] is not None]
         lines.append("")
+        median_delay, worst_delay = (np.median(delays), max(delays)) if delays else (None, None)
+        median_end, worst_end = (np.median(end), max(end)) if end else (None, None)
         lines.append(f"- {label}, {len(rows)} changes: missed {sum(not c['detected'] for c in rows)}; delay median "
-                     f"{_fmt(np.median(delays) if delays else None)} / worst {_fmt(max(delays) if delays else None)} frames; "
-                     f"end median {_fmt(np.median(end) if end else None)} / worst {_fmt(max(end) if end else None)} frames; "
+                     f"{_fmt(median_delay)} / worst {_fmt(worst_delay)} frames; "
+                     f"end median {_fmt(median_end)} / worst {_fmt(worst_end)} frames; "
                      f"episodes left open {sum(c['open_at_end'] for c in rows)}")
     lines += ["", "## Panning camera, scene switches without a change (agent.samples over scikit-image photos)", "",
               "| frames per scene | frames | starts | starts within a scene of a switch |", "|---|---|---|---|"]
