@@ -335,6 +335,9 @@ class FoldedSession(OnnxSession):
     each one that rebuilds: the faster mode (bench/latency.py, README). With `statistics_every` 1
     every frame runs the graph, normalised with the components after the frame before. Components
     and checkpoints are the robust layout's.
+
+    `learner`: `unmix` (agent/unmix.RobustMixture, as above) or `anchor` (agent/anchor.CameraAnchor:
+    unadapted measured frames teach the camera's reference, and every adapted frame is measured).
     """
 
     OUTPUTS = (contract.LOGITS, contract.FEATURES, contract.STATS)

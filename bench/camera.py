@@ -46,7 +46,7 @@ SIZE = 224
 FRAMES_PER_VIEW = 24  # a pan's frames per photo
 VARIANTS = 4  # shaken crops per view, each corrupted on its own
 LEAD_IN = 120  # clean frames a camera has run before its conditions change (the drift warm-up is 100)
-CONDITION_FRAMES = 48
+CONDITION_FRAMES = 32
 SEGMENT = 200
 CONTINUAL_VIEWS = 8
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
@@ -305,14 +305,13 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=Path("models"),
                         help="folder with efficientnet_lite0.onnx, efficientnet_lite0.fp32.onnx and "
                              "efficientnet_lite0_folded.onnx (tta-export efficientnet-lite0 [--layout folded])")
-    parser.add_argument("--layouts", nargs="+", choices=("graph", "folded"), default=["graph", "folded"])
+    parser.add_argument("--layouts", nargs="+", choices=("folded", "graph"), default=["folded", "graph"])
     parser.add_argument("--severities", type=int, nargs="+", default=[3, 5], choices=range(1, 6))
     parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     args = parser.parse_args()
-    layouts = {"graph": args.models / "efficientnet_lite0.onnx",
-               "folded": args.models / "efficientnet_lite0_folded.onnx"}
-    layouts = {k: v for k, v in layouts.items() if k in args.layouts}
+    files = {"graph": args.models / "efficientnet_lite0.onnx", "folded": args.models / "efficientnet_lite0_folded.onnx"}
+    layouts = {k: files[k] for k in args.layouts}
     for path in [*layouts.values(), args.models / "efficientnet_lite0.fp32.onnx"]:
         read_model_info(path)  # a clear error before minutes of work
     started = time.time()
