@@ -118,7 +118,8 @@ class Agent:
                          session.frames, age)
             except StateError as exc:
                 log.error("camera %s: checkpoint ignored, starting fresh: %s", cfg.name, exc)
-        camera = Camera(cfg.name, open_source(cfg), build_pipeline(self.config, session))
+        pipeline = build_pipeline(self.config, session)
+        camera = Camera(cfg.name, open_source(cfg), pipeline)
         self._resume_drift(camera)
         return camera
 

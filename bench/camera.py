@@ -154,12 +154,11 @@ def clean_scenes(seed: int = 0) -> dict[str, list[np.ndarray]]:
 
 def view_stream(view: int, condition: str, severity: int, frames: int, scenes: dict, seed: int
                 ) -> list[tuple[np.ndarray, int]]:
-    """(frame, index of its clean frame in scenes["fixed"]) of a camera watching one view."""
-    out = []
-    for i in range(frames):
-        j = view * VARIANTS + i % VARIANTS
-        out.append((apply(scenes["fixed"][j], condition, severity, seed + i), j))
-    return out
+    """(frame, index of its clean frame in scenes["fixed"]) of a camera watching one view: its VARIANTS
+    shaken frames in turn, each corrupted once (glass blur takes half a second a frame)."""
+    indices = [view * VARIANTS + k for k in range(VARIANTS)]
+    corrupted = [apply(scenes["fixed"][j], condition, severity, seed + k) for k, j in enumerate(indices)]
+    return [(corrupted[i % VARIANTS], indices[i % VARIANTS]) for i in range(frames)]
 
 
 def pan_stream(condition: str, severity: int, scenes: dict) -> list[tuple[np.ndarray, int]]:

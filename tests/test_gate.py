@@ -134,8 +134,8 @@ def test_the_daemon_refuses_to_gate_a_model_without_a_shift_reference(fmnist, tm
     import onnx
     from helpers import agent_config
 
-    from agent.config import ConfigError, load_config
-    from agent.contract import KEY_SHIFT_REFERENCE
+    from agent.config import load_config
+    from agent.contract import KEY_SHIFT_REFERENCE, ContractError
     from agent.daemon import Agent
 
     model = onnx.load(str(fmnist["int8"]))
@@ -145,5 +145,5 @@ def test_the_daemon_refuses_to_gate_a_model_without_a_shift_reference(fmnist, tm
     old = tmp_path / "old.onnx"
     onnx.save(model, str(old))
     config = load_config(agent_config(tmp_path, old, tmp_path / "unused.avi", 1))
-    with pytest.raises(ConfigError, match="adaptation.gate.enabled: .* has no shift reference"):
+    with pytest.raises(ContractError, match="adaptation.gate.enabled: .* has no shift reference"):
         Agent(config)

@@ -100,7 +100,7 @@ def test_validate_config_reports_missing_files(tmp_path, capsys):
     path.write_text(yaml.safe_dump(_base()))
     assert agent_main(["validate-config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "files not found" in err and str(tmp_path / "m.onnx") in err
+    assert f"model.path: model file {tmp_path / 'm.onnx'} does not exist" in err
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
