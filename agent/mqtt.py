@@ -279,7 +279,8 @@ class MqttLink:
         return Command(camera, kind, value)
 
     def _publish_discovery(self) -> None:
-        """Home Assistant MQTT discovery: a class sensor and a drift binary sensor per camera."""
+        """Home Assistant MQTT discovery per camera: a class sensor, a drift binary sensor and a source
+        connectivity sensor (with the camera's stats, `last_error` among them, as attributes)."""
         prefix = self.cfg.homeassistant.discovery_prefix
         device = {"identifiers": [f"tta-agent-{self.device_id}"], "name": f"tta-agent {self.device_id}",
                   "manufacturer": "tta-agent", "model": "streaming test-time adaptation"}
@@ -295,6 +296,13 @@ class MqttLink:
                     "name": f"{camera} drift", "unique_id": f"{uid}_drift", "device_class": "problem",
                     "state_topic": f"{self.base}/{camera}/drift/state",
                     "value_template": "{{ 'ON' if value_json.active else 'OFF' }}",
+                },
+                f"{prefix}/binary_sensor/{uid}_source/config": {
+                    "name": f"{camera} source", "unique_id": f"{uid}_source", "device_class": "connectivity",
+                    "state_topic": f"{self.base}/stats",
+                    "value_template": f"{{{{ 'ON' if value_json.cameras['{camera}'].connected else 'OFF' }}}}",
+                    "json_attributes_topic": f"{self.base}/stats",
+                    "json_attributes_template": f"{{{{ value_json.cameras['{camera}'] | tojson }}}}",
                 },
             }
             for topic, doc in configs.items():

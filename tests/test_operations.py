@@ -406,8 +406,12 @@ def test_home_assistant_sensors_have_state_topics_that_are_retained_and_quiet(tm
     discovery = {t: json.loads(p) for t, p, _ in late.messages if t.endswith("/config")}
     class_sensor = next(d for t, d in discovery.items() if t.endswith("_class/config"))
     drift_sensor = next(d for t, d in discovery.items() if t.endswith("_drift/config"))
+    source_sensor = next(d for t, d in discovery.items() if t.endswith("_source/config"))
     assert class_sensor["state_topic"] == "tta/test-box/cam1/class"
     assert drift_sensor["state_topic"] == "tta/test-box/cam1/drift/state"
+    assert source_sensor["device_class"] == "connectivity" and source_sensor["state_topic"] == "tta/test-box/stats"
+    assert "value_json.cameras['cam1'].connected" in source_sensor["value_template"]
+    assert "connected" in late.payloads("tta/test-box/stats")[-1]["cameras"]["cam1"]
     assert late.payloads("cam1/class")[-1]["label"]
     assert late.payloads("cam1/drift/state")[-1]["active"] is False
 
