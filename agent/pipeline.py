@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .anchor import CameraAnchor
 from .contract import ContractError, ModelInfo
 from .drift import DriftDetector, DriftEvent, Observation, observe
 from .gate import AdaptationGate, CollapseGuard
 from .lame import CorrelationMonitor, Lame
 from .preprocess import FrameError, Preprocessor
-from .runtime import OnnxSession, open_session, physical_cores, resolve_method
+from .runtime import OnnxSession, open_session, physical_cores
 from .sources import Frame
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ class CameraPipeline:
         if carried is not None:
             self.drift.restore(carried)
         self.raw_every = a.raw_every
-        self.anchored = resolve_method(a.method, info) == "anchor"
+        self.anchored = isinstance(getattr(self.session, "learner", None), CameraAnchor)
         if a.gate.enabled and not self.anchored and info.shift_reference is None:
             raise ContractError(f"adaptation.gate.enabled: {info.path} has no shift reference (tta.shift_reference, "
                                 "written by tta-export); re-export the model or set adaptation.gate.enabled: false")

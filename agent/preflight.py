@@ -15,6 +15,7 @@ import cv2
 
 from .config import Config, ConfigError, read_password
 from .contract import ContractError, ModelInfo, read_model_info
+from .runtime import resolve_method
 from .sources import redact, source_kind, source_problem
 
 PROBE_TIMEOUT_S = 10.0
@@ -62,7 +63,12 @@ def _model(config: Config, problems: list[str]) -> ModelInfo | None:
     except Exception as exc:  # onnxruntime raises its own exception types
         problems.append(f"model.path: onnxruntime cannot load {config.model.path}: {str(exc).splitlines()[0]}")
         return None
-    if config.adaptation.gate.enabled and info.shift_reference is None:
+    try:
+        method = resolve_method(config.adaptation.method, info)
+    except ContractError as exc:
+        problems.append(str(exc))
+        return None
+    if config.adaptation.gate.enabled and method == "unmix" and info.shift_reference is None:
         problems.append(f"adaptation.gate.enabled: {config.model.path} has no shift reference "
                         "(tta.shift_reference, written by tta-export); re-export the model or set "
                         "adaptation.gate.enabled: false")
