@@ -151,7 +151,7 @@ def test_a_baked_session_normalises_as_the_graph_does_with_the_same_statistics(f
     optimised INT8 graph, written into the FP32 template for the fusions to see): the baked answer
     equals the graph's for the same statistics and differs from the source statistics' answer."""
     session = open_session(folded[precision], "cpu", "onnxruntime", method="unmix")
-    source = (session.mixture.source_mean, session.mixture.source_var)
+    source = (session.learner.source_mean, session.learner.source_var)
     baker = BakedNormalisation(folded[precision], source, session._session_options, ["CPUExecutionProvider"])
     rng = np.random.default_rng(3)
     mean = (source[0] + 0.5 * np.sqrt(source[1]) * rng.standard_normal(source[0].shape)).astype(np.float32)
@@ -195,7 +195,7 @@ def test_statistics_every_n_frames_and_taken_up_by_the_next_measured_frame(folde
             assert (out.shift is None) == (expected_shift is None), i
             if expected_shift is not None:
                 np.testing.assert_array_equal(out.shift, expected_shift)
-            expected_shift = session.mixture.shift(*session._last)
+            expected_shift = session.learner.shift(*session._last)
         else:
             assert out.shift is None, i
         bake = session._bake
@@ -335,7 +335,7 @@ def test_a_frame_is_normalised_with_the_components_after_the_previous_frame(fold
     assert session.frames == 1 and np.any(session.state[session.info.layer_names[0]]["counts"] > 0)
     # the second frame's statistics: the mixture after frame 1 with frame 1 as the instance term
     mu, var = session._outputs[contract.STATS]
-    mean, var = session.mixture.statistics(mu.copy(), var.copy())
+    mean, var = session.learner.statistics(mu.copy(), var.copy())
     graph = session.session.run([contract.LOGITS], {contract.IMAGE: images[1], contract.NORM_MEAN: mean,
                                                     contract.NORM_VAR: var})[0][0]
     np.testing.assert_allclose(session.step(images[1], adapt=1.0).logits, graph, rtol=1e-6)
@@ -353,7 +353,7 @@ def test_a_gate_shadow_pass_is_the_instance_term_of_the_next_adapted_normalisati
     kept = session._normalisation(1.0)
     session.step(images[200], adapt=0.0, measure=True)
     mu, var = session._outputs[contract.STATS]
-    mean, var = session.mixture.statistics(mu.copy(), var.copy())
+    mean, var = session.learner.statistics(mu.copy(), var.copy())
     assert np.abs(mean - kept[0]).max() > 1e-3
     graph = session.session.run([contract.LOGITS], {contract.IMAGE: images[5], contract.NORM_MEAN: mean,
                                                     contract.NORM_VAR: var})[0][0]

@@ -261,7 +261,7 @@ def test_sighup_reloads_what_it_can_and_keeps_running(tmp_path, broker, fmnist, 
         config.write_text(yaml.safe_dump(doc))
         daemon.send_signal(signal.SIGHUP)
         assert wait_for(lambda: "reloaded" in log.read_text(), 10), log.read_text()[-2000:]
-        assert "mqtt changed; those take effect after a restart" in log.read_text()
+        assert "mqtt.port changed; those take effect after a restart" in log.read_text()
         config.write_text("model: [unclosed")
         daemon.send_signal(signal.SIGHUP)
         assert wait_for(lambda: "reload refused" in log.read_text(), 10)
