@@ -233,16 +233,16 @@ def test_home_assistant_discovery_is_announced_and_announced_again(tmp_path, bro
                           mqtt__homeassistant={"enabled": True, "discovery_prefix": "homeassistant"})
     daemon = start_daemon(config)
     try:
-        assert wait_for(lambda: len(sub.payloads("/config")) >= 2, 60)
+        assert wait_for(lambda: len(sub.payloads("/config")) >= 3, 60)
         docs = {t: json.loads(p) for t, p, _ in sub.messages if t.endswith("/config")}
         sensor = docs["homeassistant/sensor/tta_test-box_cam1_class/config"]
-        assert sensor["state_topic"] == "tta/test-box/cam1/prediction"
+        assert sensor["state_topic"] == "tta/test-box/cam1/class"
         assert sensor["availability_topic"] == "tta/test-box/availability"
         drift = docs["homeassistant/binary_sensor/tta_test-box_cam1_drift/config"]
         assert drift["state_topic"] == "tta/test-box/cam1/drift/state" and drift["device_class"] == "problem"
         before = len(sub.payloads("/config"))
         sub.client.publish("homeassistant/status", "online", qos=1)  # Home Assistant restarted
-        assert wait_for(lambda: len(sub.payloads("/config")) >= before + 2, 10)
+        assert wait_for(lambda: len(sub.payloads("/config")) >= before + 3, 10)
     finally:
         daemon.terminate()
         daemon.wait(10)
