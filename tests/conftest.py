@@ -20,6 +20,16 @@ def _export(tmp_path_factory, name: str, *extra: str) -> dict[str, Path]:
     return {"int8": out, "fp32": folder / f"{name}.fp32.onnx", "state": state}
 
 
+@pytest.fixture
+def broker(tmp_path):
+    """A mosquitto process of the test's own, on a free port."""
+    from helpers import Mosquitto
+
+    b = Mosquitto(tmp_path).start()
+    yield b
+    b.stop()
+
+
 @pytest.fixture(scope="session")
 def effnet(tmp_path_factory) -> dict[str, Path]:
     """EfficientNet-Lite0 with its real ImageNet weights, FP32 and INT8."""

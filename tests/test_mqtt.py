@@ -22,13 +22,6 @@ def schema(name: str) -> dict:
     return json.loads((SCHEMAS / f"{name}.json").read_text())
 
 
-@pytest.fixture
-def broker(tmp_path):
-    b = Mosquitto(tmp_path).start()
-    yield b
-    b.stop()
-
-
 @pytest.fixture(scope="module")
 def drift_video(tmp_path_factory):
     """Clean, then the light fails (dark, low contrast), then clean again, twice: two drift episodes."""

@@ -39,18 +39,17 @@ def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-@pytest.fixture
-def broker(tmp_path):
-    b = Mosquitto(tmp_path).start()
-    yield b
-    b.stop()
-
-
 @pytest.fixture(scope="module")
 def video(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ops") / "shelf.avi"
     fmnist_video(path, [("clean", 200)])
     return path
+
+
+def looping(tmp_path: Path, model: Path, video: Path, port: int, **overrides) -> Path:
+    """A daemon config whose camera loops the video until the test stops it."""
+    return agent_config(tmp_path, model, video, port, exit_when_done=False,
+                        cameras=[{"name": "cam1", "source": str(video), "replay": {"loop": True}}], **overrides)
 
 
 def closed_port() -> int:
@@ -189,8 +188,7 @@ def test_a_dead_rtsp_camera_is_degraded_in_stats_and_its_password_never_logged(t
 
 def test_an_unreachable_broker_is_logged_with_its_reason_and_its_return(tmp_path, fmnist, video):
     port = free_port()
-    config = agent_config(tmp_path, fmnist["int8"], video, port, exit_when_done=False,
-                          cameras=[{"name": "cam1", "source": str(video), "replay": {"loop": True}}])
+    config = looping(tmp_path, fmnist["int8"], video, port)
     log = tmp_path / "agent.log"
     daemon = start_daemon(config, log=log)
     broker = Mosquitto(tmp_path, port=port)
@@ -211,9 +209,7 @@ def test_an_unreachable_broker_is_logged_with_its_reason_and_its_return(tmp_path
 def test_tls_against_a_plain_listener_says_so(tmp_path, broker, fmnist, video):
     ca = tmp_path / "ca.pem"
     ca.write_bytes(ssl_ca_pem())
-    config = agent_config(tmp_path, fmnist["int8"], video, broker.port, exit_when_done=False,
-                          mqtt__tls={"ca": str(ca)},
-                          cameras=[{"name": "cam1", "source": str(video), "replay": {"loop": True}}])
+    config = looping(tmp_path, fmnist["int8"], video, broker.port, mqtt__tls={"ca": str(ca)})
     log = tmp_path / "agent.log"
     daemon = start_daemon(config, log=log)
     try:
@@ -248,8 +244,7 @@ def test_sighup_while_the_model_loads_is_not_fatal(tmp_path, broker, fmnist, vid
 
 
 def test_sighup_reloads_publishing_keys_and_keeps_commanded_modes(tmp_path, broker, fmnist, video):
-    config = agent_config(tmp_path, fmnist["int8"], video, broker.port, exit_when_done=False,
-                          cameras=[{"name": "cam1", "source": str(video), "replay": {"loop": True}}])
+    config = looping(tmp_path, fmnist["int8"], video, broker.port)
     sub = Subscriber(broker.port, "tta/#")
     log = tmp_path / "agent.log"
     daemon = start_daemon(config, log=log)
@@ -287,8 +282,7 @@ def test_a_retained_command_is_ignored_and_clearing_it_is_not_an_error(tmp_path,
     pub.connect("127.0.0.1", broker.port)
     pub.loop_start()
     pub.publish(topic, "off", qos=1, retain=True).wait_for_publish(5)
-    config = agent_config(tmp_path, fmnist["int8"], video, broker.port, exit_when_done=False,
-                          cameras=[{"name": "cam1", "source": str(video), "replay": {"loop": True}}])
+    config = looping(tmp_path, fmnist["int8"], video, broker.port)
     sub = Subscriber(broker.port, "tta/test-box/stats")
     log = tmp_path / "agent.log"
     daemon = start_daemon(config, log=log)
