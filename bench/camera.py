@@ -2,8 +2,8 @@
 
     python -m bench.camera [--layouts graph folded] [--severities 3 5] [--workers 2]
 
-Views: 24 crops of 13 real photos that install offline (scikit-image, Debian's opencv-doc,
-matplotlib), each one whose clean FP32 top-1 is confident and sensible (VIEWS; the table lists
+Views: 24 crops of 13 real photos that install offline (3 of scikit-image's, 10 of Debian's
+opencv-doc), each one whose clean FP32 top-1 is confident and sensible (VIEWS; the table lists
 them). Every camera first runs clean (its history: LEAD_IN frames, what an installed camera
 has seen), then its conditions change; that history is run once, checkpointed as the daemon
 checkpoints (components and drift state), and each condition starts from it. Streams, all
