@@ -335,15 +335,15 @@ def main() -> None:
         tasks.append((model, "continual", "continual", 0, labels, checkpoints[layout]))
         keys.append(layout)
     runs = []
+    RESULTS.mkdir(exist_ok=True)
     with ProcessPoolExecutor(args.workers) as pool:
         for i, (layout, result) in enumerate(zip(keys, pool.map(run_task, tasks))):
             runs.append({"layout": layout, **result})
+            (RESULTS / "camera.json").write_text(json.dumps(runs))  # a run cut short keeps what it measured
             print(f"{i + 1}/{len(tasks)} {layout} {result['kind']} {result['condition']} s{result['severity']}: "
                   f"unadapted {_mean(result['correct']['unadapted']):.1f} "
                   f"answer {_mean(result['correct']['answer']):.1f} strength {np.mean(result['strength']):.2f} "
                   f"({time.time() - started:.0f} s)", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "camera.json").write_text(json.dumps(runs))
     table = markdown(runs, layouts, args.severities, (time.time() - started) / 60)
     (RESULTS / "camera.md").write_text(table)
     print(table)
