@@ -181,8 +181,7 @@ class OnnxSession(Checkpoints):
     def _session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # the folded layout's source statistics are metadata to the graph: no warnings
-        # no per-session arena: the folded layout keeps up to five sessions; 20 MB less RSS, same speed
-        # (EfficientNet-Lite0, both layouts, one-off)
+        # no per-session arena: the folded layout keeps up to five sessions, each arena would hold its own memory
         options.enable_cpu_mem_arena = False
         if self.threads:
             options.intra_op_num_threads = self.threads
@@ -490,10 +489,9 @@ class FoldedSession(OnnxSession):
             self._adapted_every, self._quiet = min(2 * self._adapted_every, self.statistics_every_max), 0
 
     def _measured_now(self, image: np.ndarray, adapt: float, update: bool, frames: int = 1) -> np.ndarray:
-        """Unadapted frames (the gate's shadow passes) through a source bake that keeps `stats` (4.4
-        ms instead of 7.7 through the graph, EfficientNet-Lite0, one-off); they leave the components
-        alone but become the instance term (0.5-1.3 quality points better gated than without, bench.quality).
-        Without a baker (statistics every frame), the graph."""
+        """Unadapted frames (the gate's shadow passes) through a source bake that keeps `stats` (cheaper
+        than the graph); they leave the components alone but become the instance term (bench.quality).
+        An anchor's adapted frames, and without a baker (statistics every frame) every frame, the graph."""
         normalisation = self._normalisation(adapt)
         self._run_or_fall_back(lambda: self._run_measuring(image, *normalisation, adapted=adapt > 0))
         self._unmeasured[adapt > 0] = 0

@@ -1,6 +1,6 @@
 """Faults injected into real processes: a mosquitto broker killed and restarted, the daemon killed
 and restarted, a live MJPEG stream over HTTP that stalls, drops, changes resolution and sends
-garbage. Each test records its figures (README, "Reliability") through the `figures` fixture."""
+garbage. Each test records its figures (docs/operations.md, "Reliability") through the `figures` fixture."""
 from __future__ import annotations
 
 import re
