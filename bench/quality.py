@@ -5,14 +5,14 @@
     python -m bench.quality --sweep        # the robust mode's options, one at a time (README)
     python -m bench.quality --lame-sweep   # LAME window / affinity / neighbours (README)
 
-Every method runs the exported .onnx files through onnxruntime and the agent's own objects
-(agent.pipeline.CameraPipeline: gate, LAME), FP32 and INT8, as users run them:
-    unadapted          the model on its source statistics (adapt=0)
-    faithful           the published UnMix-TNS (K=16, noisy init, momentum 1-(0.9)^(1/64))
-    robust             the single-instance mode (exporters/unmix.py RobustUnMixTNS2d), always at full strength
-    gated              robust behind the adaptation gate (agent/gate.py): the agent's default
-    LAME               LAME (16-frame window, kNN 3) on the unadapted model
-    gated+LAME         LAME on the gated mode's outputs
+Every method is the pipeline a camera runs (agent.pipeline.build_pipeline) under a config, on the
+exported .onnx files through onnxruntime, FP32 and INT8, as users run them:
+    unadapted          adaptation off, LAME off: the model on its source statistics
+    faithful           the published UnMix-TNS (K=16, noisy init, momentum 1-(0.9)^(1/64)), gate off
+    robust             the single-instance mode (exporters/unmix.py RobustUnMixTNS2d), gate off: full strength
+    LAME               adaptation off, LAME on every frame (16-frame window, kNN 3)
+    adapted            the default config's adapted output (gate, guard, unadapted pass every 30th frame)
+    answer             what the agent answers under the default config (LAME auto on the adapted output)
 Writes bench/results/quality.json, quality.md and quality_<stream>.png (error over time).
 Also checks EfficientNet-Lite0 on an ordinary stream of scikit-image photos: how often the
 adapted model agrees with the unadapted one, from the first frame on.
@@ -22,24 +22,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from agent.gate import AdaptationGate, CollapseGuard
+from agent.config import parse_config
 from agent.lame import Lame
-from agent.pipeline import CameraPipeline
+from agent.pipeline import build_pipeline
 from agent.preprocess import Preprocessor
-from agent.runtime import REBAKE_DIVERGENCE, STATISTICS_EVERY, AdaptiveSession, open_session
+from agent.runtime import AdaptiveSession
 from agent.sources import Frame
 
 from .corruptions import CORRUPTIONS, corrupt
+from .provenance import commit, machine
 from .streams import ORDERS
 
 RESULTS = Path(__file__).with_name("results")
-METHODS = ("unadapted", "faithful", "robust", "gated", "LAME", "gated+LAME")
+METHODS = ("unadapted", "faithful", "robust", "LAME", "adapted", "answer")
 STREAMS = ("iid", "dirichlet", "video", "continual", "mixed", "clean")
 
 
@@ -87,42 +89,43 @@ def build_streams(images, labels, corruptions, frames, severity, seed) -> list[d
     return streams
 
 
-def _pipeline(path: Path, adaptation: str, gated: bool = False, lame: bool = False, raw_every: int = 0,
-              cadence: dict | None = None) -> CameraPipeline:
-    session = open_session(path, "cpu", "onnxruntime", threads=1, **(cadence or {}))
-    gate = AdaptationGate(session.info.shift_reference) if gated else None
-    guard = CollapseGuard(len(session.info.labels)) if gated else None
-    pipeline = CameraPipeline(session, Lame(16, "knn", 3) if lame else None, "on", raw_every=raw_every, gate=gate,
-                              guard=guard)
-    pipeline.set_adaptation(adaptation)
-    return pipeline
+def _pipeline(path: Path, method: str = "auto", **sections):
+    """The pipeline a camera runs under the default config with `sections` replaced, on one thread."""
+    config = {"model": {"path": str(path), "device": "cpu", "backend": "onnxruntime", "threads": 1},
+              "cameras": [{"name": "bench", "source": "0"}], **sections}
+    config.setdefault("adaptation", {})["method"] = method
+    return build_pipeline(parse_config(config))
+
+
+UNGATED = {"gate": {"enabled": False}, "guard": {"enabled": False}, "raw_every": 0}
 
 
 def run_stream(task) -> dict:
-    """Every method on one stream at one precision; returns per-frame correctness and gate strength."""
-    paths, precision, stream, cadence = task
-    unadapted = _pipeline(paths[f"robust/{precision}"], "off", lame=True)  # LAME alone rides on it
-    robust = _pipeline(paths[f"robust/{precision}"], "on", cadence=cadence)
-    gated = _pipeline(paths[f"robust/{precision}"], "on", gated=True, lame=True, cadence=cadence)
-    faithful = _pipeline(paths[f"faithful/{precision}"], "on")
+    """Every method on one stream at one precision; returns per-frame correctness and the default's strength."""
+    paths, precision, stream, method = task
+    robust_path = paths[f"robust/{precision}"]
+    unadapted = _pipeline(robust_path, adaptation={"mode": "off"}, lame={"mode": "on"})  # LAME alone rides on it
+    robust = _pipeline(robust_path, "unmix", adaptation=dict(UNGATED), lame={"mode": "off"})
+    faithful = _pipeline(paths[f"faithful/{precision}"], "unmix", adaptation=dict(UNGATED), lame={"mode": "off"})
+    default = _pipeline(robust_path, method)
     correct = {m: np.zeros(len(stream["y"]), bool) for m in METHODS}
     strength = np.zeros(len(stream["y"]))
     for i, (image, label) in enumerate(zip(stream["x"], stream["y"])):
         frame = Frame(i, image, 0.0)
-        raw, g = unadapted.process(frame), gated.process(frame)
+        raw, d = unadapted.process(frame), default.process(frame)
         correct["unadapted"][i] = np.argmax(raw.adapted) == label
-        correct["LAME"][i] = np.argmax(raw.corrected) == label
+        correct["LAME"][i] = np.argmax(raw.probs) == label
         correct["robust"][i] = np.argmax(robust.process(frame).adapted) == label
         correct["faithful"][i] = np.argmax(faithful.process(frame).adapted) == label
-        correct["gated"][i] = np.argmax(g.adapted) == label
-        correct["gated+LAME"][i] = np.argmax(g.corrected) == label
-        strength[i] = g.strength
+        correct["adapted"][i] = np.argmax(d.adapted) == label
+        correct["answer"][i] = np.argmax(d.probs) == label
+        strength[i] = d.strength
     return {"kind": stream["kind"], "corruption": stream["corruption"], "precision": precision,
             "correct": {m: v.tolist() for m, v in correct.items()}, "strength": float(strength.mean()),
-            "guard_fired": gated.guard.fired}
+            "guard_fired": default.guard.fired if default.guard else 0}
 
 
-def effnet_agreement(frames_per_photo: int = 25, layout: str = "graph", cadence: dict | None = None) -> dict:
+def effnet_agreement(frames_per_photo: int = 25, layout: str = "graph", method: str = "auto") -> dict:
     """EfficientNet-Lite0 on ordinary photos: share of frames where the adapted top-1 equals the
     unadapted one, over all 12 photos and over the 3 the exporter held out of calibration (and of
     the gate's shift reference)."""
@@ -141,12 +144,14 @@ def effnet_agreement(frames_per_photo: int = 25, layout: str = "graph", cadence:
     frames = [frame for _, frame in photo_stream(frames_per_photo)]
     held_out = np.array([(i // frames_per_photo) % 4 == 3 for i in range(len(frames))])  # as exporters/cli.py
     result = {}
-    for method, path, gated in (("gated", paths["robust"], True), ("robust", paths["robust"], False),
-                                ("faithful", paths["faithful"], False)):
-        pipeline = _pipeline(path, "on", gated=gated, raw_every=1, cadence=None if method == "faithful" else cadence)
+    for name, path, learner, adaptation in (
+            ("default", paths["robust"], method, {"raw_every": 1}),
+            ("robust", paths["robust"], "unmix", {**UNGATED, "raw_every": 1}),
+            ("faithful", paths["faithful"], "unmix", {**UNGATED, "raw_every": 1})):
+        pipeline = _pipeline(path, learner, adaptation=adaptation, lame={"mode": "off"})
         same = np.array([np.argmax(r.adapted) == np.argmax(r.raw)
                          for r in (pipeline.process(Frame(i, f, 0.0)) for i, f in enumerate(frames))])
-        result[method] = {"frames": len(same), "agreement": float(same.mean()), "first_frame": bool(same[0]),
+        result[name] = {"frames": len(same), "agreement": float(same.mean()), "first_frame": bool(same[0]),
                           "agreement_held_out": float(same[held_out].mean())}
     return result
 
@@ -291,8 +296,8 @@ def _lame_sweep_task(task) -> tuple[str, dict]:
     feed back into adaptation, so the outputs are computed once)."""
     path, stream = task
     errors = {}
-    for name, adaptation, gated in (("gated", "on", True), ("unadapted", "off", False)):
-        pipeline = _pipeline(path, adaptation, gated=gated)
+    for name, mode in (("adapted", "on"), ("unadapted", "off")):
+        pipeline = _pipeline(path, adaptation={"mode": mode, "raw_every": 0}, lame={"mode": "on"})
         pipeline.lame = recorder = _Recorder()
         for i, x in enumerate(stream["x"]):
             pipeline.process(Frame(i, x, 0.0))
@@ -309,7 +314,7 @@ LAME_VARIANTS = [(w, kind, k) for w in (16, 32, 64) for kind in ("knn", "rbf") f
 
 
 def lame_sweep(workers: int, frames: int = 300) -> str:
-    """LAME's options on the gated and the unadapted INT8 outputs (severity 5, 5 corruptions)."""
+    """LAME's options on the default adapted and the unadapted INT8 outputs (severity 5, 5 corruptions)."""
     from exporters.models.fashion_mnist import load_split
 
     paths = export_models(RESULTS / "models")
@@ -339,15 +344,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--layout", choices=("graph", "folded"), default="graph",
                         help="the robust mode's model layout (tta-export --layout)")
-    parser.add_argument("--statistics-every", type=int, default=STATISTICS_EVERY,
-                        help="folded layout: measure statistics every N frames (FoldedSession)")
-    parser.add_argument("--rebake-divergence", type=float, default=REBAKE_DIVERGENCE,
-                        help="folded layout: rebuild the baked normalisation this far (mean KL) from the statistics")
-    parser.add_argument("--measure-on-worker", action="store_true",
-                        help="folded layout: measure statistics on a worker thread (FoldedSession)")
-    parser.add_argument("--statistics-every-max", type=int,
-                        help="folded layout, the faster mode: measure adapted frames down to every N-th while the "
-                             "measurements rebuild nothing (FoldedSession)")
+    parser.add_argument("--method", choices=("auto", "anchor", "unmix"), default="auto",
+                        help="the default config's adaptation.method")
     parser.add_argument("--sweep", action="store_true", help="the robust mode's options, one at a time")
     parser.add_argument("--lame-sweep", action="store_true", help="LAME's window, affinity and neighbours")
     args = parser.parse_args()
@@ -366,8 +364,6 @@ def main() -> None:
                                        if quick else list(CORRUPTIONS))
     RESULTS.mkdir(exist_ok=True)
     paths = export_models(RESULTS / "models", args.layout)
-    cadence = {"statistics_every": args.statistics_every, "rebake_divergence": args.rebake_divergence,
-               "measure_on_worker": args.measure_on_worker, "statistics_every_max": args.statistics_every_max}
     from exporters.models.fashion_mnist import load_split
 
     images, labels = load_split("t10k")
@@ -377,38 +373,38 @@ def main() -> None:
         for severity in severities:
             for seed in range(seeds):
                 streams = build_streams(images, labels, corruptions, frames, severity, seed)
-                tasks = [(paths, precision, s, cadence) for s in streams for precision in ("int8", "fp32")]
+                tasks = [(paths, precision, s, args.method) for s in streams for precision in ("int8", "fp32")]
                 for i, result in enumerate(pool.map(run_stream, tasks)):
                     runs.append({**result, "severity": severity, "seed": seed})
                     print(f"severity {severity} seed {seed}: {i + 1}/{len(tasks)} streams "
                           f"({time.time() - started:.0f} s)", flush=True)
     summary = summarize(runs)
-    effnet = effnet_agreement(10 if quick else 25, args.layout, cadence)
+    effnet = effnet_agreement(10 if quick else 25, args.layout, args.method)
     strengths = {kind: float(np.mean([r["strength"] for r in runs if r["kind"] == kind])) for kind in STREAMS}
     fired = {kind: int(sum(r["guard_fired"] for r in runs if r["kind"] == kind)) for kind in STREAMS}
-    report = {"config": {"layout": args.layout, **cadence, "frames": frames, "seeds": seeds,
+    report = {"config": {"layout": args.layout, "method": args.method, "frames": frames, "seeds": seeds,
                          "severities": severities, "corruptions": corruptions},
               "summary": summary, "efficientnet_ordinary_stream": effnet, "gate_strength": strengths,
               "guard_fired": fired,
               "seconds": round(time.time() - started)}
     suffix = "" if args.layout == "graph" else f".{args.layout}"
-    default_cadence = {"statistics_every": STATISTICS_EVERY, "rebake_divergence": REBAKE_DIVERGENCE,
-                       "measure_on_worker": False, "statistics_every_max": None}
-    if args.layout == "folded" and cadence != default_cadence:
-        suffix += f".every{args.statistics_every}.rebake{args.rebake_divergence:g}"
-        suffix += ".worker" if args.measure_on_worker else ""
-        suffix += f".max{args.statistics_every_max}" if args.statistics_every_max else ""
+    suffix += "" if args.method == "auto" else f".{args.method}"
     (RESULTS / f"quality{suffix}.json").write_text(json.dumps(report, indent=1))
     table = markdown(summary, severities, ("int8", "fp32"))
     effnet_line = "\n".join(
-        [f"\nEfficientNet-Lite0 INT8 on an ordinary stream of {effnet['gated']['frames']} photo frames, top-1 "
+        [f"\nEfficientNet-Lite0 INT8 on an ordinary stream of {effnet['default']['frames']} photo frames, top-1 "
          "agreement of the adapted with the unadapted model:"] +
         [f"- {method}: {100 * r['agreement']:.1f}% (held-out photos {100 * r['agreement_held_out']:.1f}%; first frame "
          f"{'agrees' if r['first_frame'] else 'differs'})" for method, r in effnet.items()]) + "\n"
-    effnet_line += "\nMean gate strength per stream (0: unadapted, 1: full): " + ", ".join(
+    effnet_line += "\nMean adaptation strength of the default per stream (0: unadapted, 1: full): " + ", ".join(
         f"{kind} {v:.2f}" for kind, v in strengths.items()) + "\n"
     effnet_line += f"\nCollapse guard firings (all streams of each kind, INT8 and FP32): {fired}\n"
-    (RESULTS / f"quality{suffix}.md").write_text(table + "\n" + effnet_line)
+    command = "python -m bench.quality " + " ".join(sys.argv[1:])
+    header = (f"# Adaptation quality: Fashion-MNIST-C streams\n\n`{command.strip()}` on {machine()}, "
+              f"commit {commit()}, {time.strftime('%Y-%m-%d')}, {(time.time() - started) / 60:.0f} min. "
+              f"Layout {args.layout}, adaptation.method {args.method}; every other key at its default. "
+              "Labels: the dataset's.\n")
+    (RESULTS / f"quality{suffix}.md").write_text(header + table + "\n" + effnet_line)
     print(table)
     print(effnet_line)
     for path in plot(runs, severities[0], RESULTS):
