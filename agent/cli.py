@@ -6,12 +6,12 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, load_config, parse_config
+from .config import Config, ConfigError, apply_overrides, load_config, parse_config, parse_overrides
 from .contract import ContractError
-from .pipeline import LAME_MODES, build_pipeline, open_camera_session
+from .pipeline import build_pipeline, open_camera_session
 from .preflight import EXIT_CONFIG, check, report
 from .replay import LabelsError, format_table, plot_report, read_labels, replay, write_json
-from .runtime import BACKENDS, DEVICES, REBAKE_DIVERGENCE, STATISTICS_EVERY
+from .runtime import DEVICES
 from .sources import FileSource, SourceError
 from .state import StateError
 
@@ -20,24 +20,17 @@ EXIT_DAMAGED_INPUT = 3  # replay ran to the end of what could be decoded, but th
 
 
 def replay_config(args) -> Config:
-    """What the daemon would run on this video: the --config file's sections, or one made from the flags."""
-    if args.config:
-        config = load_config(args.config)
-        model = config.model.model_copy(update={"path": args.model}) if args.model else config.model
-        return config.model_copy(update={"model": model})
-    if args.model is None:
+    """What the daemon would run on this video: the --config file (or the defaults around --model) with the
+    --device, --threads and --set overrides."""
+    if args.config is None and args.model is None:
         raise ConfigError("replay needs --model or --config")
-    return parse_config({
-        "model": {"path": str(args.model), "device": args.device, "backend": args.backend, "threads": args.threads},
-        "adaptation": {"mode": args.adaptation, "seed": args.seed, "raw_every": args.raw_every,
-                       "statistics_every": args.statistics_every, "rebake_divergence": args.rebake_divergence,
-                       "measure_on_worker": args.measure_on_worker,
-                       "statistics_every_max": args.statistics_every_max,
-                       "gate": {"enabled": args.gate == "on"}, "guard": {"enabled": args.guard == "on"}},
-        "lame": {"mode": args.lame, "window": args.window, "affinity": args.affinity, "knn": args.knn},
-        "drift": {"warmup": args.drift_warmup},
-        "cameras": [{"name": "replay", "source": str(args.video)}],
-    })
+    flags = {"model.path": args.model and str(args.model.resolve()), "model.device": args.device,
+             "model.threads": args.threads}
+    overrides = {**{k: v for k, v in flags.items() if v is not None}, **parse_overrides(args.set)}
+    if args.config:
+        return load_config(args.config, overrides)
+    doc = {"model": {}, "cameras": [{"name": "replay", "source": str(args.video)}]}
+    return parse_config(apply_overrides(doc, overrides), Path.cwd())
 
 
 def cmd_replay(args) -> int:
@@ -93,39 +86,17 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("replay", help="run a recorded video through the agent and report")
     r.add_argument("video", type=Path)
     r.add_argument("--config", type=Path, help="run as the daemon would under this config (its model, adaptation, "
-                                               "LAME and drift sections; the flags below are then ignored)")
+                                               "LAME and drift sections); without it, the defaults")
     r.add_argument("--model", type=Path, help="adaptive .onnx from tta-export (with --config: overrides model.path)")
     r.add_argument("--labels", type=Path, help="CSV sidecar: frame,label[,condition]")
-    r.add_argument("--device", choices=DEVICES, default="auto")
-    r.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto: onnxruntime, or torch when --device cuda and only torch reaches the GPU")
-    r.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's choice)")
+    r.add_argument("--device", choices=DEVICES, help="overrides model.device (default: auto)")
+    r.add_argument("--threads", type=int, help="overrides model.threads (default: physical cores)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set adaptation.mode=off --set lame.mode=on (the value "
+                        "is read as YAML; docs/configuration.md lists the keys)")
     r.add_argument("--paced", action="store_true", help="at the video's own frame rate, not as fast as possible")
     r.add_argument("--start", type=int, default=0, help="first frame")
     r.add_argument("--end", type=int, help="stop before this frame")
-    r.add_argument("--adaptation", choices=("on", "frozen", "off"), default="on")
-    r.add_argument("--gate", choices=("on", "off"), default="on",
-                   help="adapt only as far as frames leave the model's clean shift reference (off: always fully)")
-    r.add_argument("--guard", choices=("on", "off"), default="on",
-                   help="reset and pause adaptation when its predictions collapse onto few classes")
-    r.add_argument("--lame", choices=LAME_MODES, default="auto")
-    r.add_argument("--window", type=int, default=16, help="LAME window, frames")
-    r.add_argument("--affinity", choices=("knn", "rbf"), default="knn")
-    r.add_argument("--knn", type=int, default=3)
-    r.add_argument("--raw-every", type=int, default=30, help="also run the unadapted model every N frames (0: never)")
-    r.add_argument("--statistics-every", type=int, default=STATISTICS_EVERY,
-                   help="folded-layout models: measure statistics every N frames")
-    r.add_argument("--rebake-divergence", type=float, default=REBAKE_DIVERGENCE,
-                   help="folded-layout models: rebuild the baked normalisation once the statistics are this far "
-                        "from it (mean KL per layer)")
-    r.add_argument("--measure-on-worker", action="store_true",
-                   help="folded-layout models: measure statistics on a worker thread")
-    r.add_argument("--statistics-every-max", type=int, metavar="N",
-                   help="folded-layout models: the faster mode; measure adapted frames down to every N-th "
-                        "while the measurements rebuild nothing")
-    r.add_argument("--drift-warmup", type=int, default=100,
-                   help="frames that learn the camera's usual imaging statistics")
-    r.add_argument("--seed", type=int, default=0)
     r.add_argument("--state", type=Path, help="start from these components (.npz)")
     r.add_argument("--save-state", type=Path, help="write the final components (.npz)")
     r.add_argument("--report", type=Path, help="PNG report (default: <video>.report.png)")

@@ -18,6 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .runtime import REBAKE_DIVERGENCE, STATISTICS_EVERY
 
 MAX_CONFIG_BYTES = 1 << 20
+# the keys a user sets (configs/camera.yaml); every other key is advanced (docs/configuration.md)
+USER_KEYS = ("device_id", "log_level", "model.path", "model.device", "adaptation.mode", "lame.mode",
+             "cameras[].name", "cameras[].source", "mqtt.host", "mqtt.port", "mqtt.prefix", "mqtt.username",
+             "mqtt.password_file", "mqtt.password_env", "mqtt.password_credential", "mqtt.tls",
+             "mqtt.homeassistant.enabled", "state.dir", "http.enabled", "http.port")
 
 
 class ConfigError(ValueError):
@@ -29,8 +34,9 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    path: Path
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    path: Path = Field(description="the adaptive .onnx file from tta-export")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a GPU when onnxruntime offers one, "
+                                                                      "else the CPU (and back to it if the GPU fails)")
     backend: Literal["auto", "onnxruntime", "torch"] = Field(
         "auto", description="auto: onnxruntime, or torch when cuda is asked for and only torch reaches the GPU")
     threads: int | None = Field(None, ge=1, le=256, description="intra-op threads; default: physical cores")
@@ -64,13 +70,14 @@ class GuardConfig(Section):
 
 
 class AdaptationConfig(Section):
-    mode: Literal["on", "frozen", "off"] = "on"
+    mode: Literal["on", "frozen", "off"] = Field("on", description="on: adapt and learn; frozen: adapt with what "
+                                                                  "was learned; off: the unadapted model")
     _switch = field_validator("mode", mode="before")(_yaml_switch)
     method: Literal["auto", "anchor", "unmix"] = Field(
         "auto", description="anchor: folded-layout models normalise with the change of conditions since the "
                             "camera's own usual frames, during drift episodes; unmix: robust UnMix-TNS under the "
                             "shift gate; auto: anchor for folded models, unmix for graph models")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="seed of the initial components")
     raw_every: int = Field(30, ge=0, description="run the unadapted model every N frames (0: never)")
     statistics_every: int = Field(STATISTICS_EVERY, ge=1, le=100_000,
                                   description="folded-layout models: measure statistics and move the components "
@@ -96,11 +103,12 @@ class AdaptationConfig(Section):
 
 
 class LameConfig(Section):
-    mode: Literal["auto", "on", "off"] = "auto"
+    mode: Literal["auto", "on", "off"] = Field("auto", description="LAME output correction; auto: only while "
+                                                                  "predictions come in runs (label-correlated)")
     _switch = field_validator("mode", mode="before")(_yaml_switch)
-    window: int = Field(16, ge=1, le=1024)
-    affinity: Literal["knn", "rbf"] = "knn"
-    knn: int = Field(3, ge=1, le=1024)
+    window: int = Field(16, ge=1, le=1024, description="frames LAME corrects together")
+    affinity: Literal["knn", "rbf"] = Field("knn", description="how frames in the window are related")
+    knn: int = Field(3, ge=1, le=1024, description="neighbours per frame (knn affinity)")
 
 
 class DriftConfig(Section):
@@ -123,24 +131,25 @@ class DriftConfig(Section):
 
 
 class ReplayConfig(Section):
-    paced: bool = True
-    loop: bool = False
-    start: int = Field(0, ge=0)
-    end: int | None = Field(None, ge=1)
+    paced: bool = Field(True, description="video files: at their own frame rate (false: as fast as the model goes)")
+    loop: bool = Field(False, description="video files: start again at the end")
+    start: int = Field(0, ge=0, description="video files: first frame")
+    end: int | None = Field(None, ge=1, description="video files: stop before this frame")
 
 
 class CameraConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="letters, digits, _ and - (used in topics)")
     source: str = Field(min_length=1, max_length=4096, description="camera index, stream URL or video file")
     replay: ReplayConfig = ReplayConfig()
-    stall_timeout_s: float = Field(5.0, gt=0, le=3600)
-    reconnect_max_s: float = Field(30.0, gt=0, le=3600)
+    stall_timeout_s: float = Field(5.0, gt=0, le=3600, description="reopen the camera when no frame came for "
+                                                                   "this long")
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="backoff ceiling between reopen attempts")
 
 
 class TlsConfig(Section):
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
+    ca: Path | None = Field(None, description="CA bundle that signed the broker's certificate (null: the system's)")
+    cert: Path | None = Field(None, description="client certificate (with key)")
+    key: Path | None = Field(None, description="client key (with cert)")
     insecure: bool = Field(False, description="skip certificate verification (never in production)")
 
     @model_validator(mode="after")
@@ -151,25 +160,27 @@ class TlsConfig(Section):
 
 
 class HomeAssistantConfig(Section):
-    enabled: bool = False
-    discovery_prefix: str = Field("homeassistant", pattern=r"^[A-Za-z0-9_/-]{1,128}$")
+    enabled: bool = Field(False, description="announce sensors to Home Assistant (MQTT discovery)")
+    discovery_prefix: str = Field("homeassistant", pattern=r"^[A-Za-z0-9_/-]{1,128}$",
+                                  description="Home Assistant's discovery topic prefix")
 
 
 class MqttConfig(Section):
     host: str | None = Field("127.0.0.1", description="broker host; null starts the embedded broker (demo)")
-    port: int = Field(1883, ge=1, le=65535)
-    prefix: str = Field("tta", pattern=r"^[A-Za-z0-9_/-]{1,128}$")
-    client_id: str | None = Field(None, max_length=128, description="default: tta-agent-<device>-<random>")
-    keepalive_s: int = Field(30, ge=5, le=3600)
-    username: str | None = None
-    password_file: Path | None = None
-    password_env: str | None = None
+    port: int = Field(1883, ge=1, le=65535, description="broker port (8883 is usual for TLS)")
+    prefix: str = Field("tta", pattern=r"^[A-Za-z0-9_/-]{1,128}$", description="topics are `<prefix>/<device_id>/...`")
+    client_id: str | None = Field(None, max_length=128, description="default: `tta-agent-<device_id>-<random>`")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive; the broker publishes the will after "
+                                                            "1.5x this")
+    username: str | None = Field(None, description="broker user (one password source below)")
+    password_file: Path | None = Field(None, description="file holding the password")
+    password_env: str | None = Field(None, description="environment variable holding the password")
     password_credential: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,128}$",
                                             description="systemd credential name (LoadCredential=)")
     tls: TlsConfig | None = None
     predictions_every: int = Field(1, ge=1, description="publish every Nth frame's prediction")
-    top_k: int = Field(3, ge=1, le=100)
-    stats_interval_s: float = Field(10.0, ge=0.5, le=3600)
+    top_k: int = Field(3, ge=1, le=100, description="classes in each prediction")
+    stats_interval_s: float = Field(10.0, ge=0.5, le=3600, description="seconds between stats messages")
     max_queued: int = Field(1000, ge=10, le=1_000_000, description="paho's outgoing queue bound")
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
 
@@ -183,22 +194,25 @@ class MqttConfig(Section):
 
 class StateConfig(Section):
     dir: Path = Field(Path("/var/lib/tta-agent"), description="checkpoints and the alert spool")
-    checkpoint_every_s: float = Field(60.0, ge=1, le=86400)
-    spool_max_events: int = Field(10_000, ge=10, le=10_000_000)
+    checkpoint_every_s: float = Field(60.0, ge=1, le=86400, description="seconds between checkpoints of what "
+                                                                        "each camera learned")
+    spool_max_events: int = Field(10_000, ge=10, le=10_000_000, description="alerts kept on disk during a broker "
+                                                                            "outage; past this the oldest go")
 
 
 class HttpConfig(Section):
     enabled: bool = Field(False, description="serve /healthz and /metrics (Prometheus) over HTTP")
     host: str = Field("127.0.0.1", min_length=1, max_length=255, description="address to bind; 0.0.0.0 for all")
-    port: int = Field(9464, ge=1, le=65535)
+    port: int = Field(9464, ge=1, le=65535, description="port of /healthz and /metrics")
     stall_s: float = Field(30.0, gt=0, le=3600, description="/healthz fails once the main loop has not come "
                                                             "round for this long")
 
 
 class Config(Section):
     device_id: str = Field(default_factory=lambda: re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64],
-                           pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+                           pattern=r"^[A-Za-z0-9_-]{1,64}$", description="this box in topics and client ids")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug: a line per frame "
+                                                                                     "and paho's own lines")
     model: ModelConfig
     adaptation: AdaptationConfig = AdaptationConfig()
     lame: LameConfig = LameConfig()
@@ -218,10 +232,15 @@ class Config(Section):
         return cameras
 
 
+def _key(part) -> str:
+    """A key as the user can see it: quoted unless a plain word (keys can hold ':', '.', control characters)."""
+    return str(part) if isinstance(part, int) or re.fullmatch(r"[A-Za-z0-9_-]+", part) else repr(part)
+
+
 def _format(error: ValidationError) -> str:
     lines = []
     for e in error.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        path = ".".join(_key(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"{path}: unknown key")
         elif e["type"] == "missing":
@@ -242,7 +261,38 @@ def parse_config(doc: object, base: Path | None = None) -> Config:
     return _resolve(config, base) if base else config
 
 
-def load_config(path: str | Path) -> Config:
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """`key.path=value` settings (tta-agent replay --set), the values read as YAML."""
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{item}: an override is KEY=VALUE, e.g. adaptation.mode=off")
+        try:
+            overrides[key] = yaml.load(text, Loader=_NoAliasLoader)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key}: the value {text!r} is not YAML: {_yaml_problem(exc)}") from None
+    return overrides
+
+
+def apply_overrides(doc: dict, overrides: dict[str, object]) -> dict:
+    """Values by key path (`adaptation.gate.enabled`) laid over a parsed document, which is changed."""
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = doc
+        for name in parents:
+            child = node.get(name) if isinstance(node, dict) else None
+            if child is None:
+                child = node[name] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {name} is not a section")
+            node = child
+        node[leaf] = value
+    return doc
+
+
+def load_config(path: str | Path, overrides: dict[str, object] | None = None) -> Config:
+    """The config file, with values by key path (apply_overrides) laid over it."""
     path = Path(path)
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
@@ -253,11 +303,20 @@ def load_config(path: str | Path) -> Config:
     try:
         doc = yaml.load(text, Loader=_NoAliasLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     try:
+        if overrides:
+            doc = apply_overrides(doc if isinstance(doc, dict) else {}, overrides)
         return parse_config(doc, path.parent)
     except ConfigError as exc:
         raise ConfigError(f"{path}:\n{exc}") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message in one line: what is wrong and where."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
 
 
 class _NoAliasLoader(yaml.SafeLoader):

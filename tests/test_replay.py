@@ -198,3 +198,27 @@ def test_replay_under_the_daemon_config_builds_what_the_daemon_builds(effnet, sa
                        str(sidecar_path(sample_video)), "--end", "60", "--quiet", "--report", str(tmp_path / "r.png")])
     assert code == 0
     assert "accuracy answer" in capsys.readouterr().out
+
+
+@pytest.mark.unit
+def test_replay_overrides_lay_keys_over_the_config_and_name_bad_ones(tmp_path):
+    """--set takes any key of the schema (no second copy of it in flags); the flags --model/--device/--threads
+    are overrides too, and a path on the command line is taken from the working directory."""
+    from agent.cli import parser, replay_config
+    from agent.config import ConfigError
+
+    path = tmp_path / "agent.yaml"
+    path.write_text("model: {path: m.onnx, device: cuda}\ncameras: [{name: a, source: '0'}]\nlame: {window: 8}\n")
+    args = parser().parse_args(["replay", "v.mp4", "--config", str(path), "--device", "cpu",
+                                "--set", "adaptation.gate.enabled=false", "--set", "lame.mode=on"])
+    config = replay_config(args)
+    assert (config.model.device, config.model.path) == ("cpu", tmp_path / "m.onnx")
+    assert config.adaptation.gate.enabled is False and (config.lame.mode, config.lame.window) == ("on", 8)
+    args = parser().parse_args(["replay", "v.mp4", "--model", "x.onnx", "--set", "drift.warmup=40"])
+    config = replay_config(args)
+    assert config.model.path.is_absolute() and config.drift.warmup == 40 and config.cameras[0].source.endswith("v.mp4")
+    for bad, message in ((["--set", "lame.windw=3"], "lame.windw: unknown key"),
+                         (["--set", "lame"], "an override is KEY=VALUE"),
+                         (["--set", "lame.mode=maybe"], "lame.mode: Input should be")):
+        with pytest.raises(ConfigError, match=message):
+            replay_config(parser().parse_args(["replay", "v.mp4", "--model", "x.onnx", *bad]))
