@@ -1,4 +1,8 @@
-"""Shared fixtures: the real models, exported once per test session by the real exporter."""
+"""Shared fixtures: the real models, exported once per test session by the real exporter; and the tiers.
+
+Every test gets one tier marker, from what it needs: `system` (a module that runs the daemon, a broker
+or the CLI end to end), `model` (an exported model: the fixtures below), else `unit` (numpy, OpenCV and
+config only). `slow` marks the long ones of any tier. `pytest -m unit` is the quick check."""
 from __future__ import annotations
 
 import sys
@@ -18,6 +22,20 @@ def _export(tmp_path_factory, name: str, *extra: str) -> dict[str, Path]:
     state = folder / f"{name}.init.npz"
     assert main([name.removesuffix("-folded"), "--out", str(out), "--state-out", str(state), *extra]) == 0
     return {"int8": out, "fp32": folder / f"{name}.fp32.onnx", "state": state}
+
+
+SYSTEM_MODULES = {"test_demo", "test_faults", "test_mqtt", "test_operations"}
+MODEL_FIXTURES = {"effnet", "fmnist", "fmnist_folded", "effnet_faithful", "fmnist_faithful"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__ in SYSTEM_MODULES:
+            item.add_marker(pytest.mark.system)
+        elif MODEL_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.model)
+        elif item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture
@@ -78,14 +96,16 @@ def fmnist_faithful(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def figures():
-    """Figures the fault tests measure, merged into bench/results/reliability.json for the README."""
+def figures(tmp_path_factory):
+    """Figures the fault tests measure (docs/operations.md), merged into the JSON file named by
+    $TTA_FIGURES, else into one in pytest's temporary folder."""
     import json
+    import os
 
     measured: dict = {}
     yield measured
     if measured:
-        path = ROOT / "bench" / "results" / "reliability.json"
+        path = Path(os.environ.get("TTA_FIGURES") or tmp_path_factory.getbasetemp() / "reliability.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         previous = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps({**previous, **measured}, indent=1) + "\n")

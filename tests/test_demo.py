@@ -20,7 +20,7 @@ def test_demo_runs_the_daemon_over_the_video_and_reports(effnet, tmp_path, capsy
     path.write_text(yaml.safe_dump(config))
     assert run_demo(path) == 0
     out = capsys.readouterr().out
-    assert "embedded" in out.lower() or "MQTT on 127.0.0.1" in out
+    assert f"agent demo-box: sample.mp4 through {effnet['int8'].name}, MQTT on 127.0.0.1:" in out
     assert "[mqtt] tta/demo-box/availability = online" in out
     assert "frames read / processed / skipped / rejected  128 / 128 / 0 / 0" in out
     assert "accuracy answer" in out

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import queue
+import re
 import tempfile
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from agent.spool import Spool
 from agent.state import StateError, initial_state, load_state, save_state
 
 EXAMPLES = int(os.environ.get("TTA_FUZZ_EXAMPLES", "10000"))
+pytestmark = pytest.mark.slow
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 SCRATCH = Path(tempfile.mkdtemp(prefix="tta-fuzz-"))
@@ -103,7 +105,10 @@ def test_config_files_give_a_config_or_a_config_error(text):
     try:
         assert isinstance(load_config(path), Config)
     except ConfigError as exc:
-        assert str(exc)
+        # the file's name, then one problem per line, each led by its key path (or the file, for unreadable text)
+        lines = str(exc).splitlines()
+        assert lines and lines[0].startswith(str(path)), lines
+        assert all(re.match(r"^\S.*: \S", line) for line in lines[1:]), lines
 
 
 @pytest.fixture(scope="module")
