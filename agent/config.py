@@ -15,7 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .runtime import REBAKE_DIVERGENCE, STATISTICS_EVERY
+from .cadence import REBAKE_DIVERGENCE, STATISTICS_EVERY
 
 MAX_CONFIG_BYTES = 1 << 20
 # the keys a user sets (configs/camera.yaml); every other key is advanced (docs/configuration.md)

@@ -19,6 +19,7 @@ import numpy as np
 from . import contract
 from .anchor import CameraAnchor
 from .baked import CPU, BakedNormalisation
+from .cadence import QUIET_MEASUREMENTS, REBAKE_DIVERGENCE, STATISTICS_EVERY
 from .contract import ModelInfo, read_model_info
 from .onnxruntime_quiet import ort
 from .state import initial_state, load_state, save_state
@@ -63,9 +64,6 @@ def choose_providers(device: str, available: list[str] | None = None) -> Provide
 
 
 BACKENDS = ("auto", "onnxruntime", "torch")
-# the folded layout's cadence (FoldedSession), chosen by bench/latency.py and bench/quality.py (README)
-STATISTICS_EVERY, REBAKE_DIVERGENCE = 8, 0.003
-QUIET_MEASUREMENTS = 16  # measurements in a row that rebuild nothing before adapted frames measure half as often
 
 
 def open_session(path: str | Path, device: str = "auto", backend: str = "auto", threads: int | None = None,

@@ -34,6 +34,13 @@ def test_import_agent_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
+def test_validating_a_config_loads_no_inference_engine():
+    code = ("import sys, agent.config, agent.config_reference; "
+            "sys.exit(sorted({'torch', 'onnxruntime'} & set(sys.modules)) or 0)")
+    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
 @pytest.mark.parametrize("name, classes", [("chelsea", CAT_CLASSES), ("coffee", COFFEE_CLASSES)])
 def test_efficientnet_weights_and_preprocessing_see_the_photo(name, classes):
     """TF 'same' padding and x/127.5-1 are right only if the real photos come out right."""
