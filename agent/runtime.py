@@ -77,7 +77,9 @@ def open_session(path: str | Path, device: str = "auto", backend: str = "auto", 
     the folded layout's learner (`auto`: the camera anchor); the graph layout runs UnMix-TNS in its graph."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "auto" and device == "cuda" and choose_providers("cuda").providers == [CPU]:
+    info = info or read_model_info(path)
+    if backend == "auto" and device == "cuda" and choose_providers("cuda").providers == [CPU] \
+            and info.adaptation.layout == "graph":
         from importlib.util import find_spec
 
         if find_spec("torch") is not None:
@@ -88,7 +90,6 @@ def open_session(path: str | Path, device: str = "auto", backend: str = "auto", 
         from .torch_backend import TorchSession
 
         return TorchSession(path, device=device, threads=threads, seed=seed, info=info)
-    info = info or read_model_info(path)
     learner = resolve_method(method, info)
     if info.adaptation.layout == "folded":
         return FoldedSession(path, device=device, threads=threads, seed=seed, info=info,

@@ -38,6 +38,10 @@ class TorchSession(Checkpoints):
                  info: ModelInfo | None = None):
         self.path = Path(path)
         self.info = info or read_model_info(path)
+        if self.info.adaptation.layout != "graph":
+            raise ContractError(f"{self.path} is a {self.info.adaptation.layout}-layout model; the torch backend runs "
+                                "graph-layout models only (tta-export --layout graph), or use model.backend: "
+                                "onnxruntime")
         if self.info.source is None:
             raise ContractError(f"{self.path} does not name its torch model (tta.source): export it with this "
                                 "tta-export, or use the onnxruntime backend")

@@ -79,7 +79,7 @@ def main() -> int:
             from exporters.cli import main as export
 
             model.parent.mkdir(parents=True, exist_ok=True)
-            assert export(["fashion-mnist", "--out", str(model), "--calib-frames", "200"]) == 0
+            assert export(["fashion-mnist", "--layout", "graph", "--out", str(model), "--calib-frames", "200"]) == 0
     gpu = open_session(model, device=args.device, backend=args.backend)
     backend = "torch" if isinstance(gpu, TorchSession) else "onnxruntime"
     cpu = open_session(model, device="cpu", backend=backend)

@@ -132,9 +132,11 @@ def export(args) -> dict:
     layers = None
     if args.adapt_layers is not None:
         layers = list(batchnorm_layers(model))[: args.adapt_layers]
+    layout = args.layout or ("graph" if args.mode == "faithful" else "folded")
     spec = adaptation_spec(model, mode=args.mode, components=args.components, momentum=args.momentum,
-                           temperature=args.temperature, layers=layers, layout=args.layout)
-    log.info("exporting %d adapted layers, mode %s, K=%d", len(spec.layers), spec.mode, spec.components)
+                           temperature=args.temperature, layers=layers, layout=layout)
+    log.info("exporting %d adapted layers, %s layout, mode %s, K=%d", len(spec.layers), layout, spec.mode,
+             spec.components)
     onnx_model = build_adaptive(model, shape, spec, labels, Preprocess.from_json(json.dumps(preprocess)))
     set_metadata(onnx_model, {contract.KEY_SOURCE: json.dumps(source)})  # for the agent's torch backend
     save_atomic(onnx_model, fp32_out)
@@ -160,9 +162,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", choices=("minmax", "percentile", "entropy"), default="percentile")
     p.add_argument("--mode", choices=MODES, default="robust",
                    help="robust: the single-instance variant (default); faithful: the published algorithm")
-    p.add_argument("--layout", choices=LAYOUTS, default="graph",
-                   help="graph: UnMix-TNS inside the ONNX graph; folded: BatchNorm folded into the INT8 "
-                        "convolutions, UnMix-TNS in the agent (robust mode only; exporters/folded.py)")
+    p.add_argument("--layout", choices=LAYOUTS,
+                   help="folded (default; robust mode only): BatchNorm folded into the INT8 convolutions, the "
+                        "adaptation (the camera anchor) in the agent; graph (the faithful mode's): UnMix-TNS "
+                        "inside the ONNX graph (docs/architecture.md)")
     p.add_argument("--components", type=int, default=K_DEFAULT, help="K, UnMix-TNS components per layer")
     p.add_argument("--adapt-layers", type=int, metavar="N",
                    help="adapt only the first N BatchNorm layers (the rest keep source statistics, folded)")

@@ -50,14 +50,15 @@ def broker(tmp_path):
 
 @pytest.fixture(scope="session")
 def effnet(tmp_path_factory) -> dict[str, Path]:
-    """EfficientNet-Lite0 with its real ImageNet weights, FP32 and INT8."""
-    return _export(tmp_path_factory, "efficientnet-lite0")
+    """EfficientNet-Lite0 with its real ImageNet weights, FP32 and INT8, graph layout."""
+    return _export(tmp_path_factory, "efficientnet-lite0", "--layout", "graph")
 
 
 @pytest.fixture(scope="session")
 def fmnist(tmp_path_factory) -> dict[str, Path]:
-    """The committed Fashion-MNIST ResNet, FP32 and INT8."""
-    return _export(tmp_path_factory, "fashion-mnist", "--calib-frames", "200", "--holdout-frames", "500")
+    """The committed Fashion-MNIST ResNet, FP32 and INT8, graph layout."""
+    return _export(tmp_path_factory, "fashion-mnist", "--layout", "graph", "--calib-frames", "200",
+                   "--holdout-frames", "500")
 
 
 @pytest.fixture(scope="session")

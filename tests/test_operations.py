@@ -347,7 +347,7 @@ def test_export_prints_our_lines_only(tmp_path):
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip() and "calibrating" not in line]
-    assert lines == ["tta-export: exporting 9 adapted layers, mode robust, K=16"], lines
+    assert lines == ["tta-export: exporting 9 adapted layers, folded layout, mode robust, K=16"], lines
     assert json.loads(result.stdout)["int8"].endswith("m.onnx")
 
 

@@ -85,6 +85,15 @@ def test_open_session_keeps_onnxruntime_unless_torch_is_the_way_to_a_gpu(fmnist)
     assert isinstance(cuda, TorchSession) == torch.cuda.is_available()
 
 
+def test_the_torch_backend_refuses_a_folded_file_by_name_and_auto_keeps_it_on_onnxruntime(fmnist_folded):
+    from agent.contract import ContractError
+    from agent.runtime import FoldedSession
+
+    with pytest.raises(ContractError, match="folded-layout model; the torch backend runs graph-layout models only"):
+        open_session(fmnist_folded["int8"], device="cpu", backend="torch")
+    assert isinstance(open_session(fmnist_folded["int8"], device="cuda"), FoldedSession)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_gpu_check_script_passes_on_a_gpu():
     result = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--frames", "200"], capture_output=True,
