@@ -73,9 +73,13 @@ def cmd_validate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import DemoError, run_demo
 
-    return run_demo(args.config)
+    try:
+        return run_demo(args.config)
+    except DemoError as exc:
+        print(f"tta-agent: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def parser() -> argparse.ArgumentParser:

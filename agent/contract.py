@@ -147,7 +147,7 @@ class ModelInfo:
     source_stats: dict[str, tuple[np.ndarray, np.ndarray]]  # layer -> (mean, var)
     calibration: dict
     shift_reference: ShiftReference | None = None  # absent in files exported without calibration frames
-    source: dict | None = None  # how to build the torch model (agent/torch_backend.py)
+    source: dict | None = None  # how to build the torch model (exporters/torch_session.py)
 
     @property
     def layer_names(self) -> list[str]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -58,6 +60,10 @@ class LiveView:
         self.client.disconnect()
 
 
+class DemoError(RuntimeError):
+    """The demo could not make what it needs."""
+
+
 def ensure_inputs(model: Path, video: Path) -> None:
     if not video.exists():
         print(f"making the sample video {video} (a camera panning over scikit-image photos: clean, fog, night, clean)")
@@ -65,11 +71,13 @@ def ensure_inputs(model: Path, video: Path) -> None:
         render_sample_video(video)
     if not model.exists():
         print(f"exporting the default model to {model} (EfficientNet-Lite0, ImageNet weights, INT8)")
-        from exporters.cli import main as export
-
+        # the exporter as a user runs it: the agent itself never imports the torch half
+        exporter = Path(sys.executable).with_name("tta-export")
+        if not exporter.exists():
+            raise DemoError(f"{exporter} not found: install the exporter (pip install -e '.[export]')")
         model.parent.mkdir(parents=True, exist_ok=True)
-        if export(["efficientnet-lite0", "--out", str(model)]) != 0:
-            raise RuntimeError("model export failed")
+        if subprocess.run([str(exporter), "efficientnet-lite0", "--out", str(model)], check=False).returncode != 0:
+            raise DemoError(f"exporting {model} failed (its error is above)")
 
 
 def run_demo(config_path: Path) -> int:

@@ -83,13 +83,9 @@ def open_session(path: str | Path, device: str = "auto", backend: str = "auto", 
         from importlib.util import find_spec
 
         if find_spec("torch") is not None:
-            from .torch_backend import torch_cuda_available
-
-            backend = "torch" if torch_cuda_available() else "onnxruntime"
+            backend = "torch" if torch_backend().torch_cuda_available() else "onnxruntime"
     if backend == "torch":
-        from .torch_backend import TorchSession
-
-        return TorchSession(path, device=device, threads=threads, seed=seed, info=info)
+        return torch_backend().TorchSession(path, device=device, threads=threads, seed=seed, info=info)
     learner = resolve_method(method, info)
     if info.adaptation.layout == "folded":
         return FoldedSession(path, device=device, threads=threads, seed=seed, info=info,
@@ -97,6 +93,18 @@ def open_session(path: str | Path, device: str = "auto", backend: str = "auto", 
                              measure_on_worker=measure_on_worker, statistics_every_max=statistics_every_max,
                              learner=learner)
     return AdaptiveSession(path, device=device, threads=threads, seed=seed, info=info)
+
+
+def torch_backend():
+    """The torch backend lives with the torch code (exporters/torch_session.py); the agent finds it by its
+    entry point, so a box without the exporter runs onnxruntime alone and says what is missing."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group="tta_agent.backends", name="torch")
+    if not found:
+        raise contract.ContractError("model.backend: torch needs the exporter installed (pip install -e "
+                                     "'.[export]'); or use model.backend: onnxruntime")
+    return next(iter(found)).load()
 
 
 def resolve_method(method: str, info: ModelInfo) -> str:
@@ -330,7 +338,7 @@ class FoldedSession(OnnxSession):
     results do not depend on timing. With `statistics_every_max` above `statistics_every`, adapted
     frames measure half as often after QUIET_MEASUREMENTS measurements in a row that rebuilt nothing
     (a settled camera), down to every `statistics_every_max`-th, and twice as often again after
-    each one that rebuilds: the faster mode (bench/latency.py, README). With `statistics_every` 1
+    each one that rebuilds: the faster mode (bench/latency.py, docs/decisions.md). With `statistics_every` 1
     every frame runs the graph, normalised with the components after the frame before. Components
     and checkpoints are the robust layout's.
 

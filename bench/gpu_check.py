@@ -63,7 +63,7 @@ def main() -> int:
 
     from agent.preprocess import Preprocessor
     from agent.runtime import open_session
-    from agent.torch_backend import TorchSession
+    from exporters.torch_session import TorchSession
 
     report: dict = {"onnxruntime": ort.__version__, "onnxruntime_providers": ort.get_available_providers(),
                     "torch": torch.__version__, "torch_cuda": torch.cuda.is_available(),

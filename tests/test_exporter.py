@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -32,6 +33,19 @@ def test_import_agent_does_not_import_torch():
     code = ("import sys, agent, agent.contract, agent.state, agent.preprocess, agent.runtime; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_agent_imports_nothing_from_the_exporter():
+    """The import graph: agent/ reads the exporter's files and finds the torch backend by its entry point."""
+    import ast
+
+    offending = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "agent").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offending += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "exporters"]
+    assert offending == []
 
 
 def test_validating_a_config_loads_no_inference_engine():

@@ -12,9 +12,9 @@ torch = pytest.importorskip("torch")
 
 from agent.preprocess import Preprocessor  # noqa: E402
 from agent.runtime import AdaptiveSession, open_session  # noqa: E402
-from agent.torch_backend import TorchSession  # noqa: E402
 from bench.corruptions import corrupt  # noqa: E402
 from exporters.models import fashion_mnist as fm  # noqa: E402
+from exporters.torch_session import TorchSession  # noqa: E402
 
 
 @pytest.fixture(scope="module")

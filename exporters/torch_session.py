@@ -1,8 +1,9 @@
 """The same adaptive model run by torch: the way to a GPU where onnxruntime has no CUDA provider.
 
-Imported only when `model.backend: torch` is asked for, or when `model.device: cuda` is asked
-for and torch is the only way to the GPU (agent.runtime.open_session). It builds the torch
-model the file names (`tta.source`), swaps its BatchNorm layers for the exporter's UnMix-TNS
+The agent finds it through the `tta_agent.backends` entry point (pyproject.toml), only when
+`model.backend: torch` is asked for, or when `model.device: cuda` is asked for and torch is the
+only way to the GPU (agent.runtime.open_session): the agent itself imports nothing of the torch
+half. It builds the torch model the file names (`tta.source`), swaps its BatchNorm layers for the exporter's UnMix-TNS
 modules with the file's own adaptation spec (exporters/unmix.py, the references the graphs are
 tested against), and offers AdaptiveSession's interface: step/reset/save/load/state.
 
@@ -19,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporters.export import with_features
-from exporters.unmix import replace_batchnorm
+from agent.contract import ContractError, ModelInfo, read_model_info
+from agent.runtime import Checkpoints, StepOutput
+from agent.state import initial_state
 
-from .contract import ContractError, ModelInfo, read_model_info
-from .runtime import Checkpoints, StepOutput
-from .state import initial_state
+from .export import with_features
+from .unmix import replace_batchnorm
 
 log = logging.getLogger(__name__)
 
