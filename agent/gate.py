@@ -13,7 +13,7 @@ few of them are unusual (EfficientNet's calibration photos include a binary hors
 The shift must come from an unadapted pass: adapted layers make the next layers' inputs look
 source-like, so an adapted pass would close the gate it opened. While the strength is 0 the
 frame's own pass is unadapted and serves; while it is above 0 a shadow pass every
-`shadow_every` frames measures it. Thresholds chosen by bench/quality.py (README).
+`shadow_every` frames measures it. Thresholds chosen by bench/quality.py (docs/decisions.md).
 
 CollapseGuard is the other safety: it watches what adaptation does to the predictions.
 """

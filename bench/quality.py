@@ -2,8 +2,8 @@
 
     python -m bench.quality --quick        # minutes: 5 corruptions, 500 frames, severity 5, 1 seed
     python -m bench.quality                # 15 corruptions, 2000 frames, severities 3 and 5, 3 seeds
-    python -m bench.quality --sweep        # the robust mode's options, one at a time (README)
-    python -m bench.quality --lame-sweep   # LAME window / affinity / neighbours (README)
+    python -m bench.quality --sweep        # the robust mode's options, one at a time (results/sweep.md)
+    python -m bench.quality --lame-sweep   # LAME window / affinity / neighbours (results/lame_sweep.md)
 
 Every method is the pipeline a camera runs (agent.pipeline.build_pipeline) under a config, on the
 exported .onnx files through onnxruntime, FP32 and INT8, as users run them:

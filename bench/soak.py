@@ -1,7 +1,7 @@
 """Soak: the daemon replays the sample video in a loop at full speed for a long run, publishing to a
 mosquitto it starts, with a subscriber on every topic, while its RSS is sampled from /proc.
 
-    python -m bench.soak                 # 30 minutes (the README figure)
+    python -m bench.soak                 # 30 minutes (docs/operations.md)
     python -m bench.soak --minutes 2     # a quick look
 
 The first minute is warm-up (allocator, onnxruntime arenas); growth is measured from there as a

@@ -69,7 +69,7 @@ class UnMixTNS2d(nn.Module):
         return {"means": self.means.cpu().numpy().copy(), "vars": self.vars.cpu().numpy().copy()}
 
 
-# Robust mode defaults, chosen on the Fashion-MNIST-C benchmark (README, "Adaptation quality").
+# Robust mode defaults, chosen on the Fashion-MNIST-C benchmark (bench/quality.py --sweep; docs/decisions.md).
 ROBUST_OPTIONS = {"decay": 1 / 500, "support": 4.0, "prior": 4.0, "seed_similarity": 0.5, "instance": 0.05}
 
 
