@@ -368,7 +368,7 @@ def main() -> None:
 
     images, labels = load_split("t10k")
     runs = []
-    started = time.time()
+    started, revision = time.time(), commit()  # the commit measured, even if HEAD moves meanwhile
     with ProcessPoolExecutor(args.workers) as pool:
         for severity in severities:
             for seed in range(seeds):
@@ -401,7 +401,7 @@ def main() -> None:
     effnet_line += f"\nCollapse guard firings (all streams of each kind, INT8 and FP32): {fired}\n"
     command = "python -m bench.quality " + " ".join(sys.argv[1:])
     header = (f"# Adaptation quality: Fashion-MNIST-C streams\n\n`{command.strip()}` on {machine()}, "
-              f"commit {commit()}, {time.strftime('%Y-%m-%d')}, {(time.time() - started) / 60:.0f} min. "
+              f"commit {revision}, {time.strftime('%Y-%m-%d')}, {(time.time() - started) / 60:.0f} min. "
               f"Layout {args.layout}, adaptation.method {args.method}; every other key at its default. "
               "Labels: the dataset's.\n")
     (RESULTS / f"quality{suffix}.md").write_text(header + table + "\n" + effnet_line)
