@@ -6,12 +6,11 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, apply_overrides, load_config, parse_config, parse_overrides
+from .config import DEVICES, Config, ConfigError, apply_overrides, load_config, parse_config, parse_overrides
 from .contract import ContractError
 from .pipeline import build_pipeline, open_camera_session
 from .preflight import EXIT_CONFIG, check, report
 from .replay import LabelsError, format_table, plot_report, read_labels, replay, write_json
-from .runtime import DEVICES
 from .sources import FileSource, SourceError
 from .state import StateError
 
@@ -25,7 +24,7 @@ def replay_config(args) -> Config:
     if args.config is None and args.model is None:
         raise ConfigError("replay needs --model or --config")
     flags = {"model.path": args.model and str(args.model.resolve()), "model.device": args.device,
-             "model.threads": args.threads}
+             "advanced.model.threads": args.threads}
     overrides = {**{k: v for k, v in flags.items() if v is not None}, **parse_overrides(args.set)}
     if args.config:
         return load_config(args.config, overrides)
@@ -94,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--model", type=Path, help="adaptive .onnx from tta-export (with --config: overrides model.path)")
     r.add_argument("--labels", type=Path, help="CSV sidecar: frame,label[,condition]")
     r.add_argument("--device", choices=DEVICES, help="overrides model.device (default: auto)")
-    r.add_argument("--threads", type=int, help="overrides model.threads (default: physical cores)")
+    r.add_argument("--threads", type=int, help="overrides advanced.model.threads (default: physical cores)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set adaptation.mode=off --set lame.mode=on (the value "
                         "is read as YAML; docs/configuration.md lists the keys)")

@@ -1,4 +1,5 @@
-"""The agent's YAML configuration, validated in one place.
+"""The agent's YAML configuration, validated in one place: the keys a user sets at the top level, the
+rest under `advanced:` (docs/configuration.md is generated from this schema).
 
 Unknown keys are rejected and every error names its key path and what was expected,
 so a bad config stops start-up (and `tta-agent validate-config` in ExecStartPre) with a
@@ -18,11 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .cadence import REBAKE_DIVERGENCE, STATISTICS_EVERY
 
 MAX_CONFIG_BYTES = 1 << 20
-# the keys a user sets (configs/camera.yaml); every other key is advanced (docs/configuration.md)
-USER_KEYS = ("device_id", "log_level", "model.path", "model.device", "adaptation.mode", "lame.mode",
-             "cameras[].name", "cameras[].source", "mqtt.host", "mqtt.port", "mqtt.prefix", "mqtt.username",
-             "mqtt.password_file", "mqtt.password_env", "mqtt.password_credential", "mqtt.tls",
-             "mqtt.homeassistant.enabled", "state.dir", "http.enabled", "http.port")
+# one vocabulary each, shared by the config, the pipeline, MQTT commands and the command line
+ADAPTATION_MODES = ("on", "frozen", "off")
+LAME_MODES = ("auto", "on", "off")
+METHODS = ("auto", "anchor", "unmix")
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "onnxruntime", "torch")
 
 
 class ConfigError(ValueError):
@@ -35,9 +37,12 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     path: Path = Field(description="the adaptive .onnx file from tta-export")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a GPU when onnxruntime offers one, "
+    device: Literal[DEVICES] = Field("auto", description="auto: a GPU when onnxruntime offers one, "
                                                                       "else the CPU (and back to it if the GPU fails)")
-    backend: Literal["auto", "onnxruntime", "torch"] = Field(
+
+
+class AdvancedModelConfig(Section):
+    backend: Literal[BACKENDS] = Field(
         "auto", description="auto: onnxruntime, or torch when cuda is asked for and only torch reaches the GPU")
     threads: int | None = Field(None, ge=1, le=256, description="intra-op threads; default: physical cores")
 
@@ -48,7 +53,8 @@ def _yaml_switch(value):
 
 
 class GateConfig(Section):
-    enabled: bool = Field(True, description="adapt only as far as frames leave the model's clean shift reference")
+    enabled: bool = Field(True, description="method unmix: adapt only as far as frames leave the model's clean shift "
+                                            "reference")
     low: float = Field(0.5, ge=-100, le=100, description="smoothed standardised shift at which adaptation starts")
     high: float = Field(1.5, ge=-100, le=100, description="... and reaches full strength (high - low above the start)")
     margin: float = Field(0.5, ge=0, le=100, description="start at least this far above the clean calibration peak")
@@ -70,29 +76,24 @@ class GuardConfig(Section):
 
 
 class AdaptationConfig(Section):
-    mode: Literal["on", "frozen", "off"] = Field("on", description="on: adapt and learn; frozen: adapt with what "
-                                                                  "was learned; off: the unadapted model")
+    mode: Literal[ADAPTATION_MODES] = Field("on", description="on: adapt and learn; frozen: adapt with what was "
+                                                             "learned; off: the unadapted model")
     _switch = field_validator("mode", mode="before")(_yaml_switch)
-    method: Literal["auto", "anchor", "unmix"] = Field(
-        "auto", description="anchor: folded-layout models normalise with the change of conditions since the "
-                            "camera's own usual frames, during drift episodes; unmix: robust UnMix-TNS under the "
-                            "shift gate; auto: anchor for folded models, unmix for graph models")
-    seed: int = Field(0, ge=0, description="seed of the initial components")
-    raw_every: int = Field(30, ge=0, description="run the unadapted model every N frames (0: never)")
+
+
+class FoldedConfig(Section):
+    """Keys of folded-layout models only; a graph-layout model refuses them at start."""
     statistics_every: int = Field(STATISTICS_EVERY, ge=1, le=100_000,
-                                  description="folded-layout models: measure statistics and move the components "
-                                              "every N frames (graph-layout models measure every frame)")
+                                  description="measure statistics and move the components every N frames")
     rebake_divergence: float = Field(REBAKE_DIVERGENCE, ge=0, le=100,
-                                     description="folded-layout models: rebuild the baked normalisation once the "
-                                                 "components' statistics are this far from it (mean KL per layer)")
-    measure_on_worker: bool = Field(False, description="folded-layout models: measure statistics on a worker thread "
-                                                       "(lower latency on a spare core, more CPU time)")
+                                     description="rebuild the baked normalisation once the components' statistics "
+                                                 "are this far from it (mean KL per layer)")
+    measure_on_worker: bool = Field(False, description="measure statistics on a worker thread (lower latency on a "
+                                                       "spare core, more CPU time)")
     statistics_every_max: int | None = Field(None, ge=1, le=100_000,
-                                             description="folded-layout models: measure adapted frames down to "
-                                                         "every N-th while the measurements rebuild nothing (the "
-                                                         "faster mode; null: always every statistics_every-th)")
-    gate: GateConfig = GateConfig()
-    guard: GuardConfig = GuardConfig()
+                                             description="measure adapted frames down to every N-th while the "
+                                                         "measurements rebuild nothing (the faster mode; null: "
+                                                         "always every statistics_every-th)")
 
     @model_validator(mode="after")
     def _cadence(self):
@@ -102,10 +103,25 @@ class AdaptationConfig(Section):
         return self
 
 
+class AdvancedAdaptationConfig(Section):
+    method: Literal[METHODS] = Field(
+        "auto", description="anchor: folded-layout models normalise with the change of conditions since the "
+                            "camera's own usual frames, during drift episodes; unmix: robust UnMix-TNS under the "
+                            "shift gate; auto: anchor for folded models, unmix for graph models")
+    seed: int = Field(0, ge=0, description="seed of the initial components")
+    raw_every: int = Field(30, ge=0, description="run the unadapted model every N frames (0: never)")
+    gate: GateConfig = GateConfig()
+    guard: GuardConfig = GuardConfig()
+    folded: FoldedConfig = FoldedConfig()
+
+
 class LameConfig(Section):
-    mode: Literal["auto", "on", "off"] = Field("auto", description="LAME output correction; auto: only while "
+    mode: Literal[LAME_MODES] = Field("auto", description="LAME output correction; auto: only while "
                                                                   "predictions come in runs (label-correlated)")
     _switch = field_validator("mode", mode="before")(_yaml_switch)
+
+
+class AdvancedLameConfig(Section):
     window: int = Field(16, ge=1, le=1024, description="frames LAME corrects together")
     affinity: Literal["knn", "rbf"] = Field("knn", description="how frames in the window are related")
     knn: int = Field(3, ge=1, le=1024, description="neighbours per frame (knn affinity)")
@@ -141,7 +157,10 @@ class CameraConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="letters, digits, _ and - (used in topics)")
     source: str = Field(min_length=1, max_length=4096, description="camera index, stream URL or video file")
     replay: ReplayConfig = ReplayConfig()
-    stall_timeout_s: float = Field(5.0, gt=0, le=3600, description="reopen the camera when no frame came for "
+
+
+class SourcesConfig(Section):
+    stall_timeout_s: float = Field(5.0, gt=0, le=3600, description="reopen a live camera when no frame came for "
                                                                    "this long")
     reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="backoff ceiling between reopen attempts")
 
@@ -161,27 +180,18 @@ class TlsConfig(Section):
 
 class HomeAssistantConfig(Section):
     enabled: bool = Field(False, description="announce sensors to Home Assistant (MQTT discovery)")
-    discovery_prefix: str = Field("homeassistant", pattern=r"^[A-Za-z0-9_/-]{1,128}$",
-                                  description="Home Assistant's discovery topic prefix")
 
 
 class MqttConfig(Section):
     host: str | None = Field("127.0.0.1", description="broker host; null starts the embedded broker (demo)")
     port: int = Field(1883, ge=1, le=65535, description="broker port (8883 is usual for TLS)")
     prefix: str = Field("tta", pattern=r"^[A-Za-z0-9_/-]{1,128}$", description="topics are `<prefix>/<device_id>/...`")
-    client_id: str | None = Field(None, max_length=128, description="default: `tta-agent-<device_id>-<random>`")
-    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive; the broker publishes the will after "
-                                                            "1.5x this")
     username: str | None = Field(None, description="broker user (one password source below)")
     password_file: Path | None = Field(None, description="file holding the password")
     password_env: str | None = Field(None, description="environment variable holding the password")
     password_credential: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,128}$",
                                             description="systemd credential name (LoadCredential=)")
     tls: TlsConfig | None = None
-    predictions_every: int = Field(1, ge=1, description="publish every Nth frame's prediction")
-    top_k: int = Field(3, ge=1, le=100, description="classes in each prediction")
-    stats_interval_s: float = Field(10.0, ge=0.5, le=3600, description="seconds between stats messages")
-    max_queued: int = Field(1000, ge=10, le=1_000_000, description="paho's outgoing queue bound")
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
 
     @model_validator(mode="after")
@@ -192,8 +202,23 @@ class MqttConfig(Section):
         return self
 
 
+class AdvancedMqttConfig(Section):
+    client_id: str | None = Field(None, max_length=128, description="default: `tta-agent-<device_id>-<random>`")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive; the broker publishes the will after "
+                                                            "1.5x this")
+    predictions_every: int = Field(1, ge=1, description="publish every Nth frame's prediction")
+    top_k: int = Field(3, ge=1, le=100, description="classes in each prediction")
+    stats_interval_s: float = Field(10.0, ge=0.5, le=3600, description="seconds between stats messages")
+    max_queued: int = Field(1000, ge=10, le=1_000_000, description="paho's outgoing queue bound")
+    discovery_prefix: str = Field("homeassistant", pattern=r"^[A-Za-z0-9_/-]{1,128}$",
+                                  description="Home Assistant's discovery topic prefix")
+
+
 class StateConfig(Section):
     dir: Path = Field(Path("/var/lib/tta-agent"), description="checkpoints and the alert spool")
+
+
+class AdvancedStateConfig(Section):
     checkpoint_every_s: float = Field(60.0, ge=1, le=86400, description="seconds between checkpoints of what "
                                                                         "each camera learned")
     spool_max_events: int = Field(10_000, ge=10, le=10_000_000, description="alerts kept on disk during a broker "
@@ -202,10 +227,25 @@ class StateConfig(Section):
 
 class HttpConfig(Section):
     enabled: bool = Field(False, description="serve /healthz and /metrics (Prometheus) over HTTP")
-    host: str = Field("127.0.0.1", min_length=1, max_length=255, description="address to bind; 0.0.0.0 for all")
     port: int = Field(9464, ge=1, le=65535, description="port of /healthz and /metrics")
+
+
+class AdvancedHttpConfig(Section):
+    host: str = Field("127.0.0.1", min_length=1, max_length=255, description="address to bind; 0.0.0.0 for all")
     stall_s: float = Field(30.0, gt=0, le=3600, description="/healthz fails once the main loop has not come "
                                                             "round for this long")
+
+
+class AdvancedConfig(Section):
+    """Most users never set these: what the benchmarks chose, and knobs for unusual boxes."""
+    model: AdvancedModelConfig = AdvancedModelConfig()
+    adaptation: AdvancedAdaptationConfig = AdvancedAdaptationConfig()
+    lame: AdvancedLameConfig = AdvancedLameConfig()
+    drift: DriftConfig = DriftConfig()
+    sources: SourcesConfig = SourcesConfig()
+    mqtt: AdvancedMqttConfig = AdvancedMqttConfig()
+    state: AdvancedStateConfig = AdvancedStateConfig()
+    http: AdvancedHttpConfig = AdvancedHttpConfig()
 
 
 class Config(Section):
@@ -216,12 +256,12 @@ class Config(Section):
     model: ModelConfig
     adaptation: AdaptationConfig = AdaptationConfig()
     lame: LameConfig = LameConfig()
-    drift: DriftConfig = DriftConfig()
     cameras: list[CameraConfig] = Field(min_length=1, max_length=64)
     mqtt: MqttConfig = MqttConfig()
     state: StateConfig = StateConfig()
     http: HttpConfig = HttpConfig()
     exit_when_done: bool = Field(False, description="stop once every file source has ended (replay runs)")
+    advanced: AdvancedConfig = Field(AdvancedConfig(), description="most users never set these")
 
     @field_validator("cameras")
     @classmethod
@@ -276,7 +316,7 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
 
 
 def apply_overrides(doc: dict, overrides: dict[str, object]) -> dict:
-    """Values by key path (`adaptation.gate.enabled`) laid over a parsed document, which is changed."""
+    """Values by key path (`advanced.adaptation.gate.enabled`) laid over a parsed document, which is changed."""
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = doc

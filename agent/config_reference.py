@@ -10,7 +10,7 @@ import typing
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from .config import USER_KEYS, Config
+from .config import Config
 
 
 def _type(annotation) -> str:
@@ -58,13 +58,14 @@ def markdown() -> str:
              "Generated from the schema (`agent/config.py`) by `python -m agent.config_reference`; a test keeps it",
              "in step. One YAML file; unknown keys are refused and every error names its key path.",
              "`tta-agent validate-config FILE` checks a file; `tta-agent replay --set KEY=VALUE` overrides any key.",
-             "`configs/camera.yaml` shows the keys a user sets; the others are advanced: most users never set them.",
+             "The keys a user sets are at the top level (`configs/camera.yaml` shows them); the rest live under",
+             "`advanced:`, which most users never set.",
              ""]
     table = rows()
-    for title, chosen in (("Keys a user sets", True), ("Advanced keys", False)):
+    for title, advanced in (("Keys a user sets", False), ("Advanced keys: `advanced:`", True)):
         lines += [f"## {title}", "", "| key | type | default | what it does |", "|---|---|---|---|"]
         lines += [f"| `{k}` | {t} | {d} | {text} |" for k, t, d, text in table
-                  if any(k == u or k.startswith(u + ".") for u in USER_KEYS) == chosen]
+                  if k.startswith("advanced.") == advanced]
         lines.append("")
     return "\n".join(lines)
 

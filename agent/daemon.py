@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, ConfigError, MqttConfig, load_config, read_password
+from .config import Config, ConfigError, load_config, read_password
 from .contract import ContractError, ModelInfo, read_model_info
 from .drift import DriftEvent
 from .endpoint import HealthServer
@@ -35,7 +35,11 @@ from .state import StateError
 
 FIRST_CONNECT_WAIT_S = 5.0
 CLASS_MIN_INTERVAL_S = 1.0
-RELOADABLE_MQTT = ("top_k", "predictions_every", "stats_interval_s")  # read per message; the rest is the connection
+# SIGHUP applies everything but what start-up alone reads: the connection, the sources, the model session
+RESTART = ("device_id", "model", "cameras", "mqtt", "state", "http")
+RESTART_ADVANCED = ("model", "sources", "state", "http")
+SESSION_KEYS = ("method", "seed", "folded")  # advanced.adaptation keys the model session was opened with
+RELOADABLE_MQTT = ("top_k", "predictions_every", "stats_interval_s")  # advanced.mqtt keys read per message
 log = logging.getLogger(__name__)
 
 
@@ -80,6 +84,32 @@ def _top_k(probs: np.ndarray | None, labels: tuple[str, ...], k: int) -> list[di
     return [{"label": labels[i], "index": int(i), "p": round(float(probs[i]), 4)} for i in order]
 
 
+def _changed(old, new, keys, prefix: str) -> list[str]:
+    """Key paths among `keys` whose values differ; a section is named by its own keys."""
+    out = []
+    for k in keys:
+        a, b = getattr(old, k), getattr(new, k)
+        if a != b:
+            fields = getattr(type(a), "model_fields", None) if a is not None and b is not None else None
+            out += _changed(a, b, fields, f"{prefix}{k}.") if fields else [prefix + k]
+    return out
+
+
+def _reloadable(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """`new` with what needs a restart kept from `old`, and the key paths of what was so kept."""
+    a_old, a_new = old.advanced, new.advanced
+    mqtt_fixed = [k for k in type(a_old.mqtt).model_fields if k not in RELOADABLE_MQTT]
+    fixed = (_changed(old, new, RESTART, "") + _changed(a_old, a_new, RESTART_ADVANCED, "advanced.")
+             + _changed(a_old.adaptation, a_new.adaptation, SESSION_KEYS, "advanced.adaptation.")
+             + _changed(a_old.mqtt, a_new.mqtt, mqtt_fixed, "advanced.mqtt."))
+    advanced = a_new.model_copy(update={
+        **{k: getattr(a_old, k) for k in RESTART_ADVANCED},
+        "adaptation": a_new.adaptation.model_copy(update={k: getattr(a_old.adaptation, k) for k in SESSION_KEYS}),
+        "mqtt": a_new.mqtt.model_copy(update={k: getattr(a_old.mqtt, k) for k in mqtt_fixed})})
+    kept = new.model_copy(update={**{k: getattr(old, k) for k in RESTART}, "advanced": advanced})
+    return kept, fixed
+
+
 class Agent:
     def __init__(self, config: Config, config_path: Path | None = None, broker: tuple[str, int] | None = None,
                  sinks: list[Callable[[str, FrameResult], None]] | None = None, info: ModelInfo | None = None,
@@ -96,16 +126,17 @@ class Agent:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.info = info or read_model_info(config.model.path)
         self.cameras = [self._camera(c) for c in config.cameras]
-        self.spool = Spool(state_dir / "spool", config.state.spool_max_events)
+        self.spool = Spool(state_dir / "spool", config.advanced.state.spool_max_events)
         host, port = broker or (config.mqtt.host, config.mqtt.port)
         self.mqtt = MqttLink(config.mqtt, config.device_id, [c.name for c in self.cameras], self.spool,
-                             self.commands, read_password(config.mqtt), host=host, port=port)
+                             self.commands, read_password(config.mqtt), host=host, port=port,
+                             advanced=config.advanced.mqtt)
         self.heartbeat: float | None = None  # time.monotonic() of the main loop's latest round
-        http = config.http
+        http, host = config.http, config.advanced.http.host
         try:
-            self.endpoint = HealthServer(self, http.host, http.port, http.stall_s) if http.enabled else None
+            self.endpoint = HealthServer(self, host, http.port, config.advanced.http.stall_s) if http.enabled else None
         except OSError as exc:
-            raise ConfigError(f"http: cannot listen on {http.host}:{http.port}: {exc.strerror}") from None
+            raise ConfigError(f"http: cannot listen on {host}:{http.port}: {exc.strerror}") from None
 
     def _camera(self, cfg) -> Camera:
         session = open_camera_session(self.config, self.info)
@@ -119,7 +150,7 @@ class Agent:
             except StateError as exc:
                 log.error("camera %s: checkpoint ignored, starting fresh: %s", cfg.name, exc)
         pipeline = build_pipeline(self.config, session)
-        camera = Camera(cfg.name, open_source(cfg), pipeline)
+        camera = Camera(cfg.name, open_source(cfg, self.config.advanced.sources), pipeline)
         self._resume_drift(camera)
         return camera
 
@@ -185,7 +216,7 @@ class Agent:
         if self.endpoint:
             self.endpoint.start()
         now = time.monotonic()
-        next_stats, next_checkpoint, next_ping = now, now + self.config.state.checkpoint_every_s, now
+        next_stats, next_checkpoint, next_ping = now, now + self.config.advanced.state.checkpoint_every_s, now
         while not self._stop.is_set():
             self.heartbeat = time.monotonic()
             worked = False
@@ -200,10 +231,10 @@ class Agent:
             now = time.monotonic()
             if now >= next_stats:
                 self._publish_stats()
-                next_stats = now + self.config.mqtt.stats_interval_s
+                next_stats = now + self.config.advanced.mqtt.stats_interval_s
             if now >= next_checkpoint:
                 self._checkpoint()
-                next_checkpoint = now + self.config.state.checkpoint_every_s
+                next_checkpoint = now + self.config.advanced.state.checkpoint_every_s
             if self.notifier.watchdog_interval and now >= next_ping:
                 self.notifier.watchdog()  # only a loop that comes round pings: a hang trips systemd's watchdog
                 next_ping = now + self.notifier.watchdog_interval
@@ -227,8 +258,8 @@ class Agent:
                       result.frame, top, result.strength, result.drift_score, result.lame_applied,
                       result.latency_ms)
         camera.frame_times.append(time.monotonic())
-        labels, k = self.info.labels, self.config.mqtt.top_k
-        if result.frame % self.config.mqtt.predictions_every == 0:
+        labels, k = self.info.labels, self.config.advanced.mqtt.top_k
+        if result.frame % self.config.advanced.mqtt.predictions_every == 0:
             self.mqtt.publish_prediction(camera.name, {
                 "schema": SCHEMA_VERSION, "device": self.config.device_id, "camera": camera.name,
                 "frame": result.frame, "time": utc(time.time()), "captured": utc(result.captured),
@@ -294,14 +325,9 @@ class Agent:
             log.error("reload refused, keeping the running config:\n%s", exc)
             return
         old = self.config
-        fixed = [k for k in ("model", "cameras", "state", "device_id") if getattr(new, k) != getattr(old, k)]
-        fixed += [f"mqtt.{k}" for k in MqttConfig.model_fields
-                  if k not in RELOADABLE_MQTT and getattr(new.mqtt, k) != getattr(old.mqtt, k)]
+        new, fixed = _reloadable(old, new)
         if fixed:
             log.warning("reload: %s changed; those take effect after a restart", ", ".join(fixed))
-        mqtt = old.mqtt.model_copy(update={k: getattr(new.mqtt, k) for k in RELOADABLE_MQTT})
-        new = new.model_copy(update={"mqtt": mqtt, **{k: getattr(old, k) for k in ("model", "cameras", "state",
-                                                                                    "device_id")}})
         self.config = new
         set_log_level(new.log_level)
         for camera in self.cameras:

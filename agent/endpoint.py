@@ -2,7 +2,7 @@
 
 Off by default and bound to localhost unless configured. /healthz answers 200 while the main
 loop comes round (what systemd's watchdog also watches) and 503 once it has not for
-`http.stall_s`, or before the loop has started.
+`advanced.http.stall_s`, or before the loop has started.
 """
 from __future__ import annotations
 

@@ -26,12 +26,12 @@ from datetime import datetime, timezone
 
 import paho.mqtt.client as paho
 
-from .config import MqttConfig
+from .config import ADAPTATION_MODES, LAME_MODES, AdvancedMqttConfig, MqttConfig
 from .spool import Spool
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
-COMMANDS = {"adaptation": ("on", "frozen", "off", "reset"), "lame": ("auto", "on", "off")}
+COMMANDS = {"adaptation": (*ADAPTATION_MODES, "reset"), "lame": LAME_MODES}
 MAX_COMMAND_BYTES = 64
 PAHO_LOGGER = "agent.mqtt.paho"  # paho's own lines; shown only at log_level debug
 TROUBLE_REPEAT_S = 60.0  # a broker problem that persists is logged again this often
@@ -85,8 +85,8 @@ def _reason(exc: BaseException | None, tls: bool) -> str:
 class MqttLink:
     def __init__(self, cfg: MqttConfig, device_id: str, cameras: list[str], spool: Spool,
                  commands: queue.Queue, password: str | None = None, host: str | None = None,
-                 port: int | None = None):
-        self.cfg = cfg
+                 port: int | None = None, advanced: AdvancedMqttConfig | None = None):
+        self.cfg, self.advanced = cfg, advanced or AdvancedMqttConfig()
         self.device_id = device_id
         self.cameras = set(cameras)
         self.spool = spool
@@ -108,11 +108,11 @@ class MqttLink:
 
     def _client(self, password: str | None) -> paho.Client:
         cfg = self.cfg
-        client_id = cfg.client_id or f"tta-agent-{self.device_id}-{uuid.uuid4().hex[:8]}"
+        client_id = self.advanced.client_id or f"tta-agent-{self.device_id}-{uuid.uuid4().hex[:8]}"
         client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
         client.will_set(self.availability, "offline", qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.max_queued_messages_set(cfg.max_queued)
+        client.max_queued_messages_set(self.advanced.max_queued)
         client.max_inflight_messages_set(20)
         if cfg.username:
             client.username_pw_set(cfg.username, password)
@@ -132,7 +132,7 @@ class MqttLink:
 
     # -- connection -------------------------------------------------------------------------
     def start(self) -> None:
-        self.client.connect_async(self.host, self.port, keepalive=self.cfg.keepalive_s)
+        self.client.connect_async(self.host, self.port, keepalive=self.advanced.keepalive_s)
         self.client.loop_start()
 
     def stop(self, flush_timeout: float = 5.0) -> None:
@@ -171,7 +171,7 @@ class MqttLink:
             for kind in COMMANDS:
                 client.subscribe(f"{self.base}/{camera}/{kind}/set", qos=1)
         if self.cfg.homeassistant.enabled:
-            client.subscribe(f"{self.cfg.homeassistant.discovery_prefix}/status", qos=1)
+            client.subscribe(f"{self.advanced.discovery_prefix}/status", qos=1)
             self._publish_discovery()
         with self._lock:
             self._inflight.clear()  # resend from the spool's head: at-least-once, in order
@@ -239,7 +239,7 @@ class MqttLink:
     # -- commands in -------------------------------------------------------------------------
     def _on_message(self, client, userdata, message):
         try:
-            if self.cfg.homeassistant.enabled and message.topic == f"{self.cfg.homeassistant.discovery_prefix}/status":
+            if self.cfg.homeassistant.enabled and message.topic == f"{self.advanced.discovery_prefix}/status":
                 if message.payload == b"online":
                     self._publish_discovery()
                 return
@@ -281,7 +281,7 @@ class MqttLink:
     def _publish_discovery(self) -> None:
         """Home Assistant MQTT discovery per camera: a class sensor, a drift binary sensor and a source
         connectivity sensor (with the camera's stats, `last_error` among them, as attributes)."""
-        prefix = self.cfg.homeassistant.discovery_prefix
+        prefix = self.advanced.discovery_prefix
         device = {"identifiers": [f"tta-agent-{self.device_id}"], "name": f"tta-agent {self.device_id}",
                   "manufacturer": "tta-agent", "model": "streaming test-time adaptation"}
         for camera in sorted(self.cameras):

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .anchor import CameraAnchor
-from .contract import ContractError, ModelInfo
+from .config import ADAPTATION_MODES, LAME_MODES
+from .contract import ContractError, ModelInfo, read_model_info
 from .drift import DriftDetector, DriftEvent, Observation, observe
 from .gate import AdaptationGate, CollapseGuard
 from .lame import CorrelationMonitor, Lame
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
     from .config import Config
 
 log = logging.getLogger(__name__)
-ADAPTATION_MODES = ("on", "frozen", "off")
-LAME_MODES = ("auto", "on", "off")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -99,25 +98,26 @@ class CameraPipeline:
     def configure(self, config: Config) -> None:
         """Take the config's adaptation, LAME and drift sections (at start, and again on SIGHUP); the drift
         detector's reference and open episode carry over, the modes are set to the config's."""
-        info = self.session.info
-        a, c = config.adaptation, config.lame
-        self.lame = None if c.mode == "off" else Lame(window=c.window, affinity=c.affinity, k=c.knn)
-        self.lame_mode = c.mode
+        info, advanced = self.session.info, config.advanced
+        a, c = advanced.adaptation, advanced.lame
+        self.lame = None if config.lame.mode == "off" else Lame(window=c.window, affinity=c.affinity, k=c.knn)
+        self.lame_mode = config.lame.mode
         carried = self.drift.state()
-        self.drift = DriftDetector(layers=info.layer_names, **config.drift.model_dump())
+        self.drift = DriftDetector(layers=info.layer_names, **advanced.drift.model_dump())
         if carried is not None:
             self.drift.restore(carried)
         self.raw_every = a.raw_every
         self.anchored = isinstance(getattr(self.session, "learner", None), CameraAnchor)
         if a.gate.enabled and not self.anchored and info.shift_reference is None:
-            raise ContractError(f"adaptation.gate.enabled: {info.path} has no shift reference (tta.shift_reference, "
-                                "written by tta-export); re-export the model or set adaptation.gate.enabled: false")
+            raise ContractError(f"advanced.adaptation.gate.enabled: {info.path} has no shift reference "
+                                "(tta.shift_reference, written by tta-export); re-export the model or set "
+                                "advanced.adaptation.gate.enabled: false")
         g = a.gate
         self.gate = AdaptationGate(info.shift_reference, g.low, g.high, g.smoothing, g.shadow_every, g.margin) \
             if g.enabled and not self.anchored else None
         self.guard = CollapseGuard(len(info.labels), a.guard.window, a.guard.diversity, a.guard.hold) \
             if a.guard.enabled else None
-        self.set_adaptation(a.mode)
+        self.set_adaptation(config.adaptation.mode)
 
     def set_adaptation(self, mode: str) -> None:
         """on: adapt and update; frozen: adapt with fixed components; off: the unadapted model."""
@@ -244,12 +244,18 @@ class CameraPipeline:
 
 def open_camera_session(config: Config, info: ModelInfo | None = None):
     """The adaptive model session a camera runs under `config` (model and adaptation sections)."""
-    model, a = config.model, config.adaptation
-    return open_session(model.path, device=model.device, backend=model.backend,
-                        threads=model.threads or physical_cores(), seed=a.seed, info=info,
-                        statistics_every=a.statistics_every, rebake_divergence=a.rebake_divergence,
-                        measure_on_worker=a.measure_on_worker, statistics_every_max=a.statistics_every_max,
-                        method=a.method)
+    model, advanced = config.model, config.advanced
+    a, folded = advanced.adaptation, advanced.adaptation.folded
+    info = info or read_model_info(model.path)
+    if info.adaptation.layout != "folded" and "folded" in a.model_fields_set:
+        raise ContractError(f"advanced.adaptation.folded: these keys apply to folded-layout models; {model.path} "
+                            f"is a {info.adaptation.layout}-layout model (remove the section, or export with "
+                            "tta-export --layout folded)")
+    return open_session(model.path, device=model.device, backend=advanced.model.backend,
+                        threads=advanced.model.threads or physical_cores(), seed=a.seed, info=info,
+                        statistics_every=folded.statistics_every, rebake_divergence=folded.rebake_divergence,
+                        measure_on_worker=folded.measure_on_worker,
+                        statistics_every_max=folded.statistics_every_max, method=a.method)
 
 
 def build_pipeline(config: Config, session: OnnxSession | None = None) -> CameraPipeline:

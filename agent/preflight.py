@@ -63,15 +63,20 @@ def _model(config: Config, problems: list[str]) -> ModelInfo | None:
     except Exception as exc:  # onnxruntime raises its own exception types
         problems.append(f"model.path: onnxruntime cannot load {config.model.path}: {str(exc).splitlines()[0]}")
         return None
+    adaptation = config.advanced.adaptation
     try:
-        method = resolve_method(config.adaptation.method, info)
+        method = resolve_method(adaptation.method, info)
     except ContractError as exc:
         problems.append(str(exc))
         return None
-    if config.adaptation.gate.enabled and method == "unmix" and info.shift_reference is None:
-        problems.append(f"adaptation.gate.enabled: {config.model.path} has no shift reference "
+    if adaptation.gate.enabled and method == "unmix" and info.shift_reference is None:
+        problems.append(f"advanced.adaptation.gate.enabled: {config.model.path} has no shift reference "
                         "(tta.shift_reference, written by tta-export); re-export the model or set "
-                        "adaptation.gate.enabled: false")
+                        "advanced.adaptation.gate.enabled: false")
+    if info.adaptation.layout != "folded" and "folded" in adaptation.model_fields_set:
+        problems.append(f"advanced.adaptation.folded: these keys apply to folded-layout models; {config.model.path} "
+                        f"is a {info.adaptation.layout}-layout model (remove the section, or export with "
+                        "tta-export --layout folded)")
     return info
 
 

@@ -20,6 +20,7 @@ from . import contract
 from .anchor import CameraAnchor
 from .baked import CPU, BakedNormalisation
 from .cadence import QUIET_MEASUREMENTS, REBAKE_DIVERGENCE, STATISTICS_EVERY
+from .config import BACKENDS, DEVICES
 from .contract import ModelInfo, read_model_info
 from .onnxruntime_quiet import ort
 from .state import initial_state, load_state, save_state
@@ -28,7 +29,6 @@ from .unmix import RobustMixture
 log = logging.getLogger(__name__)
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -63,7 +63,6 @@ def choose_providers(device: str, available: list[str] | None = None) -> Provide
     return ProviderChoice(gpu + [CPU], f"{device} requested; trying {gpu[0]}")
 
 
-BACKENDS = ("auto", "onnxruntime", "torch")
 
 
 def open_session(path: str | Path, device: str = "auto", backend: str = "auto", threads: int | None = None,
@@ -102,8 +101,8 @@ def torch_backend():
 
     found = entry_points(group="tta_agent.backends", name="torch")
     if not found:
-        raise contract.ContractError("model.backend: torch needs the exporter installed (pip install -e "
-                                     "'.[export]'); or use model.backend: onnxruntime")
+        raise contract.ContractError("advanced.model.backend: torch needs the exporter installed (pip install -e "
+                                     "'.[export]'); or use advanced.model.backend: onnxruntime")
     return next(iter(found)).load()
 
 
@@ -113,8 +112,8 @@ def resolve_method(method: str, info: ModelInfo) -> str:
     if method == "auto":
         return "anchor" if folded else "unmix"
     if method == "anchor" and not folded:
-        raise contract.ContractError(f"adaptation.method: anchor needs a folded-layout model; {info.path} runs "
-                                     "UnMix-TNS inside its graph (tta-export --layout folded, or method: auto)")
+        raise contract.ContractError(f"advanced.adaptation.method: anchor needs a folded-layout model; {info.path} "
+                                     "runs UnMix-TNS inside its graph (tta-export --layout folded, or method: auto)")
     if method not in LEARNERS:
         raise ValueError(f"adaptation method must be auto or one of {', '.join(LEARNERS)}, got {method!r}")
     return method

@@ -176,15 +176,17 @@ def continual(view: int, scenes: dict) -> list[tuple[np.ndarray, int]]:
 
 def labels_fp32(fp32: Path, scenes: dict) -> dict[str, np.ndarray]:
     """The FP32 model's top-1 on every clean frame (the graph at strength 0: the source statistics)."""
-    config = _config(fp32, adaptation={"mode": "off", "gate": {"enabled": False}}, lame={"mode": "off"})
+    config = _config(fp32, adaptation={"mode": "off"}, lame={"mode": "off"},
+                     advanced={"adaptation": {"gate": {"enabled": False}}})
     pipeline = build_pipeline(config)
     return {kind: np.array([int(np.argmax(pipeline.process(Frame(i, f, 0.0)).probs)) for i, f in enumerate(frames)])
             for kind, frames in scenes.items()}
 
 
-def _config(model: Path, **sections):
-    return parse_config({"model": {"path": str(model), "device": "cpu", "backend": "onnxruntime", "threads": 1},
-                         "cameras": [{"name": "bench", "source": "0"}], **sections})
+def _config(model: Path, advanced: dict | None = None, **sections):
+    return parse_config({"model": {"path": str(model), "device": "cpu"}, "cameras": [{"name": "bench", "source": "0"}],
+                         "advanced": {"model": {"backend": "onnxruntime", "threads": 1}, **(advanced or {})},
+                         **sections})
 
 
 def history(task) -> tuple[str, str]:
@@ -255,7 +257,7 @@ def markdown(runs: list[dict], layouts: dict[str, Path], severities: list[int], 
     command = " ".join(["python -m bench.camera", *sys.argv[1:]])
     lines = ["# Camera benchmark: EfficientNet-Lite0 INT8, real photos, ImageNet-C", "",
              f"`{command}` on {machine()}, commit {commit()}, {date.today().isoformat()}, "
-             f"{minutes:.0f} min. Default agent config (`adaptation.method: auto`, `lame: auto`, guard on). Every "
+             f"{minutes:.0f} min. Default agent config (`advanced.adaptation.method: auto`, `lame: auto`, guard on). Every "
              f"camera first ran {LEAD_IN} clean frames (a pan: one clean pass), checkpointed; each condition resumes "
              "from that. Labels: the FP32 model's top-1 on the clean frame. Accuracy in %, over the "
              f"{len(VIEWS)} fixed cameras ({CONDITION_FRAMES} frames each) and the panning one "

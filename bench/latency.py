@@ -240,7 +240,7 @@ def daemon_footprint(model: Path, video: Path, threads: int) -> dict:
         config = Path(tmp) / "agent.yaml"
         config.write_text(yaml.safe_dump({
             "device_id": "bench", "log_level": "warning",
-            "model": {"path": str(model), "device": "cpu", "threads": threads},
+            "model": {"path": str(model), "device": "cpu"}, "advanced": {"model": {"threads": threads}},
             "cameras": [{"name": "cam", "source": str(video), "replay": {"paced": False}}],
             "mqtt": {"host": "127.0.0.1", "port": 1}, "state": {"dir": tmp}, "exit_when_done": True}))
         proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)],

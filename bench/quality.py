@@ -89,11 +89,13 @@ def build_streams(images, labels, corruptions, frames, severity, seed) -> list[d
     return streams
 
 
-def _pipeline(path: Path, method: str = "auto", **sections):
-    """The pipeline a camera runs under the default config with `sections` replaced, on one thread."""
-    config = {"model": {"path": str(path), "device": "cpu", "backend": "onnxruntime", "threads": 1},
-              "cameras": [{"name": "bench", "source": "0"}], **sections}
-    config.setdefault("adaptation", {})["method"] = method
+def _pipeline(path: Path, method: str = "auto", mode: str = "on", lame: str = "auto", **adaptation):
+    """The pipeline a camera runs under the default config but for these (`adaptation`: keys of
+    advanced.adaptation), on one thread."""
+    config = {"model": {"path": str(path), "device": "cpu"}, "cameras": [{"name": "bench", "source": "0"}],
+              "adaptation": {"mode": mode}, "lame": {"mode": lame},
+              "advanced": {"model": {"backend": "onnxruntime", "threads": 1},
+                           "adaptation": {**adaptation, "method": method}}}
     return build_pipeline(parse_config(config))
 
 
@@ -104,9 +106,9 @@ def run_stream(task) -> dict:
     """Every method on one stream at one precision; returns per-frame correctness and the default's strength."""
     paths, precision, stream, method = task
     robust_path = paths[f"robust/{precision}"]
-    unadapted = _pipeline(robust_path, adaptation={"mode": "off"}, lame={"mode": "on"})  # LAME alone rides on it
-    robust = _pipeline(robust_path, "unmix", adaptation=dict(UNGATED), lame={"mode": "off"})
-    faithful = _pipeline(paths[f"faithful/{precision}"], "unmix", adaptation=dict(UNGATED), lame={"mode": "off"})
+    unadapted = _pipeline(robust_path, mode="off", lame="on")  # LAME alone rides on it
+    robust = _pipeline(robust_path, "unmix", lame="off", **UNGATED)
+    faithful = _pipeline(paths[f"faithful/{precision}"], "unmix", lame="off", **UNGATED)
     default = _pipeline(robust_path, method)
     correct = {m: np.zeros(len(stream["y"]), bool) for m in METHODS}
     strength = np.zeros(len(stream["y"]))
@@ -148,7 +150,7 @@ def effnet_agreement(frames_per_photo: int = 25, layout: str = "graph", method: 
             ("default", paths["robust"], method, {"raw_every": 1}),
             ("robust", paths["robust"], "unmix", {**UNGATED, "raw_every": 1}),
             ("faithful", paths["faithful"], "unmix", {**UNGATED, "raw_every": 1})):
-        pipeline = _pipeline(path, learner, adaptation=adaptation, lame={"mode": "off"})
+        pipeline = _pipeline(path, learner, lame="off", **adaptation)
         same = np.array([np.argmax(r.adapted) == np.argmax(r.raw)
                          for r in (pipeline.process(Frame(i, f, 0.0)) for i, f in enumerate(frames))])
         result[name] = {"frames": len(same), "agreement": float(same.mean()), "first_frame": bool(same[0]),
@@ -297,7 +299,7 @@ def _lame_sweep_task(task) -> tuple[str, dict]:
     path, stream = task
     errors = {}
     for name, mode in (("adapted", "on"), ("unadapted", "off")):
-        pipeline = _pipeline(path, adaptation={"mode": mode, "raw_every": 0}, lame={"mode": "on"})
+        pipeline = _pipeline(path, mode=mode, lame="on", raw_every=0)
         pipeline.lame = recorder = _Recorder()
         for i, x in enumerate(stream["x"]):
             pipeline.process(Frame(i, x, 0.0))
@@ -345,7 +347,7 @@ def main() -> None:
     parser.add_argument("--layout", choices=("graph", "folded"), default="graph",
                         help="the robust mode's model layout (tta-export --layout)")
     parser.add_argument("--method", choices=("auto", "anchor", "unmix"), default="auto",
-                        help="the default config's adaptation.method")
+                        help="the default config's advanced.adaptation.method")
     parser.add_argument("--sweep", action="store_true", help="the robust mode's options, one at a time")
     parser.add_argument("--lame-sweep", action="store_true", help="LAME's window, affinity and neighbours")
     args = parser.parse_args()
@@ -402,7 +404,7 @@ def main() -> None:
     command = "python -m bench.quality " + " ".join(sys.argv[1:])
     header = (f"# Adaptation quality: Fashion-MNIST-C streams\n\n`{command.strip()}` on {machine()}, "
               f"commit {revision}, {time.strftime('%Y-%m-%d')}, {(time.time() - started) / 60:.0f} min. "
-              f"Layout {args.layout}, adaptation.method {args.method}; every other key at its default. "
+              f"Layout {args.layout}, advanced.adaptation.method {args.method}; every other key at its default. "
               "Labels: the dataset's.\n")
     (RESULTS / f"quality{suffix}.md").write_text(header + table + "\n" + effnet_line)
     print(table)

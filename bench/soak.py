@@ -58,8 +58,8 @@ def main() -> None:
             "device_id": "soak", "log_level": "warning",
             "model": {"path": str(model), "device": "cpu"},
             "cameras": [{"name": "cam", "source": str(video), "replay": {"paced": False, "loop": True}}],
-            "mqtt": {"host": "127.0.0.1", "port": broker.port, "stats_interval_s": 5},
-            "state": {"dir": str(tmp / "state"), "checkpoint_every_s": 60}}))
+            "mqtt": {"host": "127.0.0.1", "port": broker.port}, "state": {"dir": str(tmp / "state")},
+            "advanced": {"mqtt": {"stats_interval_s": 5}, "state": {"checkpoint_every_s": 60}}}))
         proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "wb"))
         started = time.monotonic()

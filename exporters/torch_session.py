@@ -1,7 +1,7 @@
 """The same adaptive model run by torch: the way to a GPU where onnxruntime has no CUDA provider.
 
 The agent finds it through the `tta_agent.backends` entry point (pyproject.toml), only when
-`model.backend: torch` is asked for, or when `model.device: cuda` is asked for and torch is the
+`advanced.model.backend: torch` is asked for, or when `model.device: cuda` is asked for and torch is the
 only way to the GPU (agent.runtime.open_session): the agent itself imports nothing of the torch
 half. It builds the torch model the file names (`tta.source`), swaps its BatchNorm layers for the exporter's UnMix-TNS
 modules with the file's own adaptation spec (exporters/unmix.py, the references the graphs are
@@ -41,7 +41,7 @@ class TorchSession(Checkpoints):
         self.info = info or read_model_info(path)
         if self.info.adaptation.layout != "graph":
             raise ContractError(f"{self.path} is a {self.info.adaptation.layout}-layout model; the torch backend runs "
-                                "graph-layout models only (tta-export --layout graph), or use model.backend: "
+                                "graph-layout models only (tta-export --layout graph), or use advanced.model.backend: "
                                 "onnxruntime")
         if self.info.source is None:
             raise ContractError(f"{self.path} does not name its torch model (tta.source): export it with this "

@@ -140,21 +140,21 @@ def agent_config(tmp: Path, model: Path, video: Path, port: int, **overrides) ->
     doc = {
         "device_id": "test-box",
         "log_level": "info",
-        "model": {"path": str(model), "device": "cpu", "threads": 1},
-        "adaptation": {"raw_every": 0},
-        "drift": {"warmup": 50, "end_frames": 20, "update_every": 1000},
+        "model": {"path": str(model), "device": "cpu"},
         "cameras": [{"name": "cam1", "source": str(video), "replay": {"paced": True}}],
-        "mqtt": {"host": "127.0.0.1", "port": port, "prefix": "tta", "stats_interval_s": 0.5,
-                 "keepalive_s": 5},
-        "state": {"dir": str(tmp / "state"), "checkpoint_every_s": 1},
+        "mqtt": {"host": "127.0.0.1", "port": port, "prefix": "tta"},
+        "state": {"dir": str(tmp / "state")},
         "exit_when_done": True,
+        "advanced": {"model": {"threads": 1}, "adaptation": {"raw_every": 0},
+                     "drift": {"warmup": 50, "end_frames": 20, "update_every": 1000},
+                     "mqtt": {"stats_interval_s": 0.5, "keepalive_s": 5}, "state": {"checkpoint_every_s": 1}},
     }
-    for key, value in overrides.items():
-        section, _, name = key.partition("__")
-        if name:
-            doc.setdefault(section, {})[name] = value
-        else:
-            doc[section] = value
+    for key, value in overrides.items():  # section__key__... paths
+        node = doc
+        *parents, last = key.split("__")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[last] = value
     path = tmp / "agent.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path

@@ -78,8 +78,9 @@ def fixed_camera(tmp_path_factory):
 
 
 def test_a_fixed_camera_is_anchored_during_its_drift_episode_only(fmnist_folded, fixed_camera):
-    config = parse_config({"model": {"path": str(fmnist_folded["int8"]), "device": "cpu", "threads": 1},
-                           "cameras": [{"name": "shelf", "source": str(fixed_camera)}]})
+    config = parse_config({"model": {"path": str(fmnist_folded["int8"]), "device": "cpu"},
+                           "cameras": [{"name": "shelf", "source": str(fixed_camera)}],
+                           "advanced": {"model": {"threads": 1}}})
     pipeline = build_pipeline(config)
     session = pipeline.session
     assert isinstance(session, FoldedSession) and isinstance(session.learner, CameraAnchor) and pipeline.anchored
@@ -113,8 +114,9 @@ def test_a_camera_that_pans_is_not_anchored(fmnist_folded, tmp_path):
         writer.write(np.clip(frame + rng.normal(0, 60, frame.shape), 0, 255).astype(np.uint8))
     writer.release()
     info = read_model_info(fmnist_folded["int8"])
-    config = parse_config({"model": {"path": str(fmnist_folded["int8"]), "device": "cpu", "threads": 1},
-                           "cameras": [{"name": "pan", "source": str(path)}]})
+    config = parse_config({"model": {"path": str(fmnist_folded["int8"]), "device": "cpu"},
+                           "cameras": [{"name": "pan", "source": str(path)}],
+                           "advanced": {"model": {"threads": 1}}})
     pipeline = build_pipeline(config)
     results = list(pipeline.stream(FileSource(path).frames()))
     assert info.adaptation.layout == "folded" and not pipeline.drift.fixed

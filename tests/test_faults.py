@@ -83,7 +83,7 @@ def test_agent_killed_then_restarted_delivers_its_spool_and_resumes_from_the_che
         tmp_path, fmnist, episodes_video, figures):
     broker = Mosquitto(tmp_path).start()
     sub = Subscriber(broker.port, "tta/test-box/cam1/drift", client_id="alert-consumer")
-    config = agent_config(tmp_path, fmnist["int8"], episodes_video, broker.port, state__checkpoint_every_s=1)
+    config = agent_config(tmp_path, fmnist["int8"], episodes_video, broker.port, advanced__state__checkpoint_every_s=1)
     first, second = tmp_path / "first.log", tmp_path / "second.log"
     daemon = start_daemon(config, log=first)
     try:
@@ -176,8 +176,8 @@ def test_live_stream_that_stalls_drops_changes_size_and_sends_garbage_is_survive
     sub = Subscriber(broker.port, "tta/test-box/stats")
     log = tmp_path / "agent.log"
     config = agent_config(tmp_path, fmnist["int8"], Path("unused"), broker.port, exit_when_done=False,
-                          cameras=[{"name": "cam1", "source": stream.url, "stall_timeout_s": 1.0,
-                                    "reconnect_max_s": 1.0}])
+                          cameras=[{"name": "cam1", "source": stream.url}],
+                          advanced__sources={"stall_timeout_s": 1.0, "reconnect_max_s": 1.0})
     daemon = start_daemon(config, log=log)
     try:
         def camera():

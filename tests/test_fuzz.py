@@ -41,13 +41,14 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
                       max_leaves=12)
 
 VALID = {
-    "model": {"path": "model.onnx", "device": "cpu", "threads": 2},
-    "adaptation": {"mode": "on", "raw_every": 30, "gate": {"low": 0.5, "high": 1.5}},
-    "lame": {"mode": "auto", "window": 16},
-    "drift": {"warmup": 100},
-    "cameras": [{"name": "cam1", "source": "rtsp://camera/stream", "stall_timeout_s": 5}],
+    "model": {"path": "model.onnx", "device": "cpu"},
+    "adaptation": {"mode": "on"},
+    "lame": {"mode": "auto"},
+    "cameras": [{"name": "cam1", "source": "rtsp://camera/stream"}],
     "mqtt": {"host": "broker", "port": 8883, "tls": {"ca": "ca.crt"}, "username": "u", "password_file": "p"},
     "state": {"dir": "state"},
+    "advanced": {"model": {"threads": 2}, "adaptation": {"raw_every": 30, "gate": {"low": 0.5, "high": 1.5}},
+                 "lame": {"window": 16}, "drift": {"warmup": 100}, "sources": {"stall_timeout_s": 5}},
 }
 
 

@@ -32,7 +32,7 @@ def drift_video(tmp_path_factory):
 
 def test_subscriber_receives_every_topic_with_valid_schemas(tmp_path, broker, fmnist, drift_video):
     sub = Subscriber(broker.port, "tta/#")
-    config = agent_config(tmp_path, fmnist["int8"], drift_video, broker.port, adaptation__raw_every=5,
+    config = agent_config(tmp_path, fmnist["int8"], drift_video, broker.port, advanced__adaptation__raw_every=5,
                           cameras=[{"name": "cam1", "source": str(drift_video), "replay": {"paced": False}}])
     daemon = start_daemon(config, log=tmp_path / "agent.log")
     assert daemon.wait(120) == 0, (tmp_path / "agent.log").read_text()[-3000:]
@@ -100,7 +100,7 @@ def test_every_alert_arrives_in_order_across_a_broker_outage(tmp_path, broker, f
 
 def test_sigterm_publishes_offline_saves_state_and_exits_quickly(tmp_path, broker, fmnist, drift_video, figures):
     sub = Subscriber(broker.port, "tta/#")
-    config = agent_config(tmp_path, fmnist["int8"], drift_video, broker.port, state__checkpoint_every_s=3600)
+    config = agent_config(tmp_path, fmnist["int8"], drift_video, broker.port, advanced__state__checkpoint_every_s=3600)
     daemon = start_daemon(config)
     assert wait_for(lambda: len(sub.payloads("prediction")) > 20, 60)
     started = time.monotonic()
@@ -223,7 +223,7 @@ def test_systemd_notify_ready_watchdog_status_and_stopping(tmp_path, broker, fmn
 def test_home_assistant_discovery_is_announced_and_announced_again(tmp_path, broker, fmnist, drift_video):
     sub = Subscriber(broker.port, "homeassistant/#")
     config = agent_config(tmp_path, fmnist["int8"], drift_video, broker.port,
-                          mqtt__homeassistant={"enabled": True, "discovery_prefix": "homeassistant"})
+                          mqtt__homeassistant={"enabled": True})
     daemon = start_daemon(config)
     try:
         assert wait_for(lambda: len(sub.payloads("/config")) >= 3, 60)

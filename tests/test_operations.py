@@ -160,8 +160,9 @@ def test_validate_config_passes_a_good_config_and_probe_opens_the_cameras(tmp_pa
 def test_a_dead_rtsp_camera_is_degraded_in_stats_and_its_password_never_logged(tmp_path, broker, fmnist, video):
     rtsp = f"rtsp://admin:s3cret@127.0.0.1:{closed_port()}/stream1"
     config = agent_config(tmp_path, fmnist["int8"], video, broker.port, exit_when_done=False,
-                          cameras=[{"name": "door", "source": rtsp, "reconnect_max_s": 1},
-                                   {"name": "hall", "source": str(video), "replay": {"loop": True}}])
+                          cameras=[{"name": "door", "source": rtsp},
+                                   {"name": "hall", "source": str(video), "replay": {"loop": True}}],
+                          advanced__sources__reconnect_max_s=1)
     sub = Subscriber(broker.port, "tta/test-box/stats")
     log = tmp_path / "agent.log"
     daemon = start_daemon(config, log=log)
@@ -254,7 +255,7 @@ def test_sighup_reloads_publishing_keys_and_keeps_commanded_modes(tmp_path, brok
         sub.client.publish("tta/test-box/cam1/adaptation/set", "frozen", qos=1)
         sub.client.publish("tta/test-box/cam1/lame/set", "off", qos=1)
         assert wait_for(lambda: sub.payloads("stats")[-1]["cameras"]["cam1"]["adaptation"] == "frozen", 30)
-        edit(config, mqtt__top_k=5)
+        edit(config, advanced__mqtt__top_k=5)
         daemon.send_signal(signal.SIGHUP)
         assert wait_for(lambda: "reloaded" in log.read_text(), 30)
         seen = len(sub.payloads("cam1/prediction"))
@@ -307,8 +308,9 @@ def test_dev_video_paths_are_cameras_and_other_device_files_are_refused(tmp_path
     assert source_kind("/dev/video7") == "device" and source_kind("7") == "index"
     assert source_kind("/dev/null") == "file" and source_kind("rtsp://x/y") == "stream"
     config = load_config(edit(agent_config(tmp_path, tmp_path / "m.onnx", tmp_path / "v.avi", 1),
-                              cameras=[{"name": "usb", "source": "/dev/video97", "reconnect_max_s": 1}]))
-    source = open_source(config.cameras[0])
+                              cameras=[{"name": "usb", "source": "/dev/video97"}],
+                              advanced__sources__reconnect_max_s=1))
+    source = open_source(config.cameras[0], config.advanced.sources)
     try:
         assert isinstance(source, LiveSource)  # was: "video file /dev/video97 does not exist"
         assert wait_for(lambda: source.last_error == "cannot open /dev/video97", 10)
@@ -442,7 +444,7 @@ def test_metrics_parse_and_healthz_fails_while_the_main_loop_stalls(tmp_path, br
 
     port = free_port()
     config = load_config(agent_config(tmp_path, fmnist["int8"], video, broker.port, exit_when_done=False,
-                                      http={"enabled": True, "port": port, "stall_s": 1.0},
+                                      http={"enabled": True, "port": port}, advanced__http__stall_s=1.0,
                                       cameras=[{"name": "cam1", "source": str(video), "replay": {"loop": True}}]))
     stall = threading.Event()
     agent = Agent(config, sinks=[lambda camera, result: stall.is_set() and time.sleep(4)])

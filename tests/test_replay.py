@@ -186,8 +186,8 @@ def test_replay_under_the_daemon_config_builds_what_the_daemon_builds(effnet, sa
     from agent.config import load_config
     from agent.pipeline import build_pipeline
 
-    doc = {"model": {"path": str(effnet["int8"]), "device": "cpu"}, "lame": {"mode": "on", "window": 8},
-           "adaptation": {"guard": {"window": 20}}, "drift": {"warmup": 40},
+    doc = {"model": {"path": str(effnet["int8"]), "device": "cpu"}, "lame": {"mode": "on"},
+           "advanced": {"lame": {"window": 8}, "adaptation": {"guard": {"window": 20}}, "drift": {"warmup": 40}},
            "cameras": [{"name": "cam1", "source": str(sample_video)}]}
     path = tmp_path / "agent.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -208,15 +208,18 @@ def test_replay_overrides_lay_keys_over_the_config_and_name_bad_ones(tmp_path):
     from agent.config import ConfigError
 
     path = tmp_path / "agent.yaml"
-    path.write_text("model: {path: m.onnx, device: cuda}\ncameras: [{name: a, source: '0'}]\nlame: {window: 8}\n")
+    path.write_text("model: {path: m.onnx, device: cuda}\ncameras: [{name: a, source: '0'}]\n"
+                    "advanced: {lame: {window: 8}}\n")
     args = parser().parse_args(["replay", "v.mp4", "--config", str(path), "--device", "cpu",
-                                "--set", "adaptation.gate.enabled=false", "--set", "lame.mode=on"])
+                                "--set", "advanced.adaptation.gate.enabled=false", "--set", "lame.mode=on"])
     config = replay_config(args)
     assert (config.model.device, config.model.path) == ("cpu", tmp_path / "m.onnx")
-    assert config.adaptation.gate.enabled is False and (config.lame.mode, config.lame.window) == ("on", 8)
-    args = parser().parse_args(["replay", "v.mp4", "--model", "x.onnx", "--set", "drift.warmup=40"])
+    advanced = config.advanced
+    assert advanced.adaptation.gate.enabled is False and (config.lame.mode, advanced.lame.window) == ("on", 8)
+    args = parser().parse_args(["replay", "v.mp4", "--model", "x.onnx", "--set", "advanced.drift.warmup=40"])
     config = replay_config(args)
-    assert config.model.path.is_absolute() and config.drift.warmup == 40 and config.cameras[0].source.endswith("v.mp4")
+    assert config.model.path.is_absolute() and config.advanced.drift.warmup == 40
+    assert config.cameras[0].source.endswith("v.mp4")
     for bad, message in ((["--set", "lame.windw=3"], "lame.windw: unknown key"),
                          (["--set", "lame"], "an override is KEY=VALUE"),
                          (["--set", "lame.mode=maybe"], "lame.mode: Input should be")):

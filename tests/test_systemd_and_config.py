@@ -12,6 +12,7 @@ import yaml
 
 from agent.cli import main as agent_main
 from agent.config import ConfigError, load_config, parse_config
+from agent.contract import ContractError
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "tta-agent.service"
@@ -56,15 +57,17 @@ def _base(**changes) -> dict:
 @pytest.mark.parametrize("doc, message", [
     (_base(modle={"path": "x"}), "modle: unknown key"),
     (_base(model={"path": "m.onnx", "device": "tpu"}), "model.device: Input should be 'auto', 'cpu' or 'cuda'"),
-    (_base(model={"path": "m.onnx", "threads": 0}), "model.threads: Input should be greater than or equal to 1"),
+    (_base(advanced={"model": {"threads": 0}}), "advanced.model.threads: Input should be greater than or equal to 1"),
+    (_base(model={"path": "m.onnx", "threads": 2}), "model.threads: unknown key"),
     (_base(cameras=[{"name": "front door", "source": "0"}]), "cameras.0.name: String should match pattern"),
     (_base(cameras=[]), "cameras: List should have at least 1 item"),
-    (_base(drift={"warmup": "soon"}), "drift.warmup: Input should be a valid integer"),
+    (_base(advanced={"drift": {"warmup": "soon"}}), "advanced.drift.warmup: Input should be a valid integer"),
     (_base(mqtt={"port": 70000}), "mqtt.port: Input should be less than or equal to 65535"),
     (_base(mqtt={"password_file": "a", "password_env": "B"}), "give one password source"),
-    (_base(lame={"window": 10**12}), "lame.window: Input should be less than or equal to 1024"),
-    (_base(adaptation={"statistics_every_max": 4}), "adaptation: Value error, statistics_every_max (4) must be at "
-                                                    "least statistics_every (8)"),
+    (_base(advanced={"lame": {"window": 10**12}}), "advanced.lame.window: Input should be less than or equal to "
+                                                    "1024"),
+    (_base(advanced={"adaptation": {"folded": {"statistics_every_max": 4}}}),
+     "advanced.adaptation.folded: Value error, statistics_every_max (4) must be at least statistics_every (8)"),
     ({"cameras": [{"name": "a", "source": "0"}]}, "model: required key missing"),
     ([1, 2], "expected a mapping"),
 ])
@@ -103,20 +106,23 @@ def test_validate_config_reports_missing_files(tmp_path, capsys):
 
 def test_the_configuration_reference_is_the_schema_and_the_example_shows_the_user_keys():
     """docs/configuration.md is generated from the schema; configs/camera.yaml sets only keys a user sets."""
-    from agent.config import USER_KEYS
     from agent.config_reference import markdown
 
     assert (ROOT / "docs" / "configuration.md").read_text() == markdown(), \
         "regenerate it: python -m agent.config_reference > docs/configuration.md"
+    example = (ROOT / "configs" / "camera.yaml").read_text()
+    assert "advanced" not in yaml.safe_load(example) and len(example.splitlines()) <= 35
 
-    def keys(doc, prefix=""):
-        for k, v in doc.items():
-            if isinstance(v, dict):
-                yield from keys(v, f"{prefix}{k}.")
-            elif isinstance(v, list):
-                yield from (key for item in v for key in keys(item, f"{prefix}{k}[]."))
-            else:
-                yield prefix + k
-    example = yaml.safe_load((ROOT / "configs" / "camera.yaml").read_text())
-    advanced = [k for k in keys(example) if not any(k == u or k.startswith(u + ".") for u in USER_KEYS)]
-    assert advanced == []
+
+def test_layout_keys_are_refused_for_a_model_of_the_other_layout(fmnist, tmp_path):
+    """advanced.adaptation.folded applies to folded-layout models: a graph-layout one refuses it at start."""
+    from agent.pipeline import build_pipeline
+    from agent.preflight import check
+
+    doc = _base(model={"path": str(fmnist["int8"])}, state={"dir": str(tmp_path)},
+                advanced={"adaptation": {"folded": {"statistics_every": 4}}})
+    config = parse_config(doc)
+    _, problems = check(config)
+    assert any(p.startswith("advanced.adaptation.folded: these keys apply to folded-layout models") for p in problems)
+    with pytest.raises(ContractError, match="advanced.adaptation.folded"):
+        build_pipeline(config)
