@@ -116,6 +116,11 @@ class BakedNormalisation:
         session.baked_values = held  # onnxruntime reads added initializers in place: they must outlive it
         return session
 
+    def optimised(self, measuring: bool) -> bool:
+        """Whether bakes reuse the once-optimised template (the CPU, and no optimisation consumed a boundary
+        tensor) rather than build from the template each time."""
+        return self.providers == [CPU] and self._optimized_template(measuring) is not None
+
     def _optimized_template(self, measuring: bool) -> bytes | None:
         """The template as onnxruntime's CPU optimisations leave it, if every boundary tensor is still
         an initializer a node reads."""

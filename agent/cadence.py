@@ -4,4 +4,3 @@ from __future__ import annotations
 
 # chosen by bench/latency.py and bench/quality.py
 STATISTICS_EVERY, REBAKE_DIVERGENCE = 8, 0.003
-QUIET_MEASUREMENTS = 16  # measurements in a row that rebuild nothing before adapted frames measure half as often

@@ -88,19 +88,6 @@ class FoldedConfig(Section):
     rebake_divergence: float = Field(REBAKE_DIVERGENCE, ge=0, le=100,
                                      description="rebuild the baked normalisation once the components' statistics "
                                                  "are this far from it (mean KL per layer)")
-    measure_on_worker: bool = Field(False, description="measure statistics on a worker thread (lower latency on a "
-                                                       "spare core, more CPU time)")
-    statistics_every_max: int | None = Field(None, ge=1, le=100_000,
-                                             description="measure adapted frames down to every N-th while the "
-                                                         "measurements rebuild nothing (the faster mode; null: "
-                                                         "always every statistics_every-th)")
-
-    @model_validator(mode="after")
-    def _cadence(self):
-        if self.statistics_every_max is not None and self.statistics_every_max < self.statistics_every:
-            raise ValueError(f"statistics_every_max ({self.statistics_every_max}) must be at least "
-                             f"statistics_every ({self.statistics_every})")
-        return self
 
 
 class AdvancedAdaptationConfig(Section):

@@ -254,8 +254,7 @@ def open_camera_session(config: Config, info: ModelInfo | None = None):
     return open_session(model.path, device=model.device, backend=advanced.model.backend,
                         threads=advanced.model.threads or physical_cores(), seed=a.seed, info=info,
                         statistics_every=folded.statistics_every, rebake_divergence=folded.rebake_divergence,
-                        measure_on_worker=folded.measure_on_worker,
-                        statistics_every_max=folded.statistics_every_max, method=a.method)
+                        method=a.method)
 
 
 def build_pipeline(config: Config, session: OnnxSession | None = None) -> CameraPipeline:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import numpy as np
 from . import contract
 from .anchor import CameraAnchor
 from .baked import CPU, BakedNormalisation
-from .cadence import QUIET_MEASUREMENTS, REBAKE_DIVERGENCE, STATISTICS_EVERY
+from .cadence import REBAKE_DIVERGENCE, STATISTICS_EVERY
 from .config import BACKENDS, DEVICES
 from .contract import ModelInfo, read_model_info
 from .onnxruntime_quiet import ort
@@ -67,13 +65,12 @@ def choose_providers(device: str, available: list[str] | None = None) -> Provide
 
 def open_session(path: str | Path, device: str = "auto", backend: str = "auto", threads: int | None = None,
                  seed: int = 0, info: ModelInfo | None = None, statistics_every: int = STATISTICS_EVERY,
-                 rebake_divergence: float = REBAKE_DIVERGENCE, measure_on_worker: bool = False,
-                 statistics_every_max: int | None = None, method: str = "auto"):
+                 rebake_divergence: float = REBAKE_DIVERGENCE, method: str = "auto"):
     """onnxruntime, unless torch is asked for, or `cuda` is asked for and torch is the only way to a
     GPU here (onnxruntime without a GPU provider). torch is imported only in those two cases.
-    `statistics_every` / `rebake_divergence` / `measure_on_worker` / `statistics_every_max` are the
-    folded layout's cadence (FoldedSession); the graph layout measures every frame. `method`:
-    the folded layout's learner (`auto`: the camera anchor); the graph layout runs UnMix-TNS in its graph."""
+    `statistics_every` / `rebake_divergence` are the folded layout's cadence (FoldedSession); the graph
+    layout measures every frame. `method`: the folded layout's learner (`auto`: the camera anchor); the
+    graph layout runs UnMix-TNS in its graph."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     info = info or read_model_info(path)
@@ -89,7 +86,6 @@ def open_session(path: str | Path, device: str = "auto", backend: str = "auto", 
     if info.adaptation.layout == "folded":
         return FoldedSession(path, device=device, threads=threads, seed=seed, info=info,
                              statistics_every=statistics_every, rebake_divergence=rebake_divergence,
-                             measure_on_worker=measure_on_worker, statistics_every_max=statistics_every_max,
                              learner=learner)
     return AdaptiveSession(path, device=device, threads=threads, seed=seed, info=info)
 
@@ -303,46 +299,25 @@ class _Bake:
     session: ort.InferenceSession | None
 
 
-@dataclass
-class _Measurement:
-    """A measured adapted frame's statistics pass and what it gives: the shift and the rebuilt bake
-    (None: the normalisation moved too little)."""
-    job: Callable[[], tuple[np.ndarray, _Bake | None]]
-    future: Future | None = None  # under way on the worker; None: done on the main thread
-    outcome: tuple[np.ndarray, _Bake | None] | None = None
-
-    def result(self) -> tuple[np.ndarray, _Bake | None]:
-        return self.outcome if self.future is None else self.future.result()
-
-
 class FoldedSession(OnnxSession):
     """The folded layout (exporters/folded.py): the graph normalises with `norm.mean/var` and returns
-    the frame's statistics; UnMix-TNS runs here (agent/unmix.py), all layers in one vectorised step.
+    the frame's statistics; the learner runs here, all layers in one vectorised numpy step.
 
-    Statistics are measured on every `statistics_every`-th adapted frame (and, apart, every
-    `statistics_every`-th unadapted one), or when the caller asks (`measure`); only those frames
-    move the components (each update decays them for the frames it stands for) and report a
-    shift. The other frames run a session with the normalisation baked in (agent/baked.py): the
-    source statistics for unadapted frames (a second one keeps the statistics branch for the
-    unadapted frames that measure: the gate's shadow passes); for adapted ones the components'
-    statistics (with the last measured frame as the instance term) at the last bake. A measured
-    adapted frame runs the file's own graph, normalised with the components as they are, then
-    the update, and a rebuilt bake when the update moved the normalisation more than
-    `rebake_divergence` (mean per-layer KL) from the one in use; the next measured adapted frame
-    takes both up and reports the shift (so an adapted frame's shift arrives `statistics_every`
-    frames late), and a camera that has settled costs no rebuilds. With `measure_on_worker` that
-    measurement runs on a worker thread and the measured frame's own answer comes from the bake:
-    no frame waits for a measurement or a build on a box with a core to spare (lower latency,
-    more CPU time: bench/latency.py); the next measured frame waits for it if need be, so
-    results do not depend on timing. With `statistics_every_max` above `statistics_every`, adapted
-    frames measure half as often after QUIET_MEASUREMENTS measurements in a row that rebuilt nothing
-    (a settled camera), down to every `statistics_every_max`-th, and twice as often again after
-    each one that rebuilds: the faster mode (bench/latency.py, docs/decisions.md). With `statistics_every` 1
-    every frame runs the graph, normalised with the components after the frame before. Components
-    and checkpoints are the robust layout's.
+    `learner`: `anchor` (agent/anchor.CameraAnchor, the default) or `unmix` (agent/unmix.RobustMixture).
+    Unadapted frames run a session with the source statistics baked in (agent/baked.py); every
+    `statistics_every`-th of them, and any the caller asks to (`measure`: the gate's shadow passes),
+    runs a second source bake that keeps the statistics branch: the instance term, and for the
+    anchor the camera's usual statistics (its reference). The anchor's adapted frames (a drift
+    episode) all run the file's graph with its normalisation inputs and statistics output: followed
+    in steps of several frames its correction oscillates (bench/camera.py).
 
-    `learner`: `unmix` (agent/unmix.RobustMixture, as above) or `anchor` (agent/anchor.CameraAnchor:
-    unadapted measured frames teach the camera's reference, and every adapted frame is measured).
+    UnMix-TNS's adapted frames measure every `statistics_every`-th frame; the frames between run a bake
+    of the components' statistics (with the last measured frame as the instance term). A measured
+    frame runs the graph normalised with the components as they are (its answer), updates them (decayed
+    for the frames the measurement stands for), and builds a new bake once the normalisation has moved
+    more than `rebake_divergence` (mean per-layer KL) from the one in use; the next measured frame takes
+    it up and reports the shift, so a camera that has settled costs no rebuilds. With
+    `statistics_every` 1 every frame runs the graph. Components and checkpoints are the robust layout's.
     """
 
     OUTPUTS = (contract.LOGITS, contract.FEATURES, contract.STATS)
@@ -350,68 +325,62 @@ class FoldedSession(OnnxSession):
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, seed: int = 0,
                  info: ModelInfo | None = None, statistics_every: int = STATISTICS_EVERY,
-                 rebake_divergence: float = REBAKE_DIVERGENCE, measure_on_worker: bool = False,
-                 statistics_every_max: int | None = None, learner: str = "unmix"):
-        statistics_every_max = statistics_every_max or statistics_every
-        if statistics_every < 1 or statistics_every_max < statistics_every or not rebake_divergence >= 0:
-            raise ValueError(f"statistics_every must be >= 1, statistics_every_max >= statistics_every and "
-                             f"rebake_divergence >= 0, got {statistics_every}, {statistics_every_max}, "
+                 rebake_divergence: float = REBAKE_DIVERGENCE, learner: str = "unmix"):
+        if statistics_every < 1 or not rebake_divergence >= 0:
+            raise ValueError(f"statistics_every must be >= 1 and rebake_divergence >= 0, got {statistics_every}, "
                              f"{rebake_divergence}")
         info = info or read_model_info(path)
         self.statistics_every, self.rebake_divergence = statistics_every, rebake_divergence
-        self.statistics_every_max = statistics_every_max
         if learner not in LEARNERS:
             raise ValueError(f"learner must be one of {', '.join(LEARNERS)}, got {learner!r}")
         self.learner = LEARNERS[learner](info.adaptation, info.source_stats)
-        # the anchor's statistics feed back through the layers it corrects: followed in steps of a frame
-        # they settle, in steps of `statistics_every` frames they oscillate (bench/camera.py); so while it
-        # adapts, every frame runs the graph, measured
         self._anchored = learner == "anchor"
         self._source: dict[bool, ort.InferenceSession] = {}  # the source bake, by whether it measures
-        self._measurement: _Measurement | None = None
         self.bakes = 0  # adapted bakes built
         super().__init__(path, device=device, threads=threads, seed=seed, info=info)
-        self._baker = (BakedNormalisation(path, (self.learner.source_mean, self.learner.source_var),
+        # the network with constant normalisation, for the frames that measure nothing (None: every frame measures)
+        self.baker = (BakedNormalisation(path, (self.learner.source_mean, self.learner.source_var),
                                           self._session_options, self.session.get_providers())
                        if statistics_every > 1 else None)
-        on_worker = measure_on_worker and self._baker is not None
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="measure") if on_worker else None
-        self._worker_outputs = {name: np.empty_like(a) for name, a in self._outputs.items()} if on_worker else {}
 
     def _set_state(self, state: dict) -> None:
-        self._settle()
-        self._measurement = None
         self.learner.set_state(state)
         self._last = None  # the last measured frame's statistics (a gate shadow's too), for the instance term
         self._normalised: tuple[float, tuple[np.ndarray, np.ndarray]] | None = None  # (strength, _normalisation)
         self._unmeasured = {False: 0, True: 0}  # unadapted / adapted frames since the last measured one
-        self._adapted_every = self.statistics_every  # the faster mode spaces adapted measurements (only) out
-        self._quiet = 0  # adapted measurements in a row that rebuilt nothing
         self._bake: _Bake | None = None  # what adapted frames run; None: bake the components when needed
-
-    def _settle(self) -> None:
-        """Wait for a measurement under way: it writes the components."""
-        if self._measurement is not None and self._measurement.future is not None:
-            wait([self._measurement.future])
+        self._pending: tuple[np.ndarray, _Bake | None] | None = None  # the last measurement's shift and new bake
 
     @property
     def state(self) -> dict[str, dict[str, np.ndarray]]:
-        self._settle()
         return self.learner.state()
+
+    @property
+    def last_statistics(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The last measured frame's statistics (mean, variance of every adapted layer's input), if any."""
+        return self._last
+
+    @property
+    def normalisation(self) -> tuple[np.ndarray, np.ndarray]:
+        """What the next measured adapted frame (at full strength) is normalised with."""
+        return self._normalisation(1.0)
+
+    @property
+    def baked_statistics(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """What the adapted frames between measurements are normalised with (their bake); None: no bake yet."""
+        return None if self._bake is None else (self._bake.mean, self._bake.var)
 
     def step(self, image: np.ndarray, adapt: float = 1.0, update: bool = True, measure: bool = False) -> StepOutput:
         _check_strength(adapt)
         adapted = adapt > 0
         shift = None
-        every = (1 if self._anchored else self._adapted_every) if adapted else self.statistics_every
+        every = 1 if adapted and self._anchored else self.statistics_every
         if not (measure or self._unmeasured[adapted] + 1 >= every):
             self._unmeasured[adapted] += 1
             self._run_or_fall_back(lambda: self._run_baked(image, adapt))
-        elif adapted and self._baker is not None and not self._anchored:
+        elif adapted and self.baker is not None and not self._anchored:
             shift = self._run_or_fall_back(self._take_up)
             frames, self._unmeasured[True] = self._unmeasured[True] + 1, 0
-            if self._worker is not None:
-                self._run_or_fall_back(lambda: self._run_baked(image, adapt))
             self._measure(image, adapt, update, frames)
         else:
             frames = self._unmeasured[adapted] + 1
@@ -423,7 +392,7 @@ class FoldedSession(OnnxSession):
 
     def _normalisation(self, adapt: float) -> tuple[np.ndarray, np.ndarray]:
         """Kept until the components or the instance term change: what a measurement moved to is what
-        the next one normalises with (the mixture's statistics cost 0.4-0.6 ms of numpy)."""
+        the next one normalises with."""
         m = self.learner
         if adapt == 0:
             return m.source_mean, m.source_var
@@ -441,58 +410,40 @@ class FoldedSession(OnnxSession):
         return self.learner.shift(mu, var_x)
 
     def _measure(self, image: np.ndarray, adapt: float, update: bool, frames: int) -> None:
-        """Here, the graph's pass is the frame's answer; on the worker, the main thread's bake is."""
+        """The graph's pass is the frame's answer; the update and a rebuilt bake wait for the next measured frame."""
         mean, var = self._normalisation(adapt)
-        outputs = self._outputs if self._worker is None else self._worker_outputs
-        # the caller may reuse its array once step() returns: the worker gets its own copy
-        image = np.ascontiguousarray(image, np.float32) if self._worker is None else np.array(image, np.float32)
+        image = np.ascontiguousarray(image, np.float32)
 
-        def job() -> tuple[np.ndarray, _Bake | None]:  # the main thread leaves the components alone meanwhile
+        def measurement() -> tuple[np.ndarray, _Bake | None]:
             binding = self.session.io_binding()
             for name, value in ((contract.IMAGE, image), (contract.NORM_MEAN, mean), (contract.NORM_VAR, var)):
                 binding.bind_cpu_input(name, value)
-            for name, array in outputs.items():
+            for name, array in self._outputs.items():
                 _bind_output(binding, name, array)
             self.session.run_with_iobinding(binding)
-            shift = self._update(outputs[contract.STATS], adapt, update, frames)
+            shift = self._update(self._outputs[contract.STATS], adapt, update, frames)
             moved_to = self._normalisation(adapt)
             if self._bake is not None and self.learner.divergence(
                     *moved_to, self._bake.mean, self._bake.var).mean() <= self.rebake_divergence:
                 return shift, None
             self.bakes += 1
             try:
-                return shift, _Bake(*moved_to, self._baker.session(*moved_to))
+                return shift, _Bake(*moved_to, self.baker.session(*moved_to))
             except Exception:  # onnxruntime's own types; the take-up builds it again where sessions run now
                 return shift, _Bake(*moved_to, None)
-        if self._worker is None:
-            self._measurement = _Measurement(job, outcome=self._run_or_fall_back(job))
-        else:
-            self._measurement = _Measurement(job, self._worker.submit(job))
+        self._pending = self._run_or_fall_back(measurement)
 
     def _take_up(self) -> np.ndarray | None:
-        """The last measurement's shift and bake; its failure on the accelerator falls back (before
-        it moved the components: the fallback runs it again)."""
-        if self._measurement is None:
+        """The last measurement's shift and bake."""
+        if self._pending is None:
             return None
-        shift, rebuilt = self._measurement.result()
+        shift, rebuilt = self._pending
         if rebuilt is not None:
             if rebuilt.session is None:
-                rebuilt.session = self._baker.session(rebuilt.mean, rebuilt.var)
+                rebuilt.session = self.baker.session(rebuilt.mean, rebuilt.var)
             self._bake = rebuilt
-        self._measurement = None
-        self._pace(moved=rebuilt is not None)
+        self._pending = None
         return shift
-
-    def _pace(self, moved: bool) -> None:
-        """A camera whose measurements stop moving the bake measures less often. Each one that moves it
-        halves the spacing instead of resetting it: a change of conditions moves it at every
-        measurement, while a measurement standing for 32 frames now and then moves it on a settled
-        camera too (resetting made the bench's stream cycle back to every 8th every 10-15 rounds)."""
-        self._quiet = 0 if moved else self._quiet + 1
-        if moved:
-            self._adapted_every = max(self._adapted_every // 2, self.statistics_every)
-        elif self._quiet >= QUIET_MEASUREMENTS:
-            self._adapted_every, self._quiet = min(2 * self._adapted_every, self.statistics_every_max), 0
 
     def _measured_now(self, image: np.ndarray, adapt: float, update: bool, frames: int = 1) -> np.ndarray:
         """Unadapted frames (the gate's shadow passes) through a source bake that keeps `stats` (cheaper
@@ -504,14 +455,13 @@ class FoldedSession(OnnxSession):
         stats = self._outputs[contract.STATS]
         if adapt > 0:
             return self._update(stats, adapt, update, frames=1)
-        self._settle()  # a measurement under way reads and sets the instance term
         self._last, self._normalised = (stats[0].copy(), stats[1].copy()), None
         if update and isinstance(self.learner, CameraAnchor):  # the camera's usual conditions: its reference
             self.learner.update(*self._last, strength=0.0, frames=frames)
         return self.learner.shift(*self._last)
 
     def _run_measuring(self, image: np.ndarray, mean: np.ndarray, var: np.ndarray, adapted: bool = False) -> None:
-        if self._baker is not None and not adapted:
+        if self.baker is not None and not adapted:
             session = self._source_session(measuring=True)
             binding = session.io_binding()
         else:
@@ -525,7 +475,7 @@ class FoldedSession(OnnxSession):
 
     def _source_session(self, measuring: bool) -> ort.InferenceSession:
         if measuring not in self._source:
-            self._source[measuring] = self._baker.session(*self._normalisation(0.0), measuring=measuring)
+            self._source[measuring] = self.baker.session(*self._normalisation(0.0), measuring=measuring)
         return self._source[measuring]
 
     def _run_baked(self, image: np.ndarray, adapt: float) -> None:
@@ -533,9 +483,8 @@ class FoldedSession(OnnxSession):
             session = self._source_session(measuring=False)
         else:
             if self._bake is None:
-                self._settle()  # a measurement under way (asked for on the first frame) moves the components
                 self._bake = _Bake(*self._normalisation(adapt), None)
-                self._bake.session = self._baker.session(self._bake.mean, self._bake.var)
+                self._bake.session = self.baker.session(self._bake.mean, self._bake.var)
                 self.bakes += 1
             session = self._bake.session
         binding = session.io_binding()
@@ -546,21 +495,16 @@ class FoldedSession(OnnxSession):
 
     def _fall_back(self, exc: Exception) -> None:
         """Bakes are rebuilt on the CPU with the statistics they had; a measurement that failed on the
-        accelerator runs again."""
-        self._settle()
+        accelerator runs again (its update came after the pass that failed)."""
         super()._fall_back(exc)
-        if self._baker is None:
+        if self.baker is None:
             return
-        self._baker.providers = [CPU]
+        self.baker.providers = [CPU]
         self._source = {}
         if self._bake is not None:
-            self._bake.session = self._baker.session(self._bake.mean, self._bake.var)
-        m = self._measurement
-        if m is not None:
-            if m.future is not None and m.future.exception() is not None:
-                self._measurement = _Measurement(m.job, self._worker.submit(m.job))
-            elif m.result()[1] is not None:
-                m.result()[1].session = None  # built for the accelerator: the take-up builds it again
+            self._bake.session = self.baker.session(self._bake.mean, self._bake.var)
+        if self._pending is not None and self._pending[1] is not None:
+            self._pending[1].session = None  # built for the accelerator: the take-up builds it again
 
 
 def _bind_output(binding, name: str, array: np.ndarray) -> None:

@@ -257,9 +257,9 @@ def markdown(runs: list[dict], layouts: dict[str, Path], severities: list[int], 
     command = " ".join(["python -m bench.camera", *sys.argv[1:]])
     lines = ["# Camera benchmark: EfficientNet-Lite0 INT8, real photos, ImageNet-C", "",
              f"`{command}` on {machine()}, commit {commit()}, {date.today().isoformat()}, "
-             f"{minutes:.0f} min. Default agent config (`advanced.adaptation.method: auto`, `lame: auto`, guard on). Every "
-             f"camera first ran {LEAD_IN} clean frames (a pan: one clean pass), checkpointed; each condition resumes "
-             "from that. Labels: the FP32 model's top-1 on the clean frame. Accuracy in %, over the "
+             f"{minutes:.0f} min. Default agent config (`advanced.adaptation.method: auto`, `lame: auto`, guard "
+             f"on). Every camera first ran {LEAD_IN} clean frames (a pan: one clean pass), checkpointed; each "
+             "condition resumes from that. Labels: the FP32 model's top-1 on the clean frame. Accuracy in %, over the "
              f"{len(VIEWS)} fixed cameras ({CONDITION_FRAMES} frames each) and the panning one "
              f"({len(PANS) * FRAMES_PER_VIEW} frames) in each condition; strength: the mean adaptation strength "
              "(0: the unadapted model; the panning camera's is 0 throughout).", ""]

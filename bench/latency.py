@@ -2,25 +2,25 @@
 
     python -m bench.latency [--rounds 7] [--frames 20] [--threads 1]
 
-Per frame, median over rounds of wall-clock and CPU time (all of the process's threads: the
-folded layout can measure on a worker thread), every variant timed in each round in turn, and
-plain INT8 again just before each: ratios to plain INT8 are medians of those pairs' ratios.
+Per frame, median over rounds of wall-clock and CPU time (all of the process's threads), every variant
+timed in each round in turn, and plain INT8 again just before each: ratios to plain INT8 are medians of
+those pairs' ratios.
     plain FP32 / plain INT8       the model with BatchNorm folded into the convolutions (the limit)
     adapted FP32 / INT8 robust    the agent's exported model, components fed back every frame
     adapted INT8 faithful         the published algorithm in the same graph layout
-    adapted FP32 / INT8 folded    the folded layout (exporters/folded.py): BatchNorm folded into the
-                                  INT8 convolutions, UnMix-TNS in numpy (agent/unmix.py), statistics
-                                  measured every 8th frame, the frames between on a baked session
+    INT8 folded, camera anchor    the default (folded layout, adaptation.method auto): unadapted, as
+                                  a camera runs outside drift episodes (the source bake, statistics
+                                  every 8th frame), and adapted, as it runs during one (every frame
+                                  through the graph with its statistics branch), after it learned
+                                  its reference on the same frames
+    adapted FP32 / INT8 folded,   the folded layout with UnMix-TNS in numpy (agent/unmix.py): statistics
+      UnMix-TNS                   measured every 8th frame, the frames between on a baked session
                                   (agent/runtime.py FoldedSession); also at every frame and every 16th,
-                                  measuring on a worker thread (measure_on_worker), and with the
-                                  gate's shadow pass (unadapted, measuring) every 4th frame, as a
-                                  gated camera runs while it adapts; the faster mode
-                                  (statistics_every_max 32: measuring less often once the bake stops
-                                  moving); the default, faster, worker and gated rows also once
-                                  settled: after SETTLE_FRAMES frames of the same stream, when the
-                                  components have stopped moving the bake (a camera that has run a
-                                  while; the other rows include the first rebuilds).
-                                  These run FOLDED_FRAMES frames a round (rebuilds are occasional).
+                                  and with the gate's shadow pass (unadapted, measuring) every 4th
+                                  frame, as a gated camera runs while it adapts; the default and gated
+                                  rows also once settled: after SETTLE_FRAMES frames of the same
+                                  stream, when the components have stopped moving the bake.
+                                  The folded rows run FOLDED_FRAMES frames a round.
     torch eager faithful          exporters/unmix.py's UnMix-TNS reference in torch, eager
     sliding window W=16 / 64      the TTA-benchmark practice: W buffered frames through the network
                                   (BatchNorm on the window's statistics) for every new frame
@@ -47,6 +47,8 @@ from agent.config import GateConfig
 from agent.preprocess import Preprocessor
 from agent.runtime import open_session
 from agent.samples import photo_stream, render_sample_video
+
+from .provenance import commit, machine
 
 RESULTS = Path(__file__).with_name("results")
 MODELS = RESULTS / "models"
@@ -93,7 +95,6 @@ def adapted_models() -> dict[str, Path]:
 SHADOW_EVERY = GateConfig.model_fields["shadow_every"].default
 FOLDED_FRAMES = 64  # per round for the folded layout: eight measured frames of the default cadence
 SETTLE_FRAMES = 2560  # the default cadence stops rebuilding on the bench's stream within about 1300 frames
-FASTER_EVERY_MAX = 32  # the faster mode: adapted frames measure down to every 32nd once settled (FoldedSession)
 
 
 def timer_plain(path: Path, threads: int, images):
@@ -108,17 +109,20 @@ def timer_plain(path: Path, threads: int, images):
     return run
 
 
-def timer_adapted(path: Path, threads: int, images, shadow_every: int = 0, settle: int = 0, **cadence):
+def timer_adapted(path: Path, threads: int, images, shadow_every: int = 0, settle: int = 0, adapt: float = 1.0,
+                  method: str = "unmix", learn: int = 0, **cadence):
     """`shadow_every`: also the adaptation gate's unadapted measuring pass every N frames, as the
-    pipeline runs it while a gated camera adapts; `settle`: frames run before timing."""
-    session = open_session(path, "cpu", "onnxruntime", threads=threads, **cadence)
+    pipeline runs it while a gated camera adapts; `settle`: frames run before timing; `learn`: unadapted
+    measured frames before timing (the camera anchor's reference)."""
+    session = open_session(path, "cpu", "onnxruntime", threads=threads, method=method, **cadence)
+    for i in range(learn):
+        session.step(images[i % len(images)], adapt=0.0, measure=True)
 
     def run() -> int:
         for i, x in enumerate(images):
-            session.step(x)
+            session.step(x, adapt=adapt)
             if shadow_every and i % shadow_every == 0:
                 session.step(x, adapt=0.0, measure=True)
-        session.state  # noqa: B018 (waits for a measurement still under way: its time is this round's)
         return len(images)
     for _ in range(settle // len(images)):
         run()
@@ -201,17 +205,20 @@ def interleaved(timers: dict, rounds: int, reference: str | None = None) -> tupl
 
 
 def replay_throughput(model: Path, video: Path, threads: int, rounds: int) -> tuple[float, float, float]:
-    """Frames/s of the replay loop (no labels: no shadow pass) and of inference alone on the same
-    frames, each round one of each with fresh sessions; returns the medians and the median of the
-    rounds' ratios (one replay of the video takes seconds: single runs swing by 10-15% here)."""
+    """Frames/s of the replay loop under the default config (no labels: the unadapted pass every 30th
+    frame) and of the model alone on the same frames, unadapted as the default runs the sample video
+    (a panning camera: the anchor leaves it alone, the gate stays shut), each round one of each with
+    fresh sessions; returns the medians and the median of the rounds' ratios."""
     import cv2
 
-    from agent.drift import DriftDetector
-    from agent.lame import Lame
-    from agent.pipeline import CameraPipeline
+    from agent.config import parse_config
+    from agent.pipeline import build_pipeline
     from agent.replay import replay
     from agent.sources import FileSource
 
+    config = parse_config({"model": {"path": str(model), "device": "cpu"},
+                           "cameras": [{"name": "bench", "source": str(video)}],
+                           "advanced": {"model": {"backend": "onnxruntime", "threads": threads}}})
     capture = cv2.VideoCapture(str(video))
     preprocess = Preprocessor(open_session(model, "cpu", "onnxruntime").info.preprocess)
     images = []
@@ -219,15 +226,14 @@ def replay_throughput(model: Path, video: Path, threads: int, rounds: int) -> tu
         images.append(preprocess(frame[1]))
     replayed, alone = [], []
     for _ in range(rounds):
-        session = open_session(model, "cpu", "onnxruntime", threads=threads)
-        pipeline = CameraPipeline(session, Lame(16), "auto", DriftDetector(layers=session.info.layer_names))
+        pipeline = build_pipeline(config)
         start = time.perf_counter()
         summary, _ = replay(pipeline, FileSource(video), None, progress=False)
         replayed.append(summary["frames_processed"] / (time.perf_counter() - start))
-        session = open_session(model, "cpu", "onnxruntime", threads=threads)
+        session = build_pipeline(config).session
         start = time.perf_counter()
         for x in images:
-            session.step(x)
+            session.step(x, adapt=0.0)
         alone.append(len(images) / (time.perf_counter() - start))
     ratios = np.asarray(replayed) / np.asarray(alone)
     return float(np.median(replayed)), float(np.median(alone)), float(np.median(ratios))
@@ -284,6 +290,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    started, revision = time.time(), commit()
     MODELS.mkdir(parents=True, exist_ok=True)
     paths = adapted_models()
     preprocess = Preprocessor(open_session(paths["robust/int8"], "cpu", "onnxruntime").info.preprocess)
@@ -298,24 +305,20 @@ def main() -> None:
         "adapted FP32 robust": timer_adapted(paths["robust/fp32"], t, images),
         "adapted INT8 robust": timer_adapted(paths["robust/int8"], t, images),
         "adapted INT8 faithful": timer_adapted(paths["faithful/int8"], t, images),
+        "unadapted INT8 folded, camera anchor (outside drift episodes)": timer_adapted(
+            paths["robust.folded/int8"], t, folded_images, adapt=0.0, method="anchor"),
+        "adapted INT8 folded, camera anchor (a drift episode)": timer_adapted(
+            paths["robust.folded/int8"], t, folded_images, method="anchor", learn=FOLDED_FRAMES),
         "adapted FP32 folded": timer_adapted(paths["robust.folded/fp32"], t, folded_images),
         "adapted INT8 folded": timer_adapted(paths["robust.folded/int8"], t, folded_images),
         "adapted INT8 folded, statistics every frame": timer_adapted(paths["robust.folded/int8"], t, folded_images,
                                                                      statistics_every=1),
         "adapted INT8 folded, statistics every 16th": timer_adapted(paths["robust.folded/int8"], t, folded_images,
                                                                     statistics_every=16),
-        "adapted INT8 folded, measured on a worker thread": timer_adapted(
-            paths["robust.folded/int8"], t, folded_images, measure_on_worker=True),
         "adapted INT8 folded, gated while adapting": timer_adapted(paths["robust.folded/int8"], t, folded_images,
                                                                    shadow_every=SHADOW_EVERY),
         "adapted INT8 folded, settled": timer_adapted(paths["robust.folded/int8"], t, folded_images,
                                                       settle=SETTLE_FRAMES),
-        "adapted INT8 folded, faster mode": timer_adapted(paths["robust.folded/int8"], t, folded_images,
-                                                          statistics_every_max=FASTER_EVERY_MAX),
-        "adapted INT8 folded, faster mode, settled": timer_adapted(
-            paths["robust.folded/int8"], t, folded_images, statistics_every_max=FASTER_EVERY_MAX, settle=SETTLE_FRAMES),
-        "adapted INT8 folded, measured on a worker thread, settled": timer_adapted(
-            paths["robust.folded/int8"], t, folded_images, measure_on_worker=True, settle=SETTLE_FRAMES),
         "adapted INT8 folded, gated while adapting, settled": timer_adapted(
             paths["robust.folded/int8"], t, folded_images, shadow_every=SHADOW_EVERY, settle=SETTLE_FRAMES),
         "torch eager faithful": timer_torch_faithful(t, images),
@@ -335,7 +338,7 @@ def main() -> None:
         footprints[layout] = daemon_footprint(paths[key], video, t)
     scaling = thread_scaling(plain_int8, paths, images, args.rounds)
     a = ms["adapted INT8 robust"]
-    folded = [name for name in ms if name.startswith("adapted INT8 folded")]
+    folded = [name for name in ms if "INT8 folded" in name]
     ratios = {
         "adapted INT8 / plain INT8": to_plain["adapted INT8 robust"][0],
         "adapted INT8 faithful / plain INT8": to_plain["adapted INT8 faithful"][0],
@@ -358,8 +361,11 @@ def main() -> None:
               "replay_fps": {k: v[0] for k, v in replays.items()},
               "inference_fps": {k: v[1] for k, v in replays.items()}, "daemon": footprints, "threads_scaling": scaling}
     (RESULTS / "latency.json").write_text(json.dumps(report, indent=1))
-    lines = [f"EfficientNet-Lite0, batch 1, {t} thread(s), median of {args.rounds} interleaved rounds "
-             f"of {len(images)} frames ({FOLDED_FRAMES} for the folded layout)", "",
+    command = "python -m bench.latency " + " ".join(sys.argv[1:])
+    lines = ["# Latency: EfficientNet-Lite0, batch 1", "",
+             f"`{command.strip()}` on {machine()}, commit {revision}, {time.strftime('%Y-%m-%d')}, "
+             f"{(time.time() - started) / 60:.0f} min. {t} thread(s), median of {args.rounds} interleaved rounds "
+             f"of {len(images)} frames ({FOLDED_FRAMES} for the folded layout).", "",
              "| variant | ms / frame | CPU ms / frame |", "|---|---|---|"]
     lines += [f"| {k} | {v:.1f} | {cpu_ms[k]:.1f} |" for k, v in ms.items()]
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in ratios.items()]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import onnx
@@ -11,9 +10,10 @@ import torch
 from helpers import FailingGpuSession, quantized_weights
 from torch import nn
 
-from agent import contract, runtime
+from agent import contract
 from agent.baked import BakedNormalisation
 from agent.contract import AdaptationSpec, LayerSpec, read_model_info
+from agent.onnxruntime_quiet import ort
 from agent.preprocess import Preprocessor
 from agent.runtime import FoldedSession, open_session
 from agent.state import initial_state
@@ -118,7 +118,7 @@ def test_fp32_graph_measures_the_sampled_batchnorm_inputs_and_normalises_like_to
     with torch.no_grad():
         logits = model(torch.from_numpy(image))
     np.testing.assert_allclose(out.logits, logits[0].numpy(), atol=1e-4)
-    stats = session._outputs[contract.STATS]
+    stats = np.stack(session.last_statistics)
     offset = 0
     for layer in session.info.adaptation.layers:
         x = inputs[layer.name][0]
@@ -152,7 +152,7 @@ def test_a_baked_session_normalises_as_the_graph_does_with_the_same_statistics(f
     equals the graph's for the same statistics and differs from the source statistics' answer."""
     session = open_session(folded[precision], "cpu", "onnxruntime", method="unmix")
     source = (session.learner.source_mean, session.learner.source_var)
-    baker = BakedNormalisation(folded[precision], source, session._session_options, ["CPUExecutionProvider"])
+    baker = BakedNormalisation(folded[precision], source, ort.SessionOptions, ["CPUExecutionProvider"])
     rng = np.random.default_rng(3)
     mean = (source[0] + 0.5 * np.sqrt(source[1]) * rng.standard_normal(source[0].shape)).astype(np.float32)
     var = (source[1] * rng.uniform(0.5, 2.0, source[1].shape)).astype(np.float32)
@@ -160,7 +160,7 @@ def test_a_baked_session_normalises_as_the_graph_does_with_the_same_statistics(f
     measuring = baker.session(mean, var, measuring=True)
     assert [o.name for o in baked.get_outputs()] == [contract.LOGITS, contract.FEATURES]
     # INT8 bakes go through the once-optimised graph; FP32's fusions consume the BatchNorm statistics
-    assert all((baker._optimized[m] is not None) == (precision == "int8") for m in (False, True))
+    assert all(baker.optimised(m) == (precision == "int8") for m in (False, True))
     for image in test_images[0][:5]:
         graph = session.session.run([contract.LOGITS, contract.STATS], {
             contract.IMAGE: image, contract.NORM_MEAN: mean, contract.NORM_VAR: var})
@@ -172,21 +172,18 @@ def test_a_baked_session_normalises_as_the_graph_does_with_the_same_statistics(f
         np.testing.assert_allclose(stats, graph[1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("on_worker", [False, True])
-def test_statistics_every_n_frames_and_taken_up_by_the_next_measured_frame(folded, test_images, on_worker):
+def test_statistics_every_n_frames_and_taken_up_by_the_next_measured_frame(folded, test_images):
     """statistics_every=4: adapted frames 4, 8, ... measure; each measurement moves the components
     and rebuilds the bake (always, at divergence 0), and the next measured frame takes both up and
     reports its shift. The other frames' answer is the bake in use's; a measured frame's is the
-    graph's with the components as they were (here) or the bake's (measuring on the worker)."""
+    graph's with the components as they were."""
     images = test_images[0]
     session = open_session(folded["int8"], "cpu", "onnxruntime", method="unmix",
-                           statistics_every=4, rebake_divergence=0.0,
-                           measure_on_worker=on_worker)
-    assert (session._worker is not None) == on_worker
+                           statistics_every=4, rebake_divergence=0.0)
     in_use, expected_shift = [], None
     for i, image in enumerate(images[:16]):
-        before = session.state[session.info.layer_names[0]]["counts"]  # state waits for the worker
-        fresh = session._normalisation(1.0)
+        before = session.state[session.info.layer_names[0]]["counts"]
+        fresh = session.normalisation
         out = session.step(image, adapt=1.0)
         measured = (i + 1) % 4 == 0
         after = session.state[session.info.layer_names[0]]["counts"]
@@ -195,122 +192,58 @@ def test_statistics_every_n_frames_and_taken_up_by_the_next_measured_frame(folde
             assert (out.shift is None) == (expected_shift is None), i
             if expected_shift is not None:
                 np.testing.assert_array_equal(out.shift, expected_shift)
-            expected_shift = session.learner.shift(*session._last)
+            expected_shift = session.learner.shift(*session.last_statistics)
         else:
             assert out.shift is None, i
-        bake = session._bake
-        mean, var = fresh if measured and not on_worker else (bake.mean, bake.var)
+        baked = session.baked_statistics
+        mean, var = fresh if measured else baked
         graph = session.session.run([contract.LOGITS], {contract.IMAGE: image, contract.NORM_MEAN: mean,
                                                         contract.NORM_VAR: var})[0][0]
         np.testing.assert_allclose(out.logits, graph, atol=1e-4)
-        in_use.append(id(bake))
+        in_use.append(baked[0])  # kept alive: a new bake's statistics are new arrays
     # built at frame 1; rebuilt after frames 4, 8 and 12, taken up by frames 8, 12 and 16; one more after 16
-    assert [i for i in range(1, 16) if in_use[i] != in_use[i - 1]] == [7, 11, 15]
+    assert [i for i in range(1, 16) if in_use[i] is not in_use[i - 1]] == [7, 11, 15]
     assert session.frames == 16 and session.bakes == 5
     assert session.step(images[16], adapt=0.0).shift is None
     every_frame = open_session(folded["int8"], "cpu", "onnxruntime", method="unmix", statistics_every=1)
     np.testing.assert_allclose(session.step(images[17], adapt=0.0, measure=True).shift,  # the source bake
                                every_frame.step(images[17], adapt=0.0).shift, rtol=1e-4, atol=1e-6)
     session.reset()
-    assert session._bake is None and session._measurement is None
+    assert session.baked_statistics is None and session.last_statistics is None
 
 
-@pytest.mark.parametrize("on_worker", [False, True])
-def test_a_settled_camera_measures_less_often_until_a_measurement_rebuilds(folded, test_images, on_worker,
-                                                                           monkeypatch):
-    """statistics_every=2, statistics_every_max=8, two quiet measurements before each doubling: adapted
-    frames measure 2, 2, 4, 4, 8, 8 ... frames apart while nothing is rebuilt; a measurement that
-    rebuilds halves the spacing once taken up; unadapted frames keep every 2nd."""
-    monkeypatch.setattr(runtime, "QUIET_MEASUREMENTS", 2)
-    images = test_images[0]
-    session = open_session(folded["int8"], "cpu", "onnxruntime", method="unmix", statistics_every=2,
-                           statistics_every_max=8,
-                           rebake_divergence=1e9, measure_on_worker=on_worker)
-    layer = session.info.layer_names[0]
-    measured = []
-    for i, image in enumerate(images[:80]):
-        if i + 1 == 46:  # the measurement at frame 46 rebuilds; frame 54 takes it up: every 4th
-            session.rebake_divergence = 0.0
-        if i + 1 == 47:
-            session.rebake_divergence = 1e9
-        before = session.state[layer]["counts"]
-        session.step(image)
-        if not np.array_equal(before, session.state[layer]["counts"]):
-            measured.append(i + 1)
-    assert measured[:14] == [2, 4, 6, 10, 14, 22, 30, 38, 46, 54, 58, 62, 70, 78], measured
-    shifts = [session.step(image, adapt=0.0).shift is not None for image in images[80:88]]
-    assert shifts == [False, True] * 4
-    session.reset()
-    assert session._adapted_every == 2
-
-
-def test_slow_measurements_on_the_worker_are_waited_for_so_results_do_not_depend_on_timing(folded, test_images):
-    """The worker's measurements equal the main thread's (components, shifts), gate shadow passes
-    between them included; answers differ only on measured frames (the bake's instead of the
-    graph's with the latest instance term)."""
-    images = test_images[0][:24]
-    slow, twin = (open_session(folded["int8"], "cpu", "onnxruntime", method="unmix",
-                           statistics_every=4, rebake_divergence=0.0,
-                               measure_on_worker=on_worker) for on_worker in (True, False))
-    bake = slow._baker.session
-
-    def slow_bake(mean, var, measuring=False):
-        time.sleep(0.2)  # far longer than the three frames a measurement has
-        return bake(mean, var, measuring)
-    slow._baker.session = slow_bake
-    for i, image in enumerate(images):
-        a, b = slow.step(image), twin.step(image)
-        if (i + 1) % 4:  # measured frames answer from the bake on the worker, from the graph here
-            np.testing.assert_array_equal(a.logits, b.logits)
-        assert (a.shift is None) == (b.shift is None) and (a.shift is None or np.array_equal(a.shift, b.shift))
-        if i % 3 == 1:  # a gate shadow pass: it becomes the instance term once the measurement under way is done
-            np.testing.assert_array_equal(slow.step(image, adapt=0.0, measure=True).shift,
-                                          twin.step(image, adapt=0.0, measure=True).shift)
-    for layer, tensors in twin.state.items():  # state waits for the last measurement
-        for name, value in tensors.items():
-            np.testing.assert_array_equal(slow.state[layer][name], value)
-    assert slow.bakes == twin.bakes == 7  # the first, then one after each of the 6 measured frames
-
-
-@pytest.mark.parametrize("on_worker", [False, True])
-def test_a_rebuild_that_fails_in_the_measurement_is_built_again_when_taken_up(folded, test_images, on_worker):
+def test_a_rebuild_that_fails_in_the_measurement_is_built_again_when_taken_up(folded, test_images):
     images = test_images[0][:12]
-    session, twin = (open_session(folded["int8"], "cpu", "onnxruntime", method="unmix",
-                           statistics_every=4, rebake_divergence=0.0,
-                                  measure_on_worker=on_worker) for _ in range(2))
-    bake, calls = session._baker.session, []
+    session, twin = (open_session(folded["int8"], "cpu", "onnxruntime", method="unmix", statistics_every=4,
+                                  rebake_divergence=0.0) for _ in range(2))
+    bake, calls = session.baker.session, []
 
     def failing_once(mean, var, measuring=False):
         calls.append(measuring)
         if len(calls) == 2:  # the first rebuild, inside the measurement after frame 4
             raise RuntimeError("CUDA failure 2: out of memory")
         return bake(mean, var, measuring)
-    session._baker.session = failing_once
+    session.baker.session = failing_once
     for image in images:
         np.testing.assert_array_equal(session.step(image).logits, twin.step(image).logits)
-    session.state  # noqa: B018 (waits for the last measurement)
     assert len(calls) == 5  # the first bake, the failed rebuild, it again at frame 8, the rebuilds after 8 and 12
 
 
-@pytest.mark.parametrize("on_worker", [False, True])
-def test_a_baked_session_failing_on_the_gpu_falls_back_to_the_cpu_with_the_same_components(folded, test_images,
-                                                                                           on_worker):
-    """The graph and the bakes run on the accelerator; when they die, the session reopens on the
-    CPU, bakes the same statistics again there, runs a measurement that failed again, reruns the
-    frame and carries on as its CPU twin."""
+def test_a_folded_session_failing_on_the_gpu_falls_back_to_the_cpu_with_the_same_components(folded, test_images):
+    """The graph and the bakes run on the accelerator; when the graph dies in a measurement, the session
+    reopens on the CPU, bakes the same statistics again there, runs the measurement again and carries
+    on as its CPU twin."""
     images = test_images[0]
-    session, twin = (open_session(folded["int8"], "cpu", "onnxruntime", method="unmix",
-                           statistics_every=4, rebake_divergence=0.0,
-                                  measure_on_worker=on_worker) for _ in range(2))
-    for image in images[:6]:  # frame 4 measured; frames 5 and 6 run the first bake
+    session, twin = (open_session(folded["int8"], "cpu", "onnxruntime", method="unmix", statistics_every=4,
+                                  rebake_divergence=0.0) for _ in range(2))
+    for image in images[:7]:  # frames 4 measured; 5-7 run the bake it rebuilt
         session.step(image)
         twin.step(image)
-    session.session = FailingGpuSession(session.session)  # the provider the fallback checks
-    session._bake.session = FailingGpuSession(session._bake.session)
-    out, expected = session.step(images[6]), twin.step(images[6])
+    session.session = FailingGpuSession(session.session)  # dies at the next measurement (frame 8)
+    out, expected = session.step(images[7]), twin.step(images[7])
     assert session.provider == "CPUExecutionProvider" and session.fallbacks == 1
     np.testing.assert_array_equal(out.logits, expected.logits)
-    for image in images[7:12]:
+    for image in images[8:12]:
         np.testing.assert_array_equal(session.step(image).logits, twin.step(image).logits)
     assert session.frames == twin.frames == 12
     for layer, tensors in twin.state.items():
@@ -334,8 +267,7 @@ def test_a_frame_is_normalised_with_the_components_after_the_previous_frame(fold
     np.testing.assert_allclose(first.logits, reference.step(images[0], adapt=0.0).logits, atol=1e-5)
     assert session.frames == 1 and np.any(session.state[session.info.layer_names[0]]["counts"] > 0)
     # the second frame's statistics: the mixture after frame 1 with frame 1 as the instance term
-    mu, var = session._outputs[contract.STATS]
-    mean, var = session.learner.statistics(mu.copy(), var.copy())
+    mean, var = session.learner.statistics(*session.last_statistics)
     graph = session.session.run([contract.LOGITS], {contract.IMAGE: images[1], contract.NORM_MEAN: mean,
                                                     contract.NORM_VAR: var})[0][0]
     np.testing.assert_allclose(session.step(images[1], adapt=1.0).logits, graph, rtol=1e-6)
@@ -350,10 +282,9 @@ def test_a_gate_shadow_pass_is_the_instance_term_of_the_next_adapted_normalisati
                            rebake_divergence=0.0)
     for image in images[:4]:
         session.step(image, adapt=1.0)
-    kept = session._normalisation(1.0)
+    kept = session.normalisation
     session.step(images[200], adapt=0.0, measure=True)
-    mu, var = session._outputs[contract.STATS]
-    mean, var = session.learner.statistics(mu.copy(), var.copy())
+    mean, var = session.learner.statistics(*session.last_statistics)
     assert np.abs(mean - kept[0]).max() > 1e-3
     graph = session.session.run([contract.LOGITS], {contract.IMAGE: images[5], contract.NORM_MEAN: mean,
                                                     contract.NORM_VAR: var})[0][0]

@@ -66,8 +66,8 @@ def _base(**changes) -> dict:
     (_base(mqtt={"password_file": "a", "password_env": "B"}), "give one password source"),
     (_base(advanced={"lame": {"window": 10**12}}), "advanced.lame.window: Input should be less than or equal to "
                                                     "1024"),
-    (_base(advanced={"adaptation": {"folded": {"statistics_every_max": 4}}}),
-     "advanced.adaptation.folded: Value error, statistics_every_max (4) must be at least statistics_every (8)"),
+    (_base(advanced={"adaptation": {"folded": {"statistics_every": 0}}}),
+     "advanced.adaptation.folded.statistics_every: Input should be greater than or equal to 1"),
     ({"cameras": [{"name": "a", "source": "0"}]}, "model: required key missing"),
     ([1, 2], "expected a mapping"),
 ])
