@@ -24,7 +24,6 @@ into the template itself before building (add_initializer alone would miss the f
 from __future__ import annotations
 
 import tempfile
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,7 +64,6 @@ class BakedNormalisation:
                            for measuring in (False, True)}
         self._slots = {measuring: {t.name: t for t in template.graph.initializer if t.name in self.boundary}
                        for measuring, template in self._templates.items()}
-        self._lock = threading.Lock()  # bakes may run on a worker thread; the templates are shared
         self._optimized: dict[bool, bytes | None] = {}
 
     def _evaluator_model(self, model: onnx.ModelProto, norm_nodes: list) -> onnx.ModelProto:
@@ -102,10 +100,9 @@ class BakedNormalisation:
         values = self.evaluate(mean, var)
         optimized = self._optimized_template(measuring) if self.providers == [CPU] else None
         if optimized is None:
-            with self._lock:
-                for name, value in values.items():
-                    self._slots[measuring][name].CopyFrom(numpy_helper.from_array(value, name))
-                model = self._templates[measuring].SerializeToString()
+            for name, value in values.items():
+                self._slots[measuring][name].CopyFrom(numpy_helper.from_array(value, name))
+            model = self._templates[measuring].SerializeToString()
             return ort.InferenceSession(model, self._options(), providers=self.providers)
         options = self._options()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -124,17 +121,16 @@ class BakedNormalisation:
     def _optimized_template(self, measuring: bool) -> bytes | None:
         """The template as onnxruntime's CPU optimisations leave it, if every boundary tensor is still
         an initializer a node reads."""
-        with self._lock:
-            if measuring not in self._optimized:
-                with tempfile.TemporaryDirectory() as tmp:
-                    options = self._options()
-                    options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-                    ort.InferenceSession(self._templates[measuring].SerializeToString(), options, providers=[CPU])
-                    optimized = onnx.load(options.optimized_model_filepath)
-                read = {name for node in optimized.graph.node for name in node.input}
-                kept = {t.name for t in optimized.graph.initializer} & read
-                self._optimized[measuring] = None
-                if kept.issuperset(self.boundary):  # sessions only leave the accelerator: the template is done
-                    self._optimized[measuring] = optimized.SerializeToString()
-                    del self._templates[measuring], self._slots[measuring]
-            return self._optimized[measuring]
+        if measuring not in self._optimized:
+            with tempfile.TemporaryDirectory() as tmp:
+                options = self._options()
+                options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+                ort.InferenceSession(self._templates[measuring].SerializeToString(), options, providers=[CPU])
+                optimized = onnx.load(options.optimized_model_filepath)
+            read = {name for node in optimized.graph.node for name in node.input}
+            kept = {t.name for t in optimized.graph.initializer} & read
+            self._optimized[measuring] = None
+            if kept.issuperset(self.boundary):  # sessions only leave the accelerator: the template is done
+                self._optimized[measuring] = optimized.SerializeToString()
+                del self._templates[measuring], self._slots[measuring]
+        return self._optimized[measuring]

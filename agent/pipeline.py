@@ -202,12 +202,12 @@ class CameraPipeline:
                 log.warning("frame %d rejected: %s", frame.index, exc)
             return None
         strength = self.strength
-        out = self.session.step(image, adapt=strength, update=self.adaptation == "on")
+        out = self.session.step(image, strength=strength, update=self.adaptation == "on")
         adapted = softmax(out.logits)
         unadapted = out if strength == 0 else None
         gate_shadow = self.gate is not None and self.gate.needs_shadow(frame.index)
         if unadapted is None and (gate_shadow or (self.raw_every and frame.index % self.raw_every == 0)):
-            unadapted = self.session.step(image, adapt=0.0, measure=gate_shadow, update=False)
+            unadapted = self.session.step(image, strength=0.0, measure=gate_shadow, update=False)
         if unadapted is not None and unadapted.shift is not None and self.gate is not None:
             self.gate.update(unadapted.shift, frame.index)
         raw = None if unadapted is None else softmax(unadapted.logits)

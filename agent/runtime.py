@@ -36,9 +36,9 @@ class StepOutput:
     shift: np.ndarray | None  # (layers,); None on a frame that measured no statistics (FoldedSession)
 
 
-def _check_strength(adapt: float) -> None:
-    if not 0.0 <= adapt <= 1.0:
-        raise ValueError(f"adaptation strength must be in [0, 1], got {adapt}")
+def _check_strength(strength: float) -> None:
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"adaptation strength must be in [0, 1], got {strength}")
 
 
 @dataclass
@@ -226,7 +226,7 @@ class OnnxSession(Checkpoints):
 class AdaptiveSession(OnnxSession):
     """step() runs one frame; the updated components become the next frame's inputs.
 
-    `adapt` is the adaptation strength in [0, 1]: 0 (or False) runs the frame on the source
+    `strength` is the adaptation strength in [0, 1] (the graph's `adapt` input): 0 runs the frame on the source
     statistics and leaves the components as they are (the unadapted model), 1 (or True) is
     full UnMix-TNS, values between blend the two and move the components that much less
     (agent/gate.py sets it). `update=False` adapts without moving the components (frozen).
@@ -251,10 +251,10 @@ class AdaptiveSession(OnnxSession):
         self._spare = {i: np.empty_like(a) for i, a in self._current.items()}
         self._scratch = {i: np.empty_like(a) for i, a in self._current.items()}
 
-    def step(self, image: np.ndarray, adapt: float = 1.0, update: bool = True, measure: bool = False) -> StepOutput:
-        _check_strength(adapt)
-        self._adapt[0] = adapt
-        commit = adapt > 0 and update
+    def step(self, image: np.ndarray, strength: float = 1.0, update: bool = True, measure: bool = False) -> StepOutput:
+        _check_strength(strength)
+        self._adapt[0] = strength
+        commit = strength > 0 and update
         target = self._spare if commit else self._scratch
         self._run_or_fall_back(lambda: self._run(image, target))
         if commit:
@@ -370,48 +370,48 @@ class FoldedSession(OnnxSession):
         """What the adapted frames between measurements are normalised with (their bake); None: no bake yet."""
         return None if self._bake is None else (self._bake.mean, self._bake.var)
 
-    def step(self, image: np.ndarray, adapt: float = 1.0, update: bool = True, measure: bool = False) -> StepOutput:
-        _check_strength(adapt)
-        adapted = adapt > 0
+    def step(self, image: np.ndarray, strength: float = 1.0, update: bool = True, measure: bool = False) -> StepOutput:
+        _check_strength(strength)
+        adapted = strength > 0
         shift = None
         every = 1 if adapted and self._anchored else self.statistics_every
         if not (measure or self._unmeasured[adapted] + 1 >= every):
             self._unmeasured[adapted] += 1
-            self._run_or_fall_back(lambda: self._run_baked(image, adapt))
+            self._run_or_fall_back(lambda: self._run_baked(image, strength))
         elif adapted and self.baker is not None and not self._anchored:
             shift = self._run_or_fall_back(self._take_up)
             frames, self._unmeasured[True] = self._unmeasured[True] + 1, 0
-            self._measure(image, adapt, update, frames)
+            self._measure(image, strength, update, frames)
         else:
             frames = self._unmeasured[adapted] + 1
-            shift = self._measured_now(image, adapt, update, frames)
+            shift = self._measured_now(image, strength, update, frames)
         if adapted:
             self.frames += update
         out = self._outputs
         return StepOutput(out[contract.LOGITS][0].copy(), out[contract.FEATURES][0].copy(), shift)
 
-    def _normalisation(self, adapt: float) -> tuple[np.ndarray, np.ndarray]:
+    def _normalisation(self, strength: float) -> tuple[np.ndarray, np.ndarray]:
         """Kept until the components or the instance term change: what a measurement moved to is what
         the next one normalises with."""
         m = self.learner
-        if adapt == 0:
+        if strength == 0:
             return m.source_mean, m.source_var
-        if self._normalised is None or self._normalised[0] != adapt:
+        if self._normalised is None or self._normalised[0] != strength:
             mean, var = m.statistics(*(self._last or (None, None)))
-            self._normalised = (adapt, (m.source_mean + adapt * (mean - m.source_mean),
-                                        m.source_var + adapt * (var - m.source_var)))
+            self._normalised = (strength, (m.source_mean + strength * (mean - m.source_mean),
+                                        m.source_var + strength * (var - m.source_var)))
         return self._normalised[1]
 
-    def _update(self, stats: np.ndarray, adapt: float, update: bool, frames: int) -> np.ndarray:
+    def _update(self, stats: np.ndarray, strength: float, update: bool, frames: int) -> np.ndarray:
         mu, var_x = stats[0].copy(), stats[1].copy()
         if update:
-            self.learner.update(mu, var_x, adapt, frames=frames)
+            self.learner.update(mu, var_x, strength, frames=frames)
         self._last, self._normalised = (mu, var_x), None
         return self.learner.shift(mu, var_x)
 
-    def _measure(self, image: np.ndarray, adapt: float, update: bool, frames: int) -> None:
+    def _measure(self, image: np.ndarray, strength: float, update: bool, frames: int) -> None:
         """The graph's pass is the frame's answer; the update and a rebuilt bake wait for the next measured frame."""
-        mean, var = self._normalisation(adapt)
+        mean, var = self._normalisation(strength)
         image = np.ascontiguousarray(image, np.float32)
 
         def measurement() -> tuple[np.ndarray, _Bake | None]:
@@ -421,8 +421,8 @@ class FoldedSession(OnnxSession):
             for name, array in self._outputs.items():
                 _bind_output(binding, name, array)
             self.session.run_with_iobinding(binding)
-            shift = self._update(self._outputs[contract.STATS], adapt, update, frames)
-            moved_to = self._normalisation(adapt)
+            shift = self._update(self._outputs[contract.STATS], strength, update, frames)
+            moved_to = self._normalisation(strength)
             if self._bake is not None and self.learner.divergence(
                     *moved_to, self._bake.mean, self._bake.var).mean() <= self.rebake_divergence:
                 return shift, None
@@ -445,16 +445,16 @@ class FoldedSession(OnnxSession):
         self._pending = None
         return shift
 
-    def _measured_now(self, image: np.ndarray, adapt: float, update: bool, frames: int = 1) -> np.ndarray:
+    def _measured_now(self, image: np.ndarray, strength: float, update: bool, frames: int = 1) -> np.ndarray:
         """Unadapted frames (the gate's shadow passes) through a source bake that keeps `stats` (cheaper
         than the graph); they leave the components alone but become the instance term (bench.quality).
         An anchor's adapted frames, and without a baker (statistics every frame) every frame, the graph."""
-        normalisation = self._normalisation(adapt)
-        self._run_or_fall_back(lambda: self._run_measuring(image, *normalisation, adapted=adapt > 0))
-        self._unmeasured[adapt > 0] = 0
+        normalisation = self._normalisation(strength)
+        self._run_or_fall_back(lambda: self._run_measuring(image, *normalisation, adapted=strength > 0))
+        self._unmeasured[strength > 0] = 0
         stats = self._outputs[contract.STATS]
-        if adapt > 0:
-            return self._update(stats, adapt, update, frames=1)
+        if strength > 0:
+            return self._update(stats, strength, update, frames=1)
         self._last, self._normalised = (stats[0].copy(), stats[1].copy()), None
         if update and isinstance(self.learner, CameraAnchor):  # the camera's usual conditions: its reference
             self.learner.update(*self._last, strength=0.0, frames=frames)
@@ -478,12 +478,12 @@ class FoldedSession(OnnxSession):
             self._source[measuring] = self.baker.session(*self._normalisation(0.0), measuring=measuring)
         return self._source[measuring]
 
-    def _run_baked(self, image: np.ndarray, adapt: float) -> None:
-        if adapt == 0:
+    def _run_baked(self, image: np.ndarray, strength: float) -> None:
+        if strength == 0:
             session = self._source_session(measuring=False)
         else:
             if self._bake is None:
-                self._bake = _Bake(*self._normalisation(adapt), None)
+                self._bake = _Bake(*self._normalisation(strength), None)
                 self._bake.session = self.baker.session(self._bake.mean, self._bake.var)
                 self.bakes += 1
             session = self._bake.session

@@ -116,13 +116,13 @@ def timer_adapted(path: Path, threads: int, images, shadow_every: int = 0, settl
     measured frames before timing (the camera anchor's reference)."""
     session = open_session(path, "cpu", "onnxruntime", threads=threads, method=method, **cadence)
     for i in range(learn):
-        session.step(images[i % len(images)], adapt=0.0, measure=True)
+        session.step(images[i % len(images)], strength=0.0, measure=True)
 
     def run() -> int:
         for i, x in enumerate(images):
-            session.step(x, adapt=adapt)
+            session.step(x, strength=adapt)
             if shadow_every and i % shadow_every == 0:
-                session.step(x, adapt=0.0, measure=True)
+                session.step(x, strength=0.0, measure=True)
         return len(images)
     for _ in range(settle // len(images)):
         run()
@@ -233,7 +233,7 @@ def replay_throughput(model: Path, video: Path, threads: int, rounds: int) -> tu
         session = build_pipeline(config).session
         start = time.perf_counter()
         for x in images:
-            session.step(x, adapt=0.0)
+            session.step(x, strength=0.0)
         alone.append(len(images) / (time.perf_counter() - start))
     ratios = np.asarray(replayed) / np.asarray(alone)
     return float(np.median(replayed)), float(np.median(alone)), float(np.median(ratios))
@@ -306,7 +306,7 @@ def main() -> None:
         "adapted INT8 robust": timer_adapted(paths["robust/int8"], t, images),
         "adapted INT8 faithful": timer_adapted(paths["faithful/int8"], t, images),
         "unadapted INT8 folded, camera anchor (outside drift episodes)": timer_adapted(
-            paths["robust.folded/int8"], t, folded_images, adapt=0.0, method="anchor"),
+            paths["robust.folded/int8"], t, folded_images, strength=0.0, method="anchor"),
         "adapted INT8 folded, camera anchor (a drift episode)": timer_adapted(
             paths["robust.folded/int8"], t, folded_images, method="anchor", learn=FOLDED_FRAMES),
         "adapted FP32 folded": timer_adapted(paths["robust.folded/fp32"], t, folded_images),

@@ -237,8 +237,9 @@ def _sweep_task(task) -> tuple[str, str, float]:
     name, path, stream = task
     session = AdaptiveSession(path, threads=1)
     preprocess = Preprocessor(session.info.preprocess)
-    adapt = name != "unadapted"
-    wrong = [np.argmax(session.step(preprocess(x), adapt=adapt).logits) != y for x, y in zip(stream["x"], stream["y"])]
+    strength = float(name != "unadapted")
+    wrong = [np.argmax(session.step(preprocess(x), strength=strength).logits) != y
+             for x, y in zip(stream["x"], stream["y"])]
     return name, stream["kind"], 100 * float(np.mean(wrong))
 
 

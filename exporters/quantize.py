@@ -203,7 +203,8 @@ def quantize(fp32_path: Path, out_path: Path, info: ModelInfo, calib: list[np.nd
         report = {"method": method, "layout": info.adaptation.layout, "calibration_frames": len(calib),
                   "heldout_frames": len(holdout),
                   "top1_agreement_vs_fp32": top1_agreement(fp32_path, tmp_out, info, holdout),
-                  "top1_agreement_vs_fp32_source_stats": top1_agreement(fp32_path, tmp_out, info, holdout, adapt=False),
+                  "top1_agreement_vs_fp32_source_stats": top1_agreement(fp32_path, tmp_out, info, holdout,
+                                                                         strength=0.0),
                   "quantized_ops": ops, "float_depthwise_convolutions": len(excluded),
                   "seven_bit_weights": seven_bit}
         set_metadata(model, {contract.KEY_CALIBRATION: json.dumps(report),
@@ -221,7 +222,8 @@ def shift_reference(path: Path, info: ModelInfo, frames: list[np.ndarray]) -> Sh
     """The per-layer shift of clean frames through this very file, unadapted (INT8 shifts differ a little)."""
     preprocess = Preprocessor(info.preprocess)
     session = open_session(path, "cpu", "onnxruntime", info=info)
-    shifts = np.stack([session.step(preprocess(f), adapt=False, measure=True).shift for f in frames]).astype(np.float64)
+    shifts = np.stack([session.step(preprocess(f), strength=0.0, measure=True).shift
+                       for f in frames]).astype(np.float64)
     logs = np.log1p(np.maximum(shifts, 0.0))
     mean, std = logs.mean(0), np.maximum(logs.std(0), 1e-6)
     return ShiftReference(mean, std, ((logs - mean) / std).mean(1))
@@ -234,7 +236,7 @@ def add_shift_reference(path: Path, info: ModelInfo, frames: list[np.ndarray]) -
 
 
 def top1_agreement(fp32_path: Path, int8_path: Path, info: ModelInfo, frames: list[np.ndarray],
-                   adapt: bool = True) -> float:
+                   strength: float = 1.0) -> float:
     """Share of frames where both models pick the same class: adapted (each carrying its own
     components through the stream) or on the source statistics (quantization alone)."""
     preprocess = Preprocessor(info.preprocess)
@@ -242,5 +244,6 @@ def top1_agreement(fp32_path: Path, int8_path: Path, info: ModelInfo, frames: li
     same = []
     for frame in frames:
         image = preprocess(frame)
-        same.append(np.argmax(fp32.step(image, adapt=adapt).logits) == np.argmax(int8.step(image, adapt=adapt).logits))
+        same.append(np.argmax(fp32.step(image, strength=strength).logits) ==
+                    np.argmax(int8.step(image, strength=strength).logits))
     return float(np.mean(same))

@@ -79,29 +79,29 @@ class TorchSession(Checkpoints):
         self._mirror = {name: {t: np.array(v, np.float32) for t, v in tensors.items()}
                         for name, tensors in state.items()}
 
-    def step(self, image: np.ndarray, adapt: float = 1.0, update: bool = True, measure: bool = False) -> StepOutput:
+    def step(self, image: np.ndarray, strength: float = 1.0, update: bool = True, measure: bool = False) -> StepOutput:
         """As AdaptiveSession.step; every frame is measured."""
-        if not 0.0 <= adapt <= 1.0:
-            raise ValueError(f"adaptation strength must be in [0, 1], got {adapt}")
-        commit = adapt > 0 and update
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"adaptation strength must be in [0, 1], got {strength}")
+        commit = strength > 0 and update
         try:
-            out = self._forward(image, adapt, commit)
+            out = self._forward(image, strength, commit)
         except RuntimeError as exc:  # CUDA errors, out of memory (torch.OutOfMemoryError is one)
             if not self.on_gpu:
                 raise
             self._fall_back(exc)
-            out = self._forward(image, adapt, commit)
+            out = self._forward(image, strength, commit)
         if commit:
             self._mirror = self._read_state()
             self.frames += 1
         return out
 
-    def _forward(self, image: np.ndarray, adapt: float, commit: bool) -> StepOutput:
+    def _forward(self, image: np.ndarray, strength: float, commit: bool) -> StepOutput:
         tensors = self.info.adaptation.state_tensors
         kept = None if commit else {n: {t: getattr(layer, t).clone() for t in tensors} for n, layer in
                                     self.layers.items()}
         for layer in self.layers.values():
-            layer.strength = adapt
+            layer.strength = strength
         with torch.no_grad():
             logits, features = self.model(torch.from_numpy(np.ascontiguousarray(image, np.float32)).to(self.device))
             shift = torch.stack([self.layers[layer.name].shift for layer in self.info.adaptation.layers])

@@ -70,7 +70,7 @@ def test_efficientnet_weights_and_preprocessing_see_the_photo(name, classes):
 def test_exported_model_on_source_statistics_sees_the_photo(effnet, kind, name, classes):
     session = AdaptiveSession(effnet[kind])
     image = Preprocessor(session.info.preprocess)(photo(name))
-    top = int(np.argmax(session.step(image, adapt=False).logits))
+    top = int(np.argmax(session.step(image, strength=0.0).logits))
     assert top in classes, session.info.labels[top]
 
 
@@ -78,7 +78,7 @@ def test_adapt_off_is_the_plain_batchnorm_model_and_keeps_the_state(effnet):
     session = AdaptiveSession(effnet["fp32"])
     before = session.state_feeds
     image = Preprocessor(session.info.preprocess)(photo("astronaut"))
-    logits = session.step(image, adapt=False).logits
+    logits = session.step(image, strength=0.0).logits
     with torch.no_grad():
         expected = eff.pretrained()(torch.from_numpy(image))[0].numpy()
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)

@@ -114,7 +114,7 @@ def test_fp32_graph_measures_the_sampled_batchnorm_inputs_and_normalises_like_to
         if isinstance(bn, nn.BatchNorm2d):
             bn.register_forward_pre_hook(lambda m, a, name=name: inputs.__setitem__(name, a[0]))
     image = test_images[0][3]
-    out = session.step(image, adapt=0.0, measure=True)
+    out = session.step(image, strength=0.0, measure=True)
     with torch.no_grad():
         logits = model(torch.from_numpy(image))
     np.testing.assert_allclose(out.logits, logits[0].numpy(), atol=1e-4)
@@ -184,7 +184,7 @@ def test_statistics_every_n_frames_and_taken_up_by_the_next_measured_frame(folde
     for i, image in enumerate(images[:16]):
         before = session.state[session.info.layer_names[0]]["counts"]
         fresh = session.normalisation
-        out = session.step(image, adapt=1.0)
+        out = session.step(image, strength=1.0)
         measured = (i + 1) % 4 == 0
         after = session.state[session.info.layer_names[0]]["counts"]
         assert np.array_equal(before, after) != measured, i
@@ -204,10 +204,10 @@ def test_statistics_every_n_frames_and_taken_up_by_the_next_measured_frame(folde
     # built at frame 1; rebuilt after frames 4, 8 and 12, taken up by frames 8, 12 and 16; one more after 16
     assert [i for i in range(1, 16) if in_use[i] is not in_use[i - 1]] == [7, 11, 15]
     assert session.frames == 16 and session.bakes == 5
-    assert session.step(images[16], adapt=0.0).shift is None
+    assert session.step(images[16], strength=0.0).shift is None
     every_frame = open_session(folded["int8"], "cpu", "onnxruntime", method="unmix", statistics_every=1)
-    np.testing.assert_allclose(session.step(images[17], adapt=0.0, measure=True).shift,  # the source bake
-                               every_frame.step(images[17], adapt=0.0).shift, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(session.step(images[17], strength=0.0, measure=True).shift,  # the source bake
+                               every_frame.step(images[17], strength=0.0).shift, rtol=1e-4, atol=1e-6)
     session.reset()
     assert session.baked_statistics is None and session.last_statistics is None
 
@@ -255,7 +255,7 @@ def test_a_folded_session_failing_on_the_gpu_falls_back_to_the_cpu_with_the_same
 def test_int8_statistics_and_shift_follow_fp32(folded, test_images):
     fp32, int8 = (open_session(folded[k], "cpu", "onnxruntime", method="unmix") for k in ("fp32", "int8"))
     for image in test_images[0][:20]:
-        a, b = fp32.step(image, adapt=0.0, measure=True), int8.step(image, adapt=0.0, measure=True)
+        a, b = fp32.step(image, strength=0.0, measure=True), int8.step(image, strength=0.0, measure=True)
         np.testing.assert_allclose(b.shift, a.shift, rtol=0.1, atol=0.02)
 
 
@@ -263,14 +263,14 @@ def test_a_frame_is_normalised_with_the_components_after_the_previous_frame(fold
     session = open_session(folded["fp32"], "cpu", "onnxruntime", method="unmix", statistics_every=1)
     reference = open_session(folded["fp32"], "cpu", "onnxruntime", method="unmix", statistics_every=1)
     images = test_images[0]
-    first = session.step(images[0], adapt=1.0)
-    np.testing.assert_allclose(first.logits, reference.step(images[0], adapt=0.0).logits, atol=1e-5)
+    first = session.step(images[0], strength=1.0)
+    np.testing.assert_allclose(first.logits, reference.step(images[0], strength=0.0).logits, atol=1e-5)
     assert session.frames == 1 and np.any(session.state[session.info.layer_names[0]]["counts"] > 0)
     # the second frame's statistics: the mixture after frame 1 with frame 1 as the instance term
     mean, var = session.learner.statistics(*session.last_statistics)
     graph = session.session.run([contract.LOGITS], {contract.IMAGE: images[1], contract.NORM_MEAN: mean,
                                                     contract.NORM_VAR: var})[0][0]
-    np.testing.assert_allclose(session.step(images[1], adapt=1.0).logits, graph, rtol=1e-6)
+    np.testing.assert_allclose(session.step(images[1], strength=1.0).logits, graph, rtol=1e-6)
 
 
 def test_a_gate_shadow_pass_is_the_instance_term_of_the_next_adapted_normalisation(folded, test_images):
@@ -281,14 +281,14 @@ def test_a_gate_shadow_pass_is_the_instance_term_of_the_next_adapted_normalisati
     session = open_session(folded["int8"], "cpu", "onnxruntime", method="unmix", statistics_every=4,
                            rebake_divergence=0.0)
     for image in images[:4]:
-        session.step(image, adapt=1.0)
+        session.step(image, strength=1.0)
     kept = session.normalisation
-    session.step(images[200], adapt=0.0, measure=True)
+    session.step(images[200], strength=0.0, measure=True)
     mean, var = session.learner.statistics(*session.last_statistics)
     assert np.abs(mean - kept[0]).max() > 1e-3
     graph = session.session.run([contract.LOGITS], {contract.IMAGE: images[5], contract.NORM_MEAN: mean,
                                                     contract.NORM_VAR: var})[0][0]
-    np.testing.assert_allclose(session.step(images[5], adapt=1.0, measure=True).logits, graph, atol=1e-4)
+    np.testing.assert_allclose(session.step(images[5], strength=1.0, measure=True).logits, graph, atol=1e-4)
 
 
 def test_adaptation_helps_on_a_shifted_stream_and_checkpoints_resume(folded, test_images, tmp_path):
@@ -301,7 +301,7 @@ def test_adaptation_helps_on_a_shifted_stream_and_checkpoints_resume(folded, tes
     right = {"adapted": 0, "plain": 0}
     for x, y in zip(shifted, labels):
         right["adapted"] += int(np.argmax(adapted.step(x).logits) == y)
-        right["plain"] += int(np.argmax(plain.step(x, adapt=0.0).logits) == y)
+        right["plain"] += int(np.argmax(plain.step(x, strength=0.0).logits) == y)
     assert right["adapted"] > right["plain"] + 5, right
     adapted.save(tmp_path / "state.npz")
     resumed = open_session(folded["int8"], "cpu", "onnxruntime", method="unmix")

@@ -21,7 +21,7 @@ def stream(fmnist):
                             for c in rng.permutation(10)])
     session = AdaptiveSession(fmnist["int8"])
     preprocess = Preprocessor(session.info.preprocess)
-    outs = [session.step(preprocess(images[i]), adapt=False) for i in order]
+    outs = [session.step(preprocess(images[i]), strength=0.0) for i in order]
     return np.stack([o.features for o in outs]), np.stack([softmax(o.logits) for o in outs]), labels[order]
 
 

@@ -56,7 +56,7 @@ def test_frozen_and_off_leave_the_components_alone(fmnist, images):
     image = Preprocessor(session.info.preprocess)(images[0])
     before = session.state_feeds
     frozen = session.step(image, update=False)
-    off = session.step(image, adapt=False)
+    off = session.step(image, strength=0.0)
     for name, value in session.state_feeds.items():
         np.testing.assert_array_equal(value, before[name])
     moved = session.step(image)

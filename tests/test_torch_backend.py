@@ -30,7 +30,7 @@ def test_torch_backend_runs_the_same_model_as_the_onnx_file(fmnist, stream, stre
     preprocess = Preprocessor(ort.info.preprocess)
     for image in stream:
         x = preprocess(image)
-        a, b = ort.step(x, adapt=strength), pt.step(x, adapt=strength)
+        a, b = ort.step(x, strength=strength), pt.step(x, strength=strength)
         assert np.argmax(a.logits) == np.argmax(b.logits)
         np.testing.assert_allclose(b.logits, a.logits, atol=2e-3, rtol=1e-3)
         np.testing.assert_allclose(b.shift, a.shift, rtol=1e-3, atol=1e-4)
@@ -45,7 +45,7 @@ def test_unadapted_and_frozen_steps_leave_the_components_alone(fmnist, stream):
     preprocess = Preprocessor(pt.info.preprocess)
     pt.step(preprocess(stream[50]))
     before = pt.state
-    pt.step(preprocess(stream[51]), adapt=0.0)
+    pt.step(preprocess(stream[51]), strength=0.0)
     pt.step(preprocess(stream[52]), update=False)
     after = pt.state
     assert all(np.array_equal(after[k][t], before[k][t]) for k in before for t in before[k])
