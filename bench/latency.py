@@ -109,7 +109,7 @@ def timer_plain(path: Path, threads: int, images):
     return run
 
 
-def timer_adapted(path: Path, threads: int, images, shadow_every: int = 0, settle: int = 0, adapt: float = 1.0,
+def timer_adapted(path: Path, threads: int, images, shadow_every: int = 0, settle: int = 0, strength: float = 1.0,
                   method: str = "unmix", learn: int = 0, **cadence):
     """`shadow_every`: also the adaptation gate's unadapted measuring pass every N frames, as the
     pipeline runs it while a gated camera adapts; `settle`: frames run before timing; `learn`: unadapted
@@ -120,7 +120,7 @@ def timer_adapted(path: Path, threads: int, images, shadow_every: int = 0, settl
 
     def run() -> int:
         for i, x in enumerate(images):
-            session.step(x, strength=adapt)
+            session.step(x, strength=strength)
             if shadow_every and i % shadow_every == 0:
                 session.step(x, strength=0.0, measure=True)
         return len(images)
