@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from .provenance import commit, machine
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("results")
 
@@ -82,7 +84,9 @@ def main() -> None:
     slope = float(np.polyfit(t[warm] / 3600, rss[warm], 1)[0]) if warm.sum() > 1 else 0.0
     last = stats[-1] if stats else {}
     camera = last.get("cameras", {}).get("cam", {})
-    report = {"minutes": args.minutes, "samples": len(samples), "rss_mb_after_warmup": round(float(rss[warm][0]), 1),
+    report = {"command": "python -m bench.soak " + " ".join(sys.argv[1:]), "machine": machine(), "commit": commit(),
+              "date": time.strftime("%Y-%m-%d"), "minutes": args.minutes, "samples": len(samples),
+              "rss_mb_after_warmup": round(float(rss[warm][0]), 1),
               "rss_mb_end": round(float(rss[-1]), 1), "rss_mb_max": round(float(rss.max()), 1),
               "slope_mb_per_hour": round(slope, 2), "frames_processed": camera.get("frames_processed"),
               "fps": camera.get("fps"), "mqtt": last.get("mqtt"), "exit_code": proc.returncode}
