@@ -24,7 +24,7 @@ from .drift import DriftDetector, DriftEvent, Observation, observe
 from .gate import AdaptationGate, CollapseGuard
 from .lame import CorrelationMonitor, Lame
 from .preprocess import FrameError, Preprocessor
-from .runtime import OnnxSession, open_session, physical_cores
+from .runtime import AdaptiveModel, open_session, physical_cores
 from .sources import Frame
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class PipelineCounters:
 
 
 class CameraPipeline:
-    def __init__(self, session: OnnxSession, lame: Lame | None = None, lame_mode: str = "auto",
+    def __init__(self, session: AdaptiveModel, lame: Lame | None = None, lame_mode: str = "auto",
                  drift: DriftDetector | None = None, raw_every: int = 0, gate: AdaptationGate | None = None,
                  guard: CollapseGuard | None = None):
         """`gate` None adapts at full strength on every frame (the ungated UnMix-TNS); `guard` watches
@@ -242,7 +242,7 @@ class CameraPipeline:
         return result
 
 
-def open_camera_session(config: Config, info: ModelInfo | None = None):
+def open_camera_session(config: Config, info: ModelInfo | None = None) -> AdaptiveModel:
     """The adaptive model session a camera runs under `config` (model and adaptation sections)."""
     model, advanced = config.model, config.advanced
     a, folded = advanced.adaptation, advanced.adaptation.folded
@@ -257,7 +257,7 @@ def open_camera_session(config: Config, info: ModelInfo | None = None):
                         method=a.method)
 
 
-def build_pipeline(config: Config, session: OnnxSession | None = None) -> CameraPipeline:
+def build_pipeline(config: Config, session: AdaptiveModel | None = None) -> CameraPipeline:
     """The pipeline a camera runs under `config`: gate, collapse guard, LAME, drift, the unadapted cadence
     and the modes, around `session` (opened from the config when not given)."""
     pipeline = CameraPipeline(session or open_camera_session(config))

@@ -11,6 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -34,6 +35,37 @@ class StepOutput:
     logits: np.ndarray  # (classes,)
     features: np.ndarray  # (D,)
     shift: np.ndarray | None  # (layers,); None on a frame that measured no statistics (FoldedSession)
+
+
+@runtime_checkable
+class AdaptiveModel(Protocol):
+    """What a camera's pipeline runs: one frame at a time, carrying its adaptation from frame to frame.
+
+    Implemented by AdaptiveSession (graph layout), FoldedSession (folded layout) and the exporter's
+    TorchSession; tests/test_sessions.py holds every kind to it."""
+
+    info: ModelInfo
+    frames: int  # adapted frames that updated the state
+    fallbacks: int  # accelerator failures carried over to the CPU
+    fallback_reason: str | None
+    provider_reason: str
+
+    @property
+    def provider(self) -> str: ...
+
+    @property
+    def state(self) -> dict[str, dict[str, np.ndarray]]: ...
+
+    def step(self, image: np.ndarray, strength: float = 1.0, update: bool = True,
+             measure: bool = False) -> StepOutput:
+        """`strength` 0 is the unadapted model; `update=False` leaves the state alone (frozen, off)."""
+        ...
+
+    def reset(self) -> None: ...
+
+    def save(self, path: str | Path) -> None: ...
+
+    def load(self, path: str | Path) -> None: ...
 
 
 def _check_strength(strength: float) -> None:
