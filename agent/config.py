@@ -259,6 +259,14 @@ class Config(Section):
         return cameras
 
 
+def layout_problem(config: Config, layout: str, model: Path) -> str | None:
+    """`advanced.adaptation.folded` set for a model of another layout: what to tell the user, else None."""
+    if layout == "folded" or "folded" not in config.advanced.adaptation.model_fields_set:
+        return None
+    return (f"advanced.adaptation.folded: these keys apply to folded-layout models; {model} is a {layout}-layout "
+            "model (remove the section, or export with tta-export --layout folded)")
+
+
 def _key(part) -> str:
     """A key as the user can see it: quoted unless a plain word (keys can hold ':', '.', control characters)."""
     return str(part) if isinstance(part, int) or re.fullmatch(r"[A-Za-z0-9_-]+", part) else repr(part)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .anchor import CameraAnchor
-from .config import ADAPTATION_MODES, LAME_MODES
+from .config import ADAPTATION_MODES, LAME_MODES, layout_problem
 from .contract import ContractError, ModelInfo, read_model_info
 from .drift import DriftDetector, DriftEvent, Observation, observe
 from .gate import AdaptationGate, CollapseGuard
@@ -247,10 +247,9 @@ def open_camera_session(config: Config, info: ModelInfo | None = None) -> Adapti
     model, advanced = config.model, config.advanced
     a, folded = advanced.adaptation, advanced.adaptation.folded
     info = info or read_model_info(model.path)
-    if info.adaptation.layout != "folded" and "folded" in a.model_fields_set:
-        raise ContractError(f"advanced.adaptation.folded: these keys apply to folded-layout models; {model.path} "
-                            f"is a {info.adaptation.layout}-layout model (remove the section, or export with "
-                            "tta-export --layout folded)")
+    problem = layout_problem(config, info.adaptation.layout, model.path)
+    if problem:
+        raise ContractError(problem)
     return open_session(model.path, device=model.device, backend=advanced.model.backend,
                         threads=advanced.model.threads or physical_cores(), seed=a.seed, info=info,
                         statistics_every=folded.statistics_every, rebake_divergence=folded.rebake_divergence,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import cv2
 
-from .config import Config, ConfigError, read_password
+from .config import Config, ConfigError, layout_problem, read_password
 from .contract import ContractError, ModelInfo, read_model_info
 from .runtime import resolve_method
 from .sources import redact, source_kind, source_problem
@@ -73,10 +73,9 @@ def _model(config: Config, problems: list[str]) -> ModelInfo | None:
         problems.append(f"advanced.adaptation.gate.enabled: {config.model.path} has no shift reference "
                         "(tta.shift_reference, written by tta-export); re-export the model or set "
                         "advanced.adaptation.gate.enabled: false")
-    if info.adaptation.layout != "folded" and "folded" in adaptation.model_fields_set:
-        problems.append(f"advanced.adaptation.folded: these keys apply to folded-layout models; {config.model.path} "
-                        f"is a {info.adaptation.layout}-layout model (remove the section, or export with "
-                        "tta-export --layout folded)")
+    problem = layout_problem(config, info.adaptation.layout, config.model.path)
+    if problem:
+        problems.append(problem)
     return info
 
 

@@ -442,7 +442,8 @@ class FoldedSession(OnnxSession):
         return self.learner.shift(mu, var_x)
 
     def _measure(self, image: np.ndarray, strength: float, update: bool, frames: int) -> None:
-        """The graph's pass is the frame's answer; the update and a rebuilt bake wait for the next measured frame."""
+        """The graph's pass is the frame's answer and updates the components now; the shift and a rebuilt
+        bake are taken up by the next measured frame."""
         mean, var = self._normalisation(strength)
         image = np.ascontiguousarray(image, np.float32)
 

@@ -332,13 +332,13 @@ class LiveSource:
         self._thread.join(timeout=self.stall_timeout + self.open_timeout + 1)
 
 
-def open_source(camera, live=None) -> FileSource | LiveSource:
-    """From a CameraConfig (and the config's advanced.sources for live ones): a digit or /dev/videoN is a
-    camera, a URL a stream, anything else a video file."""
+def open_source(camera, live) -> FileSource | LiveSource:
+    """From a CameraConfig and the config's advanced.sources (timeouts of live ones): a digit or /dev/videoN
+    is a camera, a URL a stream, anything else a video file."""
     uri = camera.source
     kind = source_kind(uri)
     if kind != "file":
-        options = {} if live is None else {"stall_timeout": live.stall_timeout_s, "backoff_max": live.reconnect_max_s}
-        return LiveSource(int(uri) if kind == "index" else uri, **options)
+        return LiveSource(int(uri) if kind == "index" else uri, stall_timeout=live.stall_timeout_s,
+                          backoff_max=live.reconnect_max_s)
     replay = camera.replay
     return FileSource(uri, paced=replay.paced, loop=replay.loop, start=replay.start, end=replay.end)

@@ -26,3 +26,21 @@ def test_demo_runs_the_daemon_over_the_video_and_reports(effnet, tmp_path, capsy
     assert "accuracy answer" in out
     assert "'prediction': 128" in out
     assert (tmp_path / "state" / "demo-report.png").exists()
+
+
+def test_demo_without_the_exporter_says_what_to_install(tmp_path, monkeypatch, capsys):
+    """A box with the agent only: the demo cannot make its model and says so in one line, exit 2."""
+    from agent.cli import main as agent_main
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
+    config["model"]["path"] = str(tmp_path / "missing.onnx")
+    config["cameras"][0]["source"] = str(tmp_path / "sample.mp4")
+    (tmp_path / "sample.mp4").write_bytes(b"")  # present: only the model is missing
+    config["state"]["dir"] = str(tmp_path / "state")
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr("sys.executable", str(tmp_path / "bin" / "python"))  # no tta-export beside it
+    assert agent_main(["demo", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tta-agent: error: ") and "tta-export not found: install the exporter" in err
+    assert not (tmp_path / "missing.onnx").exists()
