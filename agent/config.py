@@ -16,7 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .cadence import REBAKE_DIVERGENCE, STATISTICS_EVERY
+from .model.cadence import REBAKE_DIVERGENCE, STATISTICS_EVERY
 
 MAX_CONFIG_BYTES = 1 << 20
 # one vocabulary each, shared by the config, the pipeline, MQTT commands and the command line
@@ -84,10 +84,12 @@ class AdaptationConfig(Section):
 class FoldedConfig(Section):
     """Keys of folded-layout models only; a graph-layout model refuses them at start."""
     statistics_every: int = Field(STATISTICS_EVERY, ge=1, le=100_000,
-                                  description="measure statistics and move the components every N frames")
+                                  description="measure statistics every N frames: unadapted frames always, adapted "
+                                              "ones once a drift episode has settled (the camera anchor) or always "
+                                              "(unmix)")
     rebake_divergence: float = Field(REBAKE_DIVERGENCE, ge=0, le=100,
-                                     description="rebuild the baked normalisation once the components' statistics "
-                                                 "are this far from it (mean KL per layer)")
+                                     description="rebuild the baked normalisation once what the frames need is "
+                                                 "this far from it (mean KL per layer)")
 
 
 class AdvancedAdaptationConfig(Section):

@@ -23,7 +23,6 @@ import numpy as np
 from .config import Config, ConfigError, load_config, read_password
 from .contract import ContractError, ModelInfo, read_model_info
 from .drift import DriftEvent
-from .endpoint import HealthServer
 from .files import write_atomic
 from .mqtt import PAHO_LOGGER, SCHEMA_VERSION, Command, MqttLink, utc
 from .pipeline import CameraPipeline, FrameResult, build_pipeline, open_camera_session
@@ -134,7 +133,11 @@ class Agent:
         self.heartbeat: float | None = None  # time.monotonic() of the main loop's latest round
         http, host = config.http, config.advanced.http.host
         try:
-            self.endpoint = HealthServer(self, host, http.port, config.advanced.http.stall_s) if http.enabled else None
+            self.endpoint = None
+            if http.enabled:  # prometheus-client is loaded only when /metrics is served
+                from .endpoint import HealthServer
+
+                self.endpoint = HealthServer(self, host, http.port, config.advanced.http.stall_s)
         except OSError as exc:
             raise ConfigError(f"http: cannot listen on {host}:{http.port}: {exc.strerror}") from None
 

@@ -17,14 +17,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .anchor import CameraAnchor
 from .config import ADAPTATION_MODES, LAME_MODES, layout_problem
 from .contract import ContractError, ModelInfo, read_model_info
 from .drift import DriftDetector, DriftEvent, Observation, observe
 from .gate import AdaptationGate, CollapseGuard
 from .lame import CorrelationMonitor, Lame
+from .model.adaptive import AdaptiveModel
+from .model.anchor import CameraAnchor
+from .model.providers import physical_cores
+from .model.sessions import open_session
 from .preprocess import FrameError, Preprocessor
-from .runtime import AdaptiveModel, open_session, physical_cores
 from .sources import Frame
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ import cv2
 
 from .config import Config, ConfigError, layout_problem, read_password
 from .contract import ContractError, ModelInfo, read_model_info
-from .runtime import resolve_method
+from .model.sessions import resolve_method
 from .sources import redact, source_kind, source_problem
 
 PROBE_TIMEOUT_S = 10.0
@@ -58,6 +58,9 @@ def _model(config: Config, problems: list[str]) -> ModelInfo | None:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # loading is the check: no optimisation, thread pool or arena the daemon would carry as peak memory
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads, options.enable_cpu_mem_arena = 1, False
     try:  # the graph itself: a file whose metadata reads can still fail to build
         ort.InferenceSession(str(config.model.path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types

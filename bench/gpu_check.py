@@ -61,8 +61,8 @@ def main() -> int:
     import onnxruntime as ort
     import torch
 
+    from agent.model.sessions import open_session
     from agent.preprocess import Preprocessor
-    from agent.runtime import open_session
     from exporters.torch_session import TorchSession
 
     report: dict = {"onnxruntime": ort.__version__, "onnxruntime_providers": ort.get_available_providers(),

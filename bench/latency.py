@@ -8,14 +8,17 @@ those pairs' ratios.
     plain FP32 / plain INT8       the model with BatchNorm folded into the convolutions (the limit)
     adapted FP32 / INT8 robust    the agent's exported model, components fed back every frame
     adapted INT8 faithful         the published algorithm in the same graph layout
-    INT8 folded, camera anchor    the default (folded layout, adaptation.method auto): unadapted, as
-                                  a camera runs outside drift episodes (the source bake, statistics
-                                  every 8th frame), and adapted, as it runs during one (every frame
-                                  through the graph with its statistics branch), after it learned
-                                  its reference on the same frames
-    adapted FP32 / INT8 folded,   the folded layout with UnMix-TNS in numpy (agent/unmix.py): statistics
-      UnMix-TNS                   measured every 8th frame, the frames between on a baked session
-                                  (agent/runtime.py FoldedSession); also at every frame and every 16th,
+    INT8 folded, camera anchor    the default (folded layout, adaptation.method auto) on a fixed camera
+                                  (bench.camera's first view): unadapted on its clean frames, as a
+                                  camera runs outside drift episodes (the source bake, the graph
+                                  every 7th frame); adapted in fog (severity 3) after it learned its
+                                  reference on the clean frames, during the first SETTLE_MEASUREMENTS
+                                  frames of a drift episode (every frame through the graph with its
+                                  statistics branch) and once the episode has settled (a bake, the
+                                  graph every 7th frame)
+    adapted FP32 / INT8 folded,   the folded layout with UnMix-TNS in numpy (agent/model/mixture.py): statistics
+      UnMix-TNS                   measured every 7th frame, the frames between on a baked session
+                                  (agent/model/folded_session.py); also at every frame and every 16th,
                                   and with the gate's shadow pass (unadapted, measuring) every 4th
                                   frame, as a gated camera runs while it adapts; the default and gated
                                   rows also once settled: after SETTLE_FRAMES frames of the same
@@ -44,8 +47,9 @@ import onnxruntime as ort
 import yaml
 
 from agent.config import GateConfig
+from agent.model.cadence import SETTLE_MEASUREMENTS
+from agent.model.sessions import open_session
 from agent.preprocess import Preprocessor
-from agent.runtime import open_session
 from agent.samples import photo_stream, render_sample_video
 
 from .provenance import commit, machine
@@ -93,7 +97,7 @@ def adapted_models() -> dict[str, Path]:
 
 
 SHADOW_EVERY = GateConfig.model_fields["shadow_every"].default
-FOLDED_FRAMES = 64  # per round for the folded layout: eight measured frames of the default cadence
+FOLDED_FRAMES = 64  # per round for the folded layout: several measured frames of the default cadence
 SETTLE_FRAMES = 2560  # the default cadence stops rebuilding on the bench's stream within about 1300 frames
 
 
@@ -110,15 +114,17 @@ def timer_plain(path: Path, threads: int, images):
 
 
 def timer_adapted(path: Path, threads: int, images, shadow_every: int = 0, settle: int = 0, strength: float = 1.0,
-                  method: str = "unmix", learn: int = 0, **cadence):
+                  method: str = "unmix", learn: tuple = (), onset: bool = False, **cadence):
     """`shadow_every`: also the adaptation gate's unadapted measuring pass every N frames, as the
-    pipeline runs it while a gated camera adapts; `settle`: frames run before timing; `learn`: unadapted
-    measured frames before timing (the camera anchor's reference)."""
+    pipeline runs it while a gated camera adapts; `settle`: frames run before timing; `learn`: frames
+    run unadapted first (the camera anchor's reference); `onset`: each run is the start of a drift episode."""
     session = open_session(path, "cpu", "onnxruntime", threads=threads, method=method, **cadence)
-    for i in range(learn):
-        session.step(images[i % len(images)], strength=0.0, measure=True)
+    for x in learn:
+        session.step(x, strength=0.0)
 
     def run() -> int:
+        if onset:
+            session.cadence.restart()
         for i, x in enumerate(images):
             session.step(x, strength=strength)
             if shadow_every and i % shadow_every == 0:
@@ -264,13 +270,22 @@ def daemon_footprint(model: Path, video: Path, threads: int) -> dict:
     return {"peak_rss_mb": round(peak / 1024, 1), "torch_loaded": torch_loaded, "exit_code": proc.returncode}
 
 
+def fixed_camera(frames: int, preprocess: Preprocessor) -> tuple[list, list]:
+    """bench.camera's first view: its clean frames, and the same in fog at severity 3 (the reference corruption)."""
+    from .camera import clean_scenes, view_stream
+
+    scenes = clean_scenes()
+    return ([preprocess(f) for f, _ in view_stream(0, "clean", 0, frames, scenes, 0)],
+            [preprocess(f) for f, _ in view_stream(0, "fog", 3, frames, scenes, 3000)])
+
+
 def _cycle(images: list, n: int) -> list:
     return [images[i % len(images)] for i in range(n)]
 
 
 def thread_scaling(plain_int8: Path, paths: dict, images, rounds: int) -> dict[int, dict[str, float]]:
     """ms per frame at 1 .. physical-core threads (the agent's default is the physical core count)."""
-    from agent.runtime import physical_cores
+    from agent.model.providers import physical_cores
 
     table = {}
     for threads in sorted({1, 2, physical_cores()}):
@@ -298,6 +313,7 @@ def main() -> None:
     plain_fp32, plain_int8 = plain_models(photos[::2], preprocess)
     images = [preprocess(f) for f in photos[1::4][: args.frames]]
     folded_images = _cycle(images, FOLDED_FRAMES)
+    clean, foggy = fixed_camera(FOLDED_FRAMES, preprocess)
     t = args.threads
     timers = {
         "plain FP32": timer_plain(plain_fp32, t, images),
@@ -306,9 +322,11 @@ def main() -> None:
         "adapted INT8 robust": timer_adapted(paths["robust/int8"], t, images),
         "adapted INT8 faithful": timer_adapted(paths["faithful/int8"], t, images),
         "unadapted INT8 folded, camera anchor (outside drift episodes)": timer_adapted(
-            paths["robust.folded/int8"], t, folded_images, strength=0.0, method="anchor"),
-        "adapted INT8 folded, camera anchor (a drift episode)": timer_adapted(
-            paths["robust.folded/int8"], t, folded_images, method="anchor", learn=FOLDED_FRAMES),
+            paths["robust.folded/int8"], t, clean, strength=0.0, method="anchor"),
+        "adapted INT8 folded, camera anchor (a drift episode's first frames)": timer_adapted(
+            paths["robust.folded/int8"], t, foggy[:SETTLE_MEASUREMENTS], method="anchor", learn=clean, onset=True),
+        "adapted INT8 folded, camera anchor (a drift episode, settled)": timer_adapted(
+            paths["robust.folded/int8"], t, foggy, method="anchor", learn=clean, settle=len(foggy)),
         "adapted FP32 folded": timer_adapted(paths["robust.folded/fp32"], t, folded_images),
         "adapted INT8 folded": timer_adapted(paths["robust.folded/int8"], t, folded_images),
         "adapted INT8 folded, statistics every frame": timer_adapted(paths["robust.folded/int8"], t, folded_images,

@@ -31,9 +31,9 @@ import numpy as np
 
 from agent.config import parse_config
 from agent.lame import Lame
+from agent.model.graph_session import GraphSession
 from agent.pipeline import build_pipeline
 from agent.preprocess import Preprocessor
-from agent.runtime import AdaptiveSession
 from agent.sources import Frame
 
 from .corruptions import CORRUPTIONS, corrupt
@@ -235,7 +235,7 @@ SWEEP = [
 
 def _sweep_task(task) -> tuple[str, str, float]:
     name, path, stream = task
-    session = AdaptiveSession(path, threads=1)
+    session = GraphSession(path, threads=1)
     preprocess = Preprocessor(session.info.preprocess)
     strength = float(name != "unadapted")
     wrong = [np.argmax(session.step(preprocess(x), strength=strength).logits) != y

@@ -190,8 +190,8 @@ def parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
     """torch.onnx, onnxscript and onnx_ir narrate every pass; the user needs our lines and real problems."""
-    for name in ("torch", "onnxscript", "onnx_ir", "agent.runtime"):
-        logging.getLogger(name).setLevel(logging.ERROR if name != "agent.runtime" else logging.WARNING)
+    for name in ("torch", "onnxscript", "onnx_ir", "agent.model"):
+        logging.getLogger(name).setLevel(logging.ERROR if name != "agent.model" else logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
 

@@ -3,7 +3,7 @@
 The per-layer graph of exporters/graph.py costs 5.5 plain INT8 frames: BatchNorm cannot be
 folded, activations are quantized before normalisation, and every layer adds ~55 small
 nodes. Here a frame is normalised with statistics the agent computed from the components
-after the previous frame (agent/unmix.py, all layers in one vectorised step), so the graph
+after the previous frame (agent/model/mixture.py, all layers in one vectorised step), so the graph
 only has to apply a per-channel affine and report statistics:
 
 - INT8: each adapted BatchNorm is folded into the QLinearConv before it; the affine enters

@@ -35,8 +35,9 @@ from tqdm import tqdm
 
 from agent import contract
 from agent.contract import ModelInfo, ShiftReference
+from agent.model.graph_session import GraphSession
+from agent.model.sessions import open_session
 from agent.preprocess import FrameError, Preprocessor
-from agent.runtime import AdaptiveSession, open_session
 
 from . import folded
 from .export import ExportError, save_atomic, set_metadata
@@ -81,7 +82,7 @@ def read_frames(source: str | Path, limit: int | None = None) -> list[np.ndarray
 def _feeds_through_float_graph(path: Path, info: ModelInfo, frames: list[np.ndarray]) -> list[dict]:
     """Each frame's session inputs twice: adapted, with the components the float graph evolved up
     to it, and on the source statistics, so the ranges cover both ways the agent runs a frame."""
-    session = AdaptiveSession(path, info=info)
+    session = GraphSession(path, info=info)
     preprocess = Preprocessor(info.preprocess)
     on, off = np.ones(1, np.float32), np.zeros(1, np.float32)
     feeds = []

@@ -2,10 +2,10 @@
 
 The agent finds it through the `tta_agent.backends` entry point (pyproject.toml), only when
 `advanced.model.backend: torch` is asked for, or when `model.device: cuda` is asked for and torch is the
-only way to the GPU (agent.runtime.open_session): the agent itself imports nothing of the torch
+only way to the GPU (agent.model.sessions.open_session): the agent itself imports nothing of the torch
 half. It builds the torch model the file names (`tta.source`), swaps its BatchNorm layers for the exporter's UnMix-TNS
 modules with the file's own adaptation spec (exporters/unmix.py, the references the graphs are
-tested against), and offers AdaptiveSession's interface: step/reset/save/load/state.
+tested against), and offers GraphSession's interface: step/reset/save/load/state.
 
 The components are mirrored on the CPU after every committed frame, so when the GPU fails
 (CUDA error, device lost, out of memory) the model is rebuilt on the CPU with the components
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from agent.contract import ContractError, ModelInfo, read_model_info
-from agent.runtime import Checkpoints, StepOutput
+from agent.model.adaptive import Checkpoints, StepOutput
 from agent.state import initial_state
 
 from .export import with_features
@@ -80,7 +80,7 @@ class TorchSession(Checkpoints):
                         for name, tensors in state.items()}
 
     def step(self, image: np.ndarray, strength: float = 1.0, update: bool = True, measure: bool = False) -> StepOutput:
-        """As AdaptiveSession.step; every frame is measured."""
+        """As GraphSession.step; every frame is measured."""
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"adaptation strength must be in [0, 1], got {strength}")
         commit = strength > 0 and update

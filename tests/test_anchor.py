@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from helpers import fmnist_video
 
-from agent.anchor import STRENGTH, CameraAnchor
 from agent.config import parse_config
 from agent.contract import AdaptationSpec, LayerSpec, read_model_info
+from agent.model.anchor import STRENGTH, CameraAnchor
+from agent.model.folded_session import FoldedSession
 from agent.pipeline import build_pipeline
-from agent.runtime import FoldedSession
 from agent.sources import FileSource
 from agent.state import initial_state, load_state, save_state
 

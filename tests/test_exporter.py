@@ -16,8 +16,8 @@ from helpers import quantized_weights
 
 from agent import contract
 from agent.contract import read_model_info
+from agent.model.graph_session import GraphSession
 from agent.preprocess import Preprocessor
-from agent.runtime import AdaptiveSession
 from agent.samples import photo, photo_stream
 from agent.state import StateError, initial_state, load_state, save_state
 from exporters.cli import main as export_main
@@ -30,7 +30,7 @@ COFFEE_CLASSES = (967, 968)  # espresso, cup
 
 
 def test_import_agent_does_not_import_torch():
-    code = ("import sys, agent, agent.contract, agent.state, agent.preprocess, agent.runtime; "
+    code = ("import sys, agent, agent.contract, agent.state, agent.preprocess, agent.model.sessions; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
@@ -68,14 +68,14 @@ def test_efficientnet_weights_and_preprocessing_see_the_photo(name, classes):
 @pytest.mark.parametrize("kind", ["fp32", "int8"])
 @pytest.mark.parametrize("name, classes", [("chelsea", CAT_CLASSES), ("coffee", COFFEE_CLASSES)])
 def test_exported_model_on_source_statistics_sees_the_photo(effnet, kind, name, classes):
-    session = AdaptiveSession(effnet[kind])
+    session = GraphSession(effnet[kind])
     image = Preprocessor(session.info.preprocess)(photo(name))
     top = int(np.argmax(session.step(image, strength=0.0).logits))
     assert top in classes, session.info.labels[top]
 
 
 def test_adapt_off_is_the_plain_batchnorm_model_and_keeps_the_state(effnet):
-    session = AdaptiveSession(effnet["fp32"])
+    session = GraphSession(effnet["fp32"])
     before = session.state_feeds
     image = Preprocessor(session.info.preprocess)(photo("astronaut"))
     logits = session.step(image, strength=0.0).logits
@@ -94,7 +94,7 @@ def _parity(model_path, reference: torch.nn.Module, frames, seed=0):
     means) turn float32 rounding upstream into slightly different shares of a frame between two
     similar young components (deep EfficientNet layers reach ~1e-3 in the counts).
     """
-    session = AdaptiveSession(model_path, seed=seed)
+    session = GraphSession(model_path, seed=seed)
     spec = session.info.adaptation
     logit_tolerance, component_tolerance = (1e-4, 1e-4) if spec.mode == "faithful" else (1e-3, 5e-3)
     options = spec.options if spec.mode == "robust" else {"momentum": spec.momentum}
@@ -134,7 +134,7 @@ def test_efficientnet_fp32_graph_matches_torch_reference_frame_by_frame(effnet, 
     frames = [f for _, f in photo_stream(6, names=PARITY_PHOTOS)]
     assert len(frames) >= 50
     path = effnet_faithful if mode == "faithful" else effnet["fp32"]
-    assert AdaptiveSession(path).info.adaptation.mode == mode
+    assert GraphSession(path).info.adaptation.mode == mode
     same_top1, _ = _parity(path, eff.pretrained(), frames)
     assert same_top1 == len(frames)
 

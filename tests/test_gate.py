@@ -7,8 +7,8 @@ import pytest
 
 from agent.contract import ShiftReference, read_model_info
 from agent.gate import AdaptationGate, CollapseGuard
+from agent.model.graph_session import GraphSession
 from agent.pipeline import CameraPipeline
-from agent.runtime import AdaptiveSession
 from agent.sources import Frame
 from bench.corruptions import corrupt
 from exporters.models import fashion_mnist as fm
@@ -79,7 +79,7 @@ def test_exporter_writes_a_shift_reference_per_file(fmnist):
 
 
 def _run(path, images, gated: bool = True, adaptation: str = "on"):
-    session = AdaptiveSession(path, threads=1)
+    session = GraphSession(path, threads=1)
     gate = AdaptationGate(session.info.shift_reference) if gated else None
     pipeline = CameraPipeline(session, gate=gate)
     pipeline.set_adaptation(adaptation)
@@ -121,7 +121,7 @@ def test_guard_fires_when_adapted_predictions_collapse_onto_one_class():
 
 def test_a_firing_guard_resets_the_components_and_pauses_adaptation(fmnist):
     images, _ = fm.load_split("t10k")
-    session = AdaptiveSession(fmnist["int8"], threads=1)
+    session = GraphSession(fmnist["int8"], threads=1)
     guard = CollapseGuard(len(session.info.labels), window=10, diversity=1.0, hold=30)  # fires at any doubt
     pipeline = CameraPipeline(session, raw_every=1, guard=guard)
     results = [pipeline.process(Frame(i, image, 0.0)) for i, image in enumerate(images[:60])]

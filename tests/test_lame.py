@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from agent.lame import CorrelationMonitor, Lame, affinity, energy, solve
+from agent.model.graph_session import GraphSession
 from agent.pipeline import softmax
 from agent.preprocess import Preprocessor
-from agent.runtime import AdaptiveSession
 from exporters.models import fashion_mnist as fm
 
 
@@ -19,7 +19,7 @@ def stream(fmnist):
     rng = np.random.default_rng(0)
     order = np.concatenate([rng.choice(np.flatnonzero(labels == c), 40, replace=False)
                             for c in rng.permutation(10)])
-    session = AdaptiveSession(fmnist["int8"])
+    session = GraphSession(fmnist["int8"])
     preprocess = Preprocessor(session.info.preprocess)
     outs = [session.step(preprocess(images[i]), strength=0.0) for i in order]
     return np.stack([o.features for o in outs]), np.stack([softmax(o.logits) for o in outs]), labels[order]

@@ -14,9 +14,9 @@ import pytest
 from agent.cli import main as agent_main
 from agent.drift import DriftDetector
 from agent.lame import Lame
+from agent.model.graph_session import GraphSession
 from agent.pipeline import CameraPipeline
 from agent.replay import LabelsError, read_labels, replay
-from agent.runtime import AdaptiveSession
 from agent.samples import render_sample_video, sidecar_path
 from agent.sources import FileSource, Frame, LiveSource, SourceError
 
@@ -31,7 +31,7 @@ def sample_video(tmp_path_factory):
 
 
 def test_replay_accounts_for_every_frame_and_raises_drift_around_the_change(effnet, sample_video):
-    session = AdaptiveSession(effnet["int8"])
+    session = GraphSession(effnet["int8"])
     labels = read_labels(sidecar_path(sample_video), session.info.labels)
     pipeline = CameraPipeline(session, Lame(window=16), "auto", DriftDetector(layers=session.info.layer_names),
                               raw_every=1)
@@ -56,7 +56,7 @@ def test_stream_overlapping_lame_gives_what_process_gives_frame_by_frame(effnet,
     """stream() preprocesses a frame ahead and runs LAME a frame behind the model on a worker thread;
     nothing may change but the timing."""
     def pipeline():
-        session = AdaptiveSession(effnet["int8"])
+        session = GraphSession(effnet["int8"])
         return CameraPipeline(session, Lame(window=16), "on", DriftDetector(layers=session.info.layer_names),
                               raw_every=5)
 
@@ -105,7 +105,7 @@ def test_bad_labels_files_name_the_row(effnet, tmp_path, rows, message):
     path = tmp_path / "labels.csv"
     _write_labels(path, rows)
     with pytest.raises(LabelsError, match=message):
-        read_labels(path, AdaptiveSession(effnet["int8"]).info.labels)
+        read_labels(path, GraphSession(effnet["int8"]).info.labels)
 
 
 def test_unreadable_video_is_a_clear_error(tmp_path, effnet, capsys):

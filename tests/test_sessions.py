@@ -1,4 +1,4 @@
-"""Every kind of adaptive session held to one contract (agent.runtime.AdaptiveModel), on the real
+"""Every kind of adaptive session held to one contract (agent.model.adaptive.AdaptiveModel), on the real
 exported Fashion-MNIST models: the graph layout, the folded layout with each learner, and the
 exporter's torch session. The streams shift their contrast so that adaptation has work to do."""
 from __future__ import annotations
@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 from helpers import FailingGpuSession
 
+from agent.model.adaptive import AdaptiveModel
+from agent.model.folded_session import FoldedSession
+from agent.model.graph_session import GraphSession
+from agent.model.sessions import open_session
 from agent.preprocess import Preprocessor
-from agent.runtime import AdaptiveModel, AdaptiveSession, FoldedSession, open_session
 from agent.state import initial_state
 from exporters.models import fashion_mnist as fm
 
@@ -96,7 +99,7 @@ def test_a_gpu_failure_keeps_the_state_on_the_cpu(kind, fmnist, fmnist_folded, f
     session, twin = (_open(kind, fmnist, fmnist_folded) for _ in range(2))
     _run(session, frames[:16])
     _run(twin, frames[:16])
-    assert isinstance(session, (AdaptiveSession, FoldedSession))
+    assert isinstance(session, (GraphSession, FoldedSession))
     session.session = FailingGpuSession(session.session)
     preprocess = Preprocessor(session.info.preprocess)
     for x in frames[16:]:  # measured frames run the graph: the first dies, reruns on the CPU

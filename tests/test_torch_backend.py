@@ -10,8 +10,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from agent.model.graph_session import GraphSession  # noqa: E402
+from agent.model.sessions import open_session  # noqa: E402
 from agent.preprocess import Preprocessor  # noqa: E402
-from agent.runtime import AdaptiveSession, open_session  # noqa: E402
 from bench.corruptions import corrupt  # noqa: E402
 from exporters.models import fashion_mnist as fm  # noqa: E402
 from exporters.torch_session import TorchSession  # noqa: E402
@@ -25,7 +26,7 @@ def stream():
 
 @pytest.mark.parametrize("strength", [1.0, 0.4])
 def test_torch_backend_runs_the_same_model_as_the_onnx_file(fmnist, stream, strength):
-    ort = AdaptiveSession(fmnist["fp32"], threads=1)
+    ort = GraphSession(fmnist["fp32"], threads=1)
     pt = TorchSession(fmnist["fp32"], device="cpu")
     preprocess = Preprocessor(ort.info.preprocess)
     for image in stream:
@@ -79,7 +80,7 @@ def test_gpu_failure_mid_run_falls_back_to_cpu_with_the_state_of_the_last_good_f
 
 
 def test_open_session_keeps_onnxruntime_unless_torch_is_the_way_to_a_gpu(fmnist):
-    assert isinstance(open_session(fmnist["int8"], device="cpu"), AdaptiveSession)
+    assert isinstance(open_session(fmnist["int8"], device="cpu"), GraphSession)
     assert isinstance(open_session(fmnist["int8"], device="cpu", backend="torch"), TorchSession)
     cuda = open_session(fmnist["int8"], device="cuda")
     assert isinstance(cuda, TorchSession) == torch.cuda.is_available()
@@ -87,7 +88,7 @@ def test_open_session_keeps_onnxruntime_unless_torch_is_the_way_to_a_gpu(fmnist)
 
 def test_the_torch_backend_refuses_a_folded_file_by_name_and_auto_keeps_it_on_onnxruntime(fmnist_folded):
     from agent.contract import ContractError
-    from agent.runtime import FoldedSession
+    from agent.model.folded_session import FoldedSession
 
     with pytest.raises(ContractError, match="folded-layout model; the torch backend runs graph-layout models only"):
         open_session(fmnist_folded["int8"], device="cpu", backend="torch")

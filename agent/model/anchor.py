@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .contract import AdaptationSpec
-from .unmix import LayerStatistics
+from ..contract import AdaptationSpec
+from .mixture import LayerStatistics
 
 STRENGTH = 0.5  # share of the change applied (bench/camera.py)
 CURRENT_MOMENTUM = 0.1  # per frame: the current statistics follow a change within tens of frames
@@ -31,7 +31,7 @@ EPS = 1e-6
 
 
 class CameraAnchor(LayerStatistics):
-    """The learner of the folded layout's session (agent/runtime.FoldedSession): `update` with each
+    """The learner of the folded layout's session (agent/model/folded_session.py): `update` with each
     measured frame's statistics, `statistics` for what to normalise with."""
 
     def __init__(self, spec: AdaptationSpec, source_stats: dict):

@@ -6,8 +6,9 @@ import pytest
 from helpers import FailingGpuSession
 
 from agent.contract import ContractError
+from agent.model.graph_session import GraphSession
+from agent.model.providers import CPU, choose_providers
 from agent.preprocess import FrameError, Preprocessor
-from agent.runtime import CPU, AdaptiveSession, choose_providers
 from exporters.models import fashion_mnist as fm
 
 
@@ -18,7 +19,7 @@ def images():
 
 def test_cuda_requested_without_a_gpu_runs_on_the_cpu_and_says_why(fmnist):
     for device in ("cuda", "auto"):
-        session = AdaptiveSession(fmnist["int8"], device=device)
+        session = GraphSession(fmnist["int8"], device=device)
         assert session.provider == CPU
         assert "no GPU provider" in session.provider_reason
 
@@ -32,8 +33,8 @@ def test_provider_choice_prefers_gpu_providers_when_offered():
 
 
 def test_gpu_failure_mid_run_falls_back_to_cpu_with_the_same_state(fmnist, images):
-    session = AdaptiveSession(fmnist["int8"])
-    twin = AdaptiveSession(fmnist["int8"])
+    session = GraphSession(fmnist["int8"])
+    twin = GraphSession(fmnist["int8"])
     preprocess = Preprocessor(session.info.preprocess)
     for image in images[:5]:
         session.step(preprocess(image))
@@ -52,7 +53,7 @@ def test_gpu_failure_mid_run_falls_back_to_cpu_with_the_same_state(fmnist, image
 
 
 def test_frozen_and_off_leave_the_components_alone(fmnist, images):
-    session = AdaptiveSession(fmnist["int8"])
+    session = GraphSession(fmnist["int8"])
     image = Preprocessor(session.info.preprocess)(images[0])
     before = session.state_feeds
     frozen = session.step(image, update=False)
@@ -69,12 +70,12 @@ def test_frozen_and_off_leave_the_components_alone(fmnist, images):
 
 
 def test_state_save_and_resume_continue_the_same_stream(fmnist, images, tmp_path):
-    a = AdaptiveSession(fmnist["int8"])
+    a = GraphSession(fmnist["int8"])
     preprocess = Preprocessor(a.info.preprocess)
     for image in images[:10]:
         a.step(preprocess(image))
     a.save(tmp_path / "state.npz")
-    b = AdaptiveSession(fmnist["int8"])
+    b = GraphSession(fmnist["int8"])
     b.load(tmp_path / "state.npz")
     assert b.frames == 10
     for image in images[10:]:
@@ -88,12 +89,12 @@ def test_a_model_without_the_contract_is_refused_by_name(tmp_path, fmnist):
     del plain.metadata_props[:]
     onnx.save(plain, str(tmp_path / "plain.onnx"))
     with pytest.raises(ContractError, match="not an adaptive tta-agent model: metadata tta.format_version"):
-        AdaptiveSession(tmp_path / "plain.onnx")
+        GraphSession(tmp_path / "plain.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"\x00garbage")
     with pytest.raises(ContractError, match="not a readable ONNX file"):
-        AdaptiveSession(tmp_path / "junk.onnx")
+        GraphSession(tmp_path / "junk.onnx")
     with pytest.raises(ContractError, match="does not exist"):
-        AdaptiveSession(tmp_path / "missing.onnx")
+        GraphSession(tmp_path / "missing.onnx")
 
 
 @pytest.mark.parametrize("frame, reason", [
@@ -103,13 +104,13 @@ def test_a_model_without_the_contract_is_refused_by_name(tmp_path, fmnist):
     (np.zeros((1, 20), np.uint8), "too small"),
 ])
 def test_bad_frames_are_rejected_with_a_reason(fmnist, frame, reason):
-    preprocess = Preprocessor(AdaptiveSession(fmnist["int8"]).info.preprocess)
+    preprocess = Preprocessor(GraphSession(fmnist["int8"]).info.preprocess)
     with pytest.raises(FrameError, match=reason):
         preprocess(frame)
 
 
 @pytest.mark.parametrize("shape", [(28, 28), (28, 28, 1), (97, 61, 3), (480, 640, 4)])
 def test_any_frame_size_and_channel_count_is_converted(fmnist, shape):
-    preprocess = Preprocessor(AdaptiveSession(fmnist["int8"]).info.preprocess)
+    preprocess = Preprocessor(GraphSession(fmnist["int8"]).info.preprocess)
     frame = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
     assert preprocess(frame).shape == (1, 1, 28, 28)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .contract import AdaptationSpec
+from ..contract import AdaptationSpec
 
 
 class LayerStatistics:
