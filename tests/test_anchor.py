@@ -121,3 +121,38 @@ def test_a_camera_that_pans_is_not_anchored(fmnist_folded, tmp_path):
     results = list(pipeline.stream(FileSource(path).frames()))
     assert info.adaptation.layout == "folded" and not pipeline.drift.fixed
     assert all(r.strength == 0 for r in results)
+
+
+def test_a_drift_episode_is_followed_every_frame_then_answered_from_a_bake(fmnist_folded, fixed_camera):
+    """The session's cadence on the fixed camera: clean frames teach the reference (measured every 7th);
+    in its noise the anchor measures every frame through the graph until the episode settles, then answers
+    from a bake of its normalisation (the graph's answer for it) and measures every 7th frame; back in
+    clean conditions the next episode is followed from its start again."""
+    from agent import contract
+    from agent.model.cadence import SETTLE_MEASUREMENTS, STATISTICS_EVERY
+    from agent.model.sessions import open_session
+    from agent.preprocess import Preprocessor
+
+    session = open_session(fmnist_folded["int8"], "cpu", "onnxruntime", threads=1)
+    preprocess = Preprocessor(session.info.preprocess)
+    frames = [preprocess(f.image) for f in FileSource(fixed_camera).frames()]
+    clean, noisy = frames[:150], frames[150:270]
+    measured = [session.step(x, strength=0.0).shift is not None for x in clean]
+    assert sum(measured) == len(clean) // STATISTICS_EVERY and session.learner.learned
+    shifts, baked = [], 0
+    for x in noisy:
+        before = session.baked_statistics
+        out = session.step(x, strength=1.0)
+        shifts.append(out.shift is not None)
+        if out.shift is None and session.baked_statistics is not None:
+            mean, var = session.baked_statistics
+            graph = session.session.run([contract.LOGITS], {contract.IMAGE: x, contract.NORM_MEAN: mean,
+                                                            contract.NORM_VAR: var})[0][0]
+            np.testing.assert_allclose(out.logits, graph, atol=1e-4)
+            baked += before is not None and before[0] is mean  # answered from a bake it already had
+    settled = shifts.index(False)
+    assert settled >= SETTLE_MEASUREMENTS and all(shifts[:settled])
+    assert sum(shifts[settled:]) == len(shifts[settled:]) // STATISTICS_EVERY  # every 7th once settled
+    assert baked > 0 and not session.cadence.following
+    session.step(frames[270], strength=0.0)
+    assert session.cadence.following
