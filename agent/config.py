@@ -87,9 +87,10 @@ class FoldedConfig(Section):
                                   description="measure statistics every N frames: unadapted frames always, adapted "
                                               "ones once a drift episode has settled (the camera anchor) or always "
                                               "(unmix)")
-    rebake_divergence: float = Field(REBAKE_DIVERGENCE, ge=0, le=100,
-                                     description="rebuild the baked normalisation once what the frames need is "
-                                                 "this far from it (mean KL per layer)")
+    rebake_divergence: float | None = Field(
+        None, ge=0, le=100, description="rebuild the baked normalisation once a measurement has moved what the "
+        "frames need this far from it (mean KL per layer); default " + ", ".join(
+            f"{v} for {k}" for k, v in REBAKE_DIVERGENCE.items()))
 
 
 class AdvancedAdaptationConfig(Section):

@@ -41,23 +41,25 @@ class FoldedSession(OnnxSession):
     (cadence.MeasuringCadence) says which frames measure: they run the graph normalised as the learner says
     (their answer), and their statistics update the learner (a measurement standing for several frames
     decays UnMix-TNS's components for all of them). The other frames answer from the bake: the network with
-    the normalisation in use baked in, rebuilt when what they need has moved more than `rebake_divergence`
-    (mean per-layer KL) from it. An unadapted frame beside an adapted one (the unadapted pass every
-    `raw_every` frames, a gate's shadow) runs the graph at the source statistics rather than rebuild the bake.
-    So a camera holds two onnxruntime sessions, the graph and one bake. `statistics_every` 1: every frame
-    runs the graph. Components and checkpoints are the robust layout's."""
+    the normalisation in use baked in, rebuilt once a measurement has moved what they need more than
+    `rebake_divergence` (mean per-layer KL; by default the learner's own) from it. An unadapted frame
+    beside an adapted one (the unadapted pass every `raw_every` frames, a gate's shadow) runs the graph at
+    the source statistics rather than rebuild the bake. So a camera holds two onnxruntime sessions, the
+    graph and one bake. `statistics_every` 1: every frame runs the graph. Components and checkpoints are
+    the robust layout's."""
 
     OUTPUTS = (contract.LOGITS, contract.FEATURES, contract.STATS)
     BAKED_OUTPUTS = (contract.LOGITS, contract.FEATURES)
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, seed: int = 0,
                  info: ModelInfo | None = None, statistics_every: int = STATISTICS_EVERY,
-                 rebake_divergence: float = REBAKE_DIVERGENCE, learner: str = "unmix"):
+                 rebake_divergence: float | None = None, learner: str = "unmix"):
+        if learner not in LEARNERS:
+            raise ValueError(f"learner must be one of {', '.join(LEARNERS)}, got {learner!r}")
+        rebake_divergence = REBAKE_DIVERGENCE[learner] if rebake_divergence is None else rebake_divergence
         if statistics_every < 1 or not rebake_divergence >= 0:
             raise ValueError(f"statistics_every must be >= 1 and rebake_divergence >= 0, got {statistics_every}, "
                              f"{rebake_divergence}")
-        if learner not in LEARNERS:
-            raise ValueError(f"learner must be one of {', '.join(LEARNERS)}, got {learner!r}")
         info = info or read_model_info(path)
         self.statistics_every, self.rebake_divergence = statistics_every, rebake_divergence
         self.learner = LEARNERS[learner](info.adaptation, info.source_stats)
@@ -75,6 +77,7 @@ class FoldedSession(OnnxSession):
         self._last = None  # the last measured frame's statistics (a gate shadow's too), for the instance term
         self._normalised: tuple[float, tuple[np.ndarray, np.ndarray]] | None = None  # (strength, _normalisation)
         self._bake = None  # built for other statistics: a restored session runs as a fresh one would
+        self._stale = False  # a measurement has moved the adapted frames' normalisation past the bake's
         self._previous = 0.0  # the last step's strength: an unadapted step after an adapted one is a pass beside it
 
     @property
@@ -127,10 +130,10 @@ class FoldedSession(OnnxSession):
         return self._normalised[1]
 
     def _bake_for(self, strength: float, normalisation: tuple[np.ndarray, np.ndarray], beside: bool) -> _Bake | None:
-        """The bake that holds this normalisation, rebuilt if it has moved; None: run the graph instead."""
+        """The bake for this frame: the source one for unadapted frames, for adapted ones the last measurement's
+        normalisation (rebuilt once a measurement has moved it past `rebake_divergence`); None: run the graph."""
         bake = self._bake
-        if bake is not None and (bake.strength == strength == 0 or (strength > 0 and bake.strength > 0 and (
-                self._divergence(normalisation, (bake.mean, bake.var)) <= self.rebake_divergence))):
+        if bake is not None and (bake.strength == 0) == (strength == 0) and not (strength and self._stale):
             return bake
         if beside:
             return None
@@ -143,6 +146,7 @@ class FoldedSession(OnnxSession):
                         str(exc)[:200])
             return None
         self.bakes += 1
+        self._stale = False
         return self._bake
 
     def _divergence(self, a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
@@ -162,8 +166,10 @@ class FoldedSession(OnnxSession):
             self.learner.update(mu, var_x, strength, frames=1 if anchored and strength > 0 else frames)
         if strength > 0:
             moved_to = self._normalisation(strength)
-            self.cadence.moved(self._divergence(moved_to, normalisation), float("inf") if self._bake is None
-                               else self._divergence(moved_to, (self._bake.mean, self._bake.var)))
+            bake = self._bake if self._bake is not None and self._bake.strength > 0 else None
+            from_bake = float("inf") if bake is None else self._divergence(moved_to, (bake.mean, bake.var))
+            self._stale = from_bake > self.rebake_divergence
+            self.cadence.moved(self._divergence(moved_to, normalisation), from_bake)
         return self.learner.shift(mu, var_x)
 
     def _run_graph(self, image: np.ndarray, mean: np.ndarray, var: np.ndarray) -> None:

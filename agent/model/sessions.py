@@ -6,7 +6,7 @@ from pathlib import Path
 from .. import contract
 from ..config import BACKENDS
 from ..contract import ModelInfo, read_model_info
-from .cadence import REBAKE_DIVERGENCE, STATISTICS_EVERY
+from .cadence import STATISTICS_EVERY
 from .folded_session import LEARNERS, FoldedSession
 from .graph_session import GraphSession
 from .providers import CPU, choose_providers
@@ -14,7 +14,7 @@ from .providers import CPU, choose_providers
 
 def open_session(path: str | Path, device: str = "auto", backend: str = "auto", threads: int | None = None,
                  seed: int = 0, info: ModelInfo | None = None, statistics_every: int = STATISTICS_EVERY,
-                 rebake_divergence: float = REBAKE_DIVERGENCE, method: str = "auto"):
+                 rebake_divergence: float | None = None, method: str = "auto"):
     """onnxruntime, unless torch is asked for, or `cuda` is asked for and torch is the only way to a
     GPU here (onnxruntime without a GPU provider). torch is imported only in those two cases.
     `statistics_every` / `rebake_divergence` are the folded layout's cadence (FoldedSession); the graph
