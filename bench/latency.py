@@ -11,13 +11,13 @@ those pairs' ratios.
     INT8 folded, camera anchor    the default (folded layout, adaptation.method auto) on a fixed camera
                                   (bench.camera's first view): unadapted on its clean frames, as a
                                   camera runs outside drift episodes (the source bake, the graph
-                                  every 7th frame); adapted in fog (severity 3) after it learned its
+                                  every 11th frame); adapted in fog (severity 3) after it learned its
                                   reference on the clean frames, during the first SETTLE_MEASUREMENTS
                                   frames of a drift episode (every frame through the graph with its
                                   statistics branch) and once the episode has settled (a bake, the
-                                  graph every 7th frame)
+                                  graph every 11th frame)
     adapted FP32 / INT8 folded,   the folded layout with UnMix-TNS in numpy (agent/model/mixture.py): statistics
-      UnMix-TNS                   measured every 7th frame, the frames between on a baked session
+      UnMix-TNS                   measured every 11th frame, the frames between on a baked session
                                   (agent/model/folded_session.py); also at every frame and every 16th,
                                   and with the gate's shadow pass (unadapted, measuring) every 4th
                                   frame, as a gated camera runs while it adapts; the default and gated

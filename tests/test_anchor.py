@@ -124,9 +124,9 @@ def test_a_camera_that_pans_is_not_anchored(fmnist_folded, tmp_path):
 
 
 def test_a_drift_episode_is_followed_every_frame_then_answered_from_a_bake(fmnist_folded, fixed_camera):
-    """The session's cadence on the fixed camera: clean frames teach the reference (measured every 7th);
+    """The session's cadence on the fixed camera: clean frames teach the reference (measured every 11th);
     in its noise the anchor measures every frame through the graph until the episode settles, then answers
-    from a bake of its normalisation (the graph's answer for it) and measures every 7th frame; back in
+    from a bake of its normalisation (the graph's answer for it) and measures every 11th frame; back in
     clean conditions the next episode is followed from its start again."""
     from agent import contract
     from agent.model.cadence import SETTLE_MEASUREMENTS, STATISTICS_EVERY
@@ -152,7 +152,7 @@ def test_a_drift_episode_is_followed_every_frame_then_answered_from_a_bake(fmnis
             baked += before is not None and before[0] is mean  # answered from a bake it already had
     settled = shifts.index(False)
     assert settled >= SETTLE_MEASUREMENTS and all(shifts[:settled])
-    assert sum(shifts[settled:]) == len(shifts[settled:]) // STATISTICS_EVERY  # every 7th once settled
+    assert sum(shifts[settled:]) == len(shifts[settled:]) // STATISTICS_EVERY  # every 11th once settled
     assert baked > 0 and not session.cadence.following
     session.step(frames[270], strength=0.0)
     assert session.cadence.following

@@ -4,7 +4,7 @@ loads no inference engine and the policy is tested on its own (tests/test_cadenc
 from __future__ import annotations
 
 # chosen by bench/latency.py, bench/quality.py and bench/camera.py
-STATISTICS_EVERY = 7
+STATISTICS_EVERY = 11  # prime: a periodic stream is not sampled at one phase (docs/decisions.md)
 # how far (mean per-layer KL) a bake may lag what the frames need, by learner: the anchor's correction is
 # small and decisive, UnMix-TNS's normalisation moves with every frame's instance term
 REBAKE_DIVERGENCE = {"anchor": 0.001, "unmix": 0.003}
