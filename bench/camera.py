@@ -1,6 +1,9 @@
 """Camera benchmark for ImageNet-class models: real photos watched by a camera, reference ImageNet-C corruptions.
 
     python -m bench.camera [--layouts graph folded] [--severities 3 5] [--workers 2]
+    python -m bench.camera --layouts folded --severities 3 --views 0 3 6 9 12 15 18 21 --condition-frames 160 \
+        --set advanced.adaptation.folded.statistics_every=11 --name camera.cadence-11
+                                       (a cadence on longer conditions: docs/decisions.md)
 
 Views: 24 crops of 13 real photos that install offline (3 of scikit-image's, 10 of Debian's
 opencv-doc), each one whose clean FP32 top-1 is confident and sensible (VIEWS; the table lists
@@ -16,7 +19,8 @@ Conditions: the 15 ImageNet-C corruptions of the reference implementation (PyPI 
 and `night` (darker and sensor noise), per severity, plus clean. Labels: the FP32 model's top-1
 on the clean frame. Reported per condition and severity: unadapted (the model with its source
 statistics on every frame), adapted (before LAME), answer (what the agent publishes) and the
-mean adaptation strength. Writes bench/results/camera.md and camera.json.
+mean adaptation strength. Writes bench/results/camera.md and camera.json (`--name`: other names).
+`--set KEY=VALUE` overrides a key of the config the adapting agent runs (the values read as YAML).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.config import parse_config
+from agent.config import apply_overrides, parse_config, parse_overrides
 from agent.contract import read_model_info
 from agent.pipeline import build_pipeline
 from agent.samples import photo
@@ -74,6 +78,10 @@ VIEWS = {
     ("opencv:graf1.png", 0.6, 0.5, 0.5): "comic book",
     ("opencv:stuff.jpg", 0.6, 0.8, 0.2): "ping-pong ball",
 }
+CONTINUAL_CAMERAS = range(0, len(VIEWS), len(VIEWS) // CONTINUAL_VIEWS)
+# set from the command line before the worker processes fork: the fixed views, and the adapting agent's overrides
+FIXED_VIEWS = list(range(len(VIEWS)))
+OVERRIDES: dict[str, object] = {}
 PANS = ("skimage:coffee", "skimage:camera", "opencv:squirrel_cls.jpg", "opencv:chicky_512.png", "opencv:fruits.jpg",
         "opencv:sudoku.png")
 NIGHT = {1: (0.6, 4.0), 2: (0.45, 7.0), 3: (0.35, 10.0), 4: (0.25, 14.0), 5: (0.18, 18.0)}  # light, noise sd
@@ -183,10 +191,11 @@ def labels_fp32(fp32: Path, scenes: dict) -> dict[str, np.ndarray]:
             for kind, frames in scenes.items()}
 
 
-def _config(model: Path, advanced: dict | None = None, **sections):
-    return parse_config({"model": {"path": str(model), "device": "cpu"}, "cameras": [{"name": "bench", "source": "0"}],
-                         "advanced": {"model": {"backend": "onnxruntime", "threads": 1}, **(advanced or {})},
-                         **sections})
+def _config(model: Path, advanced: dict | None = None, overrides: dict | None = None, **sections):
+    return parse_config(apply_overrides(
+        {"model": {"path": str(model), "device": "cpu"}, "cameras": [{"name": "bench", "source": "0"}],
+         "advanced": {"model": {"backend": "onnxruntime", "threads": 1}, **(advanced or {})}, **sections},
+        overrides or {}))
 
 
 def history(task) -> tuple[str, str]:
@@ -195,7 +204,7 @@ def history(task) -> tuple[str, str]:
     scenes = clean_scenes()
     frames = pan_stream("clean", 0, scenes) if camera == "pan" else \
         view_stream(int(camera), "clean", 0, LEAD_IN, scenes, 0)
-    agent = build_pipeline(_config(model))
+    agent = build_pipeline(_config(model, overrides=OVERRIDES))
     for i, (image, _) in enumerate(frames):
         agent.process(Frame(i, image, 0.0))
     path = Path(folder) / f"{model.stem}.{camera}.npz"
@@ -204,7 +213,7 @@ def history(task) -> tuple[str, str]:
 
 
 def _resumed(model: Path, checkpoint: tuple[str, str]):
-    agent = build_pipeline(_config(model))
+    agent = build_pipeline(_config(model, overrides=OVERRIDES))
     agent.session.load(checkpoint[0])
     agent.drift.restore(json.loads(checkpoint[1]))
     return agent
@@ -215,12 +224,12 @@ def run_task(task) -> dict:
     model, kind, condition, severity, labels, checkpoints = task
     scenes = clean_scenes()
     if kind == "continual":
-        cameras = [(str(v), continual(v, scenes)) for v in range(0, len(VIEWS), len(VIEWS) // CONTINUAL_VIEWS)]
+        cameras = [(str(v), continual(v, scenes)) for v in CONTINUAL_CAMERAS]
     elif kind == "pan":
         cameras = [("pan", pan_stream(condition, severity, scenes))]
     else:
         cameras = [(str(v), view_stream(v, condition, severity, CONDITION_FRAMES, scenes, 1000 * severity))
-                   for v in range(len(VIEWS))]
+                   for v in FIXED_VIEWS]
     truth = labels["pan" if kind == "pan" else "fixed"]
     correct = {"unadapted": [], "adapted": [], "answer": []}
     strength = []
@@ -260,7 +269,7 @@ def markdown(runs: list[dict], layouts: dict[str, Path], severities: list[int], 
              f"{minutes:.0f} min. Default agent config (`advanced.adaptation.method: auto`, `lame: auto`, guard "
              f"on). Every camera first ran {LEAD_IN} clean frames (a pan: one clean pass), checkpointed; each "
              "condition resumes from that. Labels: the FP32 model's top-1 on the clean frame. Accuracy in %, over the "
-             f"{len(VIEWS)} fixed cameras ({CONDITION_FRAMES} frames each) and the panning one "
+             f"{len(FIXED_VIEWS)} fixed cameras ({CONDITION_FRAMES} frames each) and the panning one "
              f"({len(PANS) * FRAMES_PER_VIEW} frames) in each condition; strength: the mean adaptation strength "
              "(0: the unadapted model; the panning camera's is 0 throughout).", ""]
     for layout in layouts:
@@ -304,6 +313,7 @@ def markdown(runs: list[dict], layouts: dict[str, Path], severities: list[int], 
 
 
 def main() -> None:
+    global CONDITION_FRAMES, FIXED_VIEWS, OVERRIDES
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=Path("models"),
                         help="folder with efficientnet_lite0.onnx, efficientnet_lite0.fp32.onnx and "
@@ -312,7 +322,14 @@ def main() -> None:
     parser.add_argument("--severities", type=int, nargs="+", default=[3, 5], choices=range(1, 6))
     parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--views", type=int, nargs="+", choices=range(len(VIEWS)), default=FIXED_VIEWS,
+                        help="the fixed cameras (indices into VIEWS)")
+    parser.add_argument("--condition-frames", type=int, default=CONDITION_FRAMES, help="frames per fixed camera")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the adapting agent's config")
+    parser.add_argument("--name", default="camera", help="results file stem")
     args = parser.parse_args()
+    CONDITION_FRAMES, FIXED_VIEWS, OVERRIDES = args.condition_frames, args.views, parse_overrides(args.set)
     files = {"graph": args.models / "efficientnet_lite0.onnx", "folded": args.models / "efficientnet_lite0_folded.onnx"}
     layouts = {k: files[k] for k in args.layouts}
     for path in [*layouts.values(), args.models / "efficientnet_lite0.fp32.onnx"]:
@@ -320,7 +337,7 @@ def main() -> None:
     started = time.time()
     labels = labels_fp32(args.models / "efficientnet_lite0.fp32.onnx", clean_scenes())
     folder = tempfile.mkdtemp(prefix="bench-camera-")
-    cameras = [str(v) for v in range(len(VIEWS))] + ["pan"]
+    cameras = [str(v) for v in sorted(set(FIXED_VIEWS) | set(CONTINUAL_CAMERAS))] + ["pan"]
     with ProcessPoolExecutor(args.workers) as pool:
         jobs = [(model, camera, folder) for model in layouts.values() for camera in cameras]
         done = list(pool.map(history, jobs))
@@ -343,13 +360,13 @@ def main() -> None:
     with ProcessPoolExecutor(args.workers) as pool:
         for i, (layout, result) in enumerate(zip(keys, pool.map(run_task, tasks))):
             runs.append({"layout": layout, **result})
-            (RESULTS / "camera.json").write_text(json.dumps(runs))  # a run cut short keeps what it measured
+            (RESULTS / f"{args.name}.json").write_text(json.dumps(runs))  # a run cut short keeps what it measured
             print(f"{i + 1}/{len(tasks)} {layout} {result['kind']} {result['condition']} s{result['severity']}: "
                   f"unadapted {_mean(result['correct']['unadapted']):.1f} "
                   f"answer {_mean(result['correct']['answer']):.1f} strength {np.mean(result['strength']):.2f} "
                   f"({time.time() - started:.0f} s)", flush=True)
     table = markdown(runs, layouts, args.severities, (time.time() - started) / 60)
-    (RESULTS / "camera.md").write_text(table)
+    (RESULTS / f"{args.name}.md").write_text(table)
     print(table)
 
 
