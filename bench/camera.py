@@ -283,15 +283,16 @@ def markdown(runs: list[dict], layouts: dict[str, Path], severities: list[int], 
                      f"{acc['answer'] - acc['unadapted']:+.1f} | {strength:.2f} |")
         for severity in severities:
             means = []
-            for condition in CONDITIONS:
+            for condition in [c for c in CONDITIONS if any(r["condition"] == c for r in mine)]:
                 acc, strength = _row(mine, condition, severity)
                 if condition in CORRUPTIONS:
                     means.append(acc)
                 lines.append(f"| {condition} | {severity} | {acc['unadapted']:.1f} | {acc['adapted']:.1f} | "
                              f"{acc['answer']:.1f} | {acc['answer'] - acc['unadapted']:+.1f} | {strength:.2f} |")
             m = {k: float(np.mean([a[k] for a in means])) for k in means[0]}
-            lines.append(f"| **mean of 15** | {severity} | **{m['unadapted']:.1f}** | **{m['adapted']:.1f}** | "
-                         f"**{m['answer']:.1f}** | **{m['answer'] - m['unadapted']:+.1f}** | |")
+            gain = m["answer"] - m["unadapted"]
+            lines.append(f"| **mean of {len(means)}** | {severity} | **{m['unadapted']:.1f}** | "
+                         f"**{m['adapted']:.1f}** | **{m['answer']:.1f}** | **{gain:+.1f}** | |")
         cont = next((r for r in mine if r["kind"] == "continual"), None)
         if cont:
             lines += ["", f"Continual streams ({CONTINUAL_VIEWS} cameras, each resumed from its clean history; "
