@@ -1,7 +1,7 @@
 """The adaptive model contract shared by exporters/ (which writes it) and agent/ (which reads it).
 
 One .onnx file carries everything: tensor names below, and JSON documents under the
-`tta.*` keys of `metadata_props`. Reading needs onnx and numpy only, never torch.
+`tta.*` keys of `metadata_props`. Reading needs protobuf and numpy only (agent/onnx_protobuf.py), never torch.
 """
 from __future__ import annotations
 
@@ -209,15 +209,14 @@ def _check_shapes(path: Path, model, labels: tuple, preprocess: Preprocess, adap
 
 def read_model_info(path: str | Path) -> ModelInfo:
     """Load and check the contract of an adaptive model; raise ContractError naming what is wrong."""
-    import onnx
-    from onnx import numpy_helper
+    from . import onnx_protobuf as pb
 
     path = Path(path)
     if not path.is_file():
         raise ContractError(f"model file {path} does not exist")
     try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # onnx raises DecodeError and friends
+        model = pb.load(path)
+    except Exception as exc:  # protobuf raises DecodeError and friends
         raise ContractError(f"model file {path} is not a readable ONNX file: {exc}") from exc
     meta = {p.key: p.value for p in model.metadata_props}
     missing = [k for k in (KEY_FORMAT, KEY_LABELS, KEY_PREPROCESS, KEY_ADAPTATION) if k not in meta]
@@ -249,10 +248,12 @@ def read_model_info(path: str | Path) -> ModelInfo:
             expected_in.add(state_input(layer.name, tensor))
             expected_out.add(state_output(layer.name, tensor))
         try:
-            mean = numpy_helper.to_array(inits[layer.source_mean]).astype(np.float32)
-            var = numpy_helper.to_array(inits[layer.source_var]).astype(np.float32)
+            mean = pb.to_array(inits[layer.source_mean]).astype(np.float32)
+            var = pb.to_array(inits[layer.source_var]).astype(np.float32)
         except KeyError as exc:
             raise ContractError(f"{path}: source statistics {exc} of layer {layer.name} not in the file") from exc
+        except ValueError as exc:
+            raise ContractError(f"{path}: source statistics of layer {layer.name}: {exc}") from exc
         stats[layer.name] = (mean, var)
     if expected_in - inputs or expected_out - outputs:
         absent = sorted((expected_in - inputs) | (expected_out - outputs))

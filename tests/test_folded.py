@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -322,3 +324,31 @@ def test_a_folded_file_without_its_statistics_output_is_refused_by_name(folded, 
     onnx.save(model, str(tmp_path / "broken.onnx"))
     with pytest.raises(contract.ContractError, match="stats"):
         read_model_info(tmp_path / "broken.onnx")
+
+
+def test_a_folded_camera_reads_its_file_and_bakes_without_the_onnx_package(folded):
+    """The daemon parses the file, splits out the bake and builds bakes with protobuf alone
+    (agent/onnx_protobuf.py): onnx's operator library is not loaded."""
+    code = ("import sys, numpy as np; from agent.model.sessions import open_session; "
+            f"s = open_session({str(folded['int8'])!r}, 'cpu', 'onnxruntime', method='unmix', statistics_every=2, "
+            "rebake_divergence=0.0); "
+            "[s.step(np.random.default_rng(i).random((1, 1, 28, 28), dtype=np.float32)) for i in range(4)]; "
+            "assert s.bakes == 2, s.bakes; "
+            "sys.exit(sorted(m for m in sys.modules if m == 'onnx' or m.startswith('onnx.onnx_cpp2py')) or 0)")
+    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr + run.stdout
+
+
+@pytest.mark.parametrize("values", [np.arange(12, dtype=np.float32).reshape(3, 4) - 5.5,
+                                    np.array([-3, 0, 7], np.int64), np.array([[1, 255]], np.uint8),
+                                    np.array([-128, 127], np.int8), np.array([True, False])])
+def test_the_protobuf_reader_reads_and_writes_tensors_as_onnx_does(values):
+    from onnx import numpy_helper
+
+    from agent import onnx_protobuf as pb
+
+    written = pb.from_array(values, "t")
+    assert written.SerializeToString() == numpy_helper.from_array(values, "t").SerializeToString()
+    for tensor in (written, onnx.helper.make_tensor("t", written.data_type, values.shape, values.ravel().tolist())):
+        read = pb.to_array(tensor)  # raw bytes, then the typed fields a hand-built tensor uses
+        assert read.dtype == values.dtype and np.array_equal(read, values)

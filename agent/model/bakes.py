@@ -7,7 +7,7 @@ constant (a bake), rebuilt when the normalisation moves, and only measured frame
 (normalisation inputs, `stats` output); `bench/results/latency.md` has both costs.
 
 From the file, once: the nodes that compute from `norm.mean` / `norm.var` alone become a small evaluator
-(numpy, onnx's reference evaluator); the rest of the graph, without them and without the statistics branch,
+(numpy); the rest of the graph, without them and without the statistics branch,
 is a template whose boundary tensors (each convolution's weight scale and bias, or each
 BatchNormalization's statistics in FP32) are initializers. A bake evaluates the boundary for the given
 statistics and builds a session with them. On the CPU onnxruntime optimises the template once (saved with
@@ -24,10 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
 
 from .. import contract
+from .. import onnx_protobuf as pb
 from ..onnxruntime_quiet import ort
 from .providers import CPU
 
@@ -40,22 +39,21 @@ class NormalisationEvaluator:
     (channels,) vectors), in numpy: neither one more onnxruntime session per camera nor onnx's reference
     evaluator, which loads every operator it knows."""
 
-    def __init__(self, model: onnx.ModelProto, nodes: list, path: str | Path):
+    def __init__(self, model: pb.ModelProto, nodes: list, path: str | Path):
         unknown = sorted({n.op_type for n in nodes} - set(_ELEMENTWISE) - {"Cast", "Split"})
         if unknown:
             raise contract.ContractError(f"{path}: the normalisation nodes use {', '.join(unknown)}, which the agent "
                                          "does not evaluate; export the model again with tta-export")
         used = {name for node in nodes for name in node.input}
-        self.constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in used}
-        self.nodes = [(n.op_type, list(n.input), list(n.output), {a.name: helper.get_attribute_value(a)
-                                                                  for a in n.attribute}) for n in nodes]
+        self.constants = {t.name: pb.to_array(t) for t in model.graph.initializer if t.name in used}
+        self.nodes = [(n.op_type, list(n.input), list(n.output), pb.attribute_values(n)) for n in nodes]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = {**self.constants, **feeds}
         for op, inputs, outputs, attrs in self.nodes:
             args = [values[name] for name in inputs if name]
             if op == "Cast":
-                results = [args[0].astype(helper.tensor_dtype_to_np_dtype(attrs["to"]))]
+                results = [args[0].astype(pb.dtype(attrs["to"]))]
             elif op == "Split":
                 sizes = args[1] if len(args) > 1 else attrs["split"]
                 results = np.split(args[0], np.cumsum(sizes)[:-1], axis=attrs.get("axis", 0))
@@ -68,7 +66,7 @@ class NormalisationEvaluator:
 class BakedNormalisation:
     def __init__(self, path: str | Path, source: tuple[np.ndarray, np.ndarray],
                  options: Callable[[], ort.SessionOptions], providers: list[str]):
-        model = onnx.load(str(path))
+        model = pb.load(path)
         graph = model.graph
         constants = {t.name for t in graph.initializer}
         derived = {contract.NORM_MEAN, contract.NORM_VAR}
@@ -91,7 +89,7 @@ class BakedNormalisation:
         self._optimized: bytes | None = None
         self._optimized_checked = False
 
-    def _template_model(self, model: onnx.ModelProto, rest: list, values: dict) -> onnx.ModelProto:
+    def _template_model(self, model: pb.ModelProto, rest: list, values: dict) -> pb.ModelProto:
         outputs = [o for o in model.graph.output if o.name != contract.STATS]
         nodes, wanted = [], {o.name for o in outputs}
         for node in reversed(rest):  # keep what the outputs need: without `stats`, the statistics branch goes
@@ -100,12 +98,11 @@ class BakedNormalisation:
                 wanted.update(node.input)
         nodes.reverse()
         initializers = [t for t in model.graph.initializer if t.name in wanted]
-        initializers += [numpy_helper.from_array(values[name], name) for name in self.boundary]
+        initializers += [pb.from_array(values[name], name) for name in self.boundary]
         inputs = [i for i in model.graph.input if i.name in wanted]
-        graph = helper.make_graph(nodes, model.graph.name, inputs, outputs, initializers)
-        baked = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-        baked.metadata_props.extend(model.metadata_props)
-        return baked
+        graph = pb.GraphProto(name=model.graph.name, node=nodes, input=inputs, output=outputs, initializer=initializers)
+        return pb.ModelProto(graph=graph, opset_import=model.opset_import, ir_version=model.ir_version,
+                             metadata_props=model.metadata_props)
 
     def evaluate(self, mean: np.ndarray, var: np.ndarray) -> dict[str, np.ndarray]:
         values = self._evaluator.run({contract.NORM_MEAN: mean, contract.NORM_VAR: var})
@@ -117,7 +114,7 @@ class BakedNormalisation:
         optimized = self._optimized_template() if self.providers == [CPU] else None
         if optimized is None:
             for name, value in values.items():
-                self._slots[name].CopyFrom(numpy_helper.from_array(value, name))
+                self._slots[name].CopyFrom(pb.from_array(value, name))
             return ort.InferenceSession(self._template.SerializeToString(), self._options(), providers=self.providers)
         options = self._options()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -141,7 +138,7 @@ class BakedNormalisation:
                 options = self._options()
                 options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
                 ort.InferenceSession(self._template.SerializeToString(), options, providers=[CPU])
-                optimized = onnx.load(options.optimized_model_filepath)
+                optimized = pb.load(options.optimized_model_filepath)
             read = {name for node in optimized.graph.node for name in node.input}
             kept = {t.name for t in optimized.graph.initializer} & read
             self._optimized_checked = True
