@@ -24,6 +24,10 @@ those pairs' ratios.
                                   rows also once settled: after SETTLE_FRAMES frames of the same
                                   stream, when the components have stopped moving the bake.
                                   The folded rows run FOLDED_FRAMES frames a round.
+    INT8 folded graph pass,       what a measured frame costs, without the learner: the folded file's
+      bake pass                   graph at the source statistics, the same without its statistics branch
+                                  (what normalisation fed in per frame costs onnxruntime's INT8
+                                  kernels), and a bake (the same normalisation as constants)
     torch eager faithful          exporters/unmix.py's UnMix-TNS reference in torch, eager
     sliding window W=16 / 64      the TTA-benchmark practice: W buffered frames through the network
                                   (BatchNorm on the window's statistics) for every new frame
@@ -133,6 +137,35 @@ def timer_adapted(path: Path, threads: int, images, shadow_every: int = 0, settl
     for _ in range(settle // len(images)):
         run()
     run.session, run.untimed_bakes = session, getattr(session, "bakes", 0)
+    return run
+
+
+def timer_folded_pass(path: Path, threads: int, images, part: str):
+    """One pass of the folded file through onnxruntime at the source statistics, as the agent opens it:
+    `graph` (a measured frame), `graph without statistics` (the statistics branch pruned) or `bake`."""
+    import onnx
+
+    from agent import contract
+
+    session = open_session(path, "cpu", "onnxruntime", threads=threads, method="anchor")
+    mean, var = session.normalisation
+    feeds = {contract.NORM_MEAN: mean, contract.NORM_VAR: var}
+    if part == "bake":
+        runner, feeds = session.baker.session(mean, var), {}
+    elif part == "graph":
+        runner = session.session
+    else:
+        model = onnx.load(str(path))
+        del model.graph.output[[o.name for o in model.graph.output].index(contract.STATS)]
+        pruned = onnx.utils.Extractor(model).extract_model([i.name for i in model.graph.input],
+                                                           [o.name for o in model.graph.output])
+        runner = ort.InferenceSession(pruned.SerializeToString(), session._session_options(),
+                                      providers=["CPUExecutionProvider"])
+
+    def run() -> int:
+        for x in images:
+            runner.run([contract.LOGITS], {contract.IMAGE: x, **feeds})
+        return len(images)
     return run
 
 
@@ -339,6 +372,10 @@ def main() -> None:
                                                       settle=SETTLE_FRAMES),
         "adapted INT8 folded, gated while adapting, settled": timer_adapted(
             paths["robust.folded/int8"], t, folded_images, shadow_every=SHADOW_EVERY, settle=SETTLE_FRAMES),
+        "INT8 folded graph pass (a measured frame)": timer_folded_pass(paths["robust.folded/int8"], t, images, "graph"),
+        "INT8 folded graph pass without the statistics branch": timer_folded_pass(
+            paths["robust.folded/int8"], t, images, "graph without statistics"),
+        "INT8 folded bake pass": timer_folded_pass(paths["robust.folded/int8"], t, images, "bake"),
         "torch eager faithful": timer_torch_faithful(t, images),
         "sliding window W=16": timer_sliding_window(16, t, images),
         "sliding window W=64": timer_sliding_window(64, t, images[: max(2, args.frames // 8)]),
