@@ -22,7 +22,10 @@ SHIFT = "shift"  # float[1, L]: per-layer KL(frame statistics || source statisti
 NORM_MEAN = "norm.mean"  # float[C]: the statistics to normalise this frame with, all adapted layers' channels
 NORM_VAR = "norm.var"
 STATS = "stats"  # float[2, C]: this frame's mean and variance of each adapted layer's input
-LAYOUTS = ("graph", "folded")
+# each layout's graph inputs and outputs (per-layer state tensors come on top in the graph layout)
+LAYOUT_TENSORS = {"graph": ({IMAGE, ADAPT}, {LOGITS, FEATURES, SHIFT}),
+                  "folded": ({IMAGE, NORM_MEAN, NORM_VAR}, {LOGITS, FEATURES, STATS})}
+LAYOUTS = tuple(LAYOUT_TENSORS)
 
 KEY_FORMAT = "tta.format_version"
 KEY_LABELS = "tta.labels"
@@ -238,10 +241,7 @@ def read_model_info(path: str | Path) -> ModelInfo:
     inits = {t.name: t for t in model.graph.initializer}
     inputs = {i.name for i in model.graph.input}
     outputs = {o.name for o in model.graph.output}
-    if adaptation.layout == "folded":
-        expected_in, expected_out = {IMAGE, NORM_MEAN, NORM_VAR}, {LOGITS, FEATURES, STATS}
-    else:
-        expected_in, expected_out = {IMAGE, ADAPT}, {LOGITS, FEATURES, SHIFT}
+    expected_in, expected_out = (set(names) for names in LAYOUT_TENSORS[adaptation.layout])
     stats = {}
     for layer in adaptation.layers:
         for tensor in adaptation.state_tensors if adaptation.layout == "graph" else ():

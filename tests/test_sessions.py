@@ -106,3 +106,17 @@ def test_a_gpu_failure_keeps_the_state_on_the_cpu(kind, fmnist, fmnist_folded, f
         np.testing.assert_array_equal(session.step(preprocess(x)).logits, twin.step(preprocess(x)).logits)
     assert session.fallbacks == 1 and session.provider == "CPUExecutionProvider"
     assert _equal(session.state, twin.state)
+
+
+def test_each_layout_says_which_methods_it_runs(fmnist, fmnist_folded):
+    """`auto` is the layout's first method; a method of the other layout names the export that runs it."""
+    from agent.contract import ContractError, read_model_info
+    from agent.model.sessions import resolve_method
+
+    graph, folded = read_model_info(fmnist["int8"]), read_model_info(fmnist_folded["int8"])
+    assert (resolve_method("auto", graph), resolve_method("auto", folded)) == ("unmix", "anchor")
+    assert resolve_method("unmix", folded) == "unmix"
+    with pytest.raises(ContractError, match=r"anchor needs a folded-layout model .* \(tta-export --layout folded"):
+        open_session(fmnist["int8"], "cpu", "onnxruntime", method="anchor")
+    with pytest.raises(ValueError, match="one of anchor, unmix, got 'tent'"):
+        resolve_method("tent", folded)

@@ -48,6 +48,8 @@ class FoldedSession(OnnxSession):
     graph and one bake. `statistics_every` 1: every frame runs the graph. Components and checkpoints are
     the robust layout's."""
 
+    LAYOUT = "folded"
+    METHODS = tuple(LEARNERS)  # what adaptation.method may name for this layout; the first is `auto`
     OUTPUTS = (contract.LOGITS, contract.FEATURES, contract.STATS)
     BAKED_OUTPUTS = (contract.LOGITS, contract.FEATURES)
 
@@ -70,6 +72,13 @@ class FoldedSession(OnnxSession):
         self.baker = (BakedNormalisation(path, (self.learner.source_mean, self.learner.source_var),
                                          self._session_options, self.session.get_providers())
                       if statistics_every > 1 else None)
+
+    @classmethod
+    def open(cls, path: str | Path, info: ModelInfo, method: str, statistics_every: int,
+             rebake_divergence: float | None, **placement) -> FoldedSession:
+        """sessions.open_session's way in."""
+        return cls(path, info=info, statistics_every=statistics_every, rebake_divergence=rebake_divergence,
+                   learner=method, **placement)
 
     def _set_state(self, state: dict) -> None:
         self.learner.set_state(state)

@@ -25,6 +25,8 @@ class GraphSession(OnnxSession):
     measures every frame; FoldedSession may not).
     """
 
+    LAYOUT = "graph"
+    METHODS = ("unmix",)  # what adaptation.method may name for this layout; the first is `auto`
     OUTPUTS = (contract.LOGITS, contract.FEATURES, contract.SHIFT)
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None,
@@ -36,6 +38,12 @@ class GraphSession(OnnxSession):
                           for layer in spec.layers for t in spec.state_tensors]
         self._adapt = np.zeros(1, np.float32)
         super().__init__(path, device=device, threads=threads, seed=seed, info=info)
+
+    @classmethod
+    def open(cls, path: str | Path, info: ModelInfo, method: str, statistics_every: int,
+             rebake_divergence: float | None, **placement) -> GraphSession:
+        """sessions.open_session's way in: the graph measures every frame, so the cadence does not apply."""
+        return cls(path, info=info, **placement)
 
     def _set_state(self, state: dict) -> None:
         self._current = {i: np.array(state[layer][t], np.float32, order="C") for layer, t, i, _ in self._state_io}

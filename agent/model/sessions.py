@@ -7,9 +7,11 @@ from .. import contract
 from ..config import BACKENDS
 from ..contract import ModelInfo, read_model_info
 from .cadence import STATISTICS_EVERY
-from .folded_session import LEARNERS, FoldedSession
+from .folded_session import FoldedSession
 from .graph_session import GraphSession
 from .providers import CPU, choose_providers
+
+SESSIONS = {session.LAYOUT: session for session in (GraphSession, FoldedSession)}  # by tta.adaptation.layout
 
 
 def open_session(path: str | Path, device: str = "auto", backend: str = "auto", threads: int | None = None,
@@ -31,12 +33,8 @@ def open_session(path: str | Path, device: str = "auto", backend: str = "auto", 
             backend = "torch" if torch_backend().torch_cuda_available() else "onnxruntime"
     if backend == "torch":
         return torch_backend().TorchSession(path, device=device, threads=threads, seed=seed, info=info)
-    learner = resolve_method(method, info)
-    if info.adaptation.layout == "folded":
-        return FoldedSession(path, device=device, threads=threads, seed=seed, info=info,
-                             statistics_every=statistics_every, rebake_divergence=rebake_divergence,
-                             learner=learner)
-    return GraphSession(path, device=device, threads=threads, seed=seed, info=info)
+    return SESSIONS[info.adaptation.layout].open(path, info, resolve_method(method, info), statistics_every,
+                                                 rebake_divergence, device=device, threads=threads, seed=seed)
 
 
 def torch_backend():
@@ -52,13 +50,16 @@ def torch_backend():
 
 
 def resolve_method(method: str, info: ModelInfo) -> str:
-    """`auto`: the camera anchor where the layout allows it (folded), UnMix-TNS in the graph otherwise."""
-    folded = info.adaptation.layout == "folded"
+    """`auto`: the layout's first method (folded: the camera anchor; graph: UnMix-TNS in the graph)."""
+    methods = SESSIONS[info.adaptation.layout].METHODS
     if method == "auto":
-        return "anchor" if folded else "unmix"
-    if method == "anchor" and not folded:
-        raise contract.ContractError(f"advanced.adaptation.method: anchor needs a folded-layout model; {info.path} "
-                                     "runs UnMix-TNS inside its graph (tta-export --layout folded, or method: auto)")
-    if method not in LEARNERS:
-        raise ValueError(f"adaptation method must be auto or one of {', '.join(LEARNERS)}, got {method!r}")
-    return method
+        return methods[0]
+    if method in methods:
+        return method
+    layouts = [layout for layout, session in SESSIONS.items() if method in session.METHODS]
+    if not layouts:
+        known = sorted({m for session in SESSIONS.values() for m in session.METHODS})
+        raise ValueError(f"adaptation method must be auto or one of {', '.join(known)}, got {method!r}")
+    raise contract.ContractError(f"advanced.adaptation.method: {method} needs a {layouts[0]}-layout model and "
+                                 f"{info.path} has the {info.adaptation.layout} layout (tta-export --layout "
+                                 f"{layouts[0]}, or method: auto)")
