@@ -103,13 +103,7 @@ def build_adaptive(model: nn.Module, input_shape: tuple[int, ...], spec: Adaptat
                    labels: list[str], preprocess: Preprocess) -> onnx.ModelProto:
     if len(labels) != _classifier(model).out_features:
         raise ExportError(f"{len(labels)} labels for a classifier with {_classifier(model).out_features} outputs")
-    plain = export_plain(model, input_shape)
-    if spec.layout == "folded":
-        from .folded import build_fp32
-
-        adaptive = build_fp32(_fold_constants(plain), spec)
-    else:
-        adaptive = _fold_constants(make_adaptive(plain, spec))
+    adaptive = ADAPTIVE_FP32[spec.layout](export_plain(model, input_shape), spec)
     onnx.checker.check_model(adaptive, full_check=True)
     set_metadata(adaptive, {
         contract.KEY_FORMAT: str(contract.FORMAT_VERSION),
@@ -119,6 +113,19 @@ def build_adaptive(model: nn.Module, input_shape: tuple[int, ...], spec: Adaptat
     })
     adaptive.producer_name = "tta-export"
     return adaptive
+
+
+def _graph_fp32(plain: onnx.ModelProto, spec: AdaptationSpec) -> onnx.ModelProto:
+    return _fold_constants(make_adaptive(plain, spec))
+
+
+def _folded_fp32(plain: onnx.ModelProto, spec: AdaptationSpec) -> onnx.ModelProto:
+    from .folded import build_fp32  # folded.py imports this module
+
+    return build_fp32(_fold_constants(plain), spec)
+
+
+ADAPTIVE_FP32 = {"graph": _graph_fp32, "folded": _folded_fp32}  # by tta.adaptation.layout: export_plain -> FP32
 
 
 def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -181,25 +181,7 @@ def quantize(fp32_path: Path, out_path: Path, info: ModelInfo, calib: list[np.nd
         raise ExportError(f"need calibration and held-out frames, got {len(calib)} and {len(holdout)} usable")
     with tempfile.TemporaryDirectory() as tmp:
         tmp_out = Path(tmp) / "int8.onnx"
-        if info.adaptation.layout == "folded":
-            seven_bit = 0
-
-            def plain_qdq(model: onnx.ModelProto, feeds: list[dict]) -> onnx.ModelProto:
-                nonlocal seven_bit
-                onnx.save(model, str(Path(tmp) / "folded.onnx"))
-                seven_bit = _quantize_static(Path(tmp) / "folded.onnx", Path(tmp) / "qdq.onnx", feeds, method, [],
-                                             FOLDED_QUANTIZED_OPS)
-                return onnx.load(str(Path(tmp) / "qdq.onnx"))
-
-            images = [preprocess(frame) for frame in calib]
-            onnx.save(folded.int8_model(onnx.load(str(fp32_path)), info.adaptation, images, plain_qdq), str(tmp_out))
-            excluded = []
-            ops = FOLDED_QUANTIZED_OPS
-        else:
-            excluded = _depthwise_convolutions(onnx.load(str(fp32_path)))
-            seven_bit = _quantize_static(fp32_path, tmp_out, _feeds_through_float_graph(fp32_path, info, calib),
-                                         method, excluded, QUANTIZED_OPS)
-            ops = QUANTIZED_OPS
+        seven_bit, excluded, ops = INT8[info.adaptation.layout](fp32_path, tmp_out, info, calib, method)
         model = onnx.load(str(tmp_out))
         report = {"method": method, "layout": info.adaptation.layout, "calibration_frames": len(calib),
                   "heldout_frames": len(holdout),
@@ -212,6 +194,36 @@ def quantize(fp32_path: Path, out_path: Path, info: ModelInfo, calib: list[np.nd
                              contract.KEY_SHIFT_REFERENCE: shift_reference(tmp_out, info, calib).to_json()})
         save_atomic(model, out_path)
     return report
+
+
+def _int8_graph(fp32_path: Path, out: Path, info: ModelInfo, calib: list[np.ndarray], method: str
+                ) -> tuple[int, list[str], list[str]]:
+    """QDQ of the graph layout's FP32 graph, depthwise convolutions left in FP32. Returns the weights
+    given 7 bits, the nodes left in FP32 and the op types quantized."""
+    excluded = _depthwise_convolutions(onnx.load(str(fp32_path)))
+    seven_bit = _quantize_static(fp32_path, out, _feeds_through_float_graph(fp32_path, info, calib), method,
+                                 excluded, QUANTIZED_OPS)
+    return seven_bit, excluded, QUANTIZED_OPS
+
+
+def _int8_folded(fp32_path: Path, out: Path, info: ModelInfo, calib: list[np.ndarray], method: str
+                 ) -> tuple[int, list[str], list[str]]:
+    """exporters/folded.py builds the folded layout's INT8 graph around a QDQ of the BatchNorm-folded network."""
+    preprocess, seven_bit = Preprocessor(info.preprocess), 0
+    with tempfile.TemporaryDirectory() as tmp:
+        def plain_qdq(model: onnx.ModelProto, feeds: list[dict]) -> onnx.ModelProto:
+            nonlocal seven_bit
+            onnx.save(model, str(Path(tmp) / "folded.onnx"))
+            seven_bit = _quantize_static(Path(tmp) / "folded.onnx", Path(tmp) / "qdq.onnx", feeds, method, [],
+                                         FOLDED_QUANTIZED_OPS)
+            return onnx.load(str(Path(tmp) / "qdq.onnx"))
+
+        images = [preprocess(frame) for frame in calib]
+        onnx.save(folded.int8_model(onnx.load(str(fp32_path)), info.adaptation, images, plain_qdq), str(out))
+    return seven_bit, [], FOLDED_QUANTIZED_OPS
+
+
+INT8 = {"graph": _int8_graph, "folded": _int8_folded}  # by tta.adaptation.layout
 
 
 def _depthwise_convolutions(model: onnx.ModelProto) -> list[str]:
