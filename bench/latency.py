@@ -25,9 +25,10 @@ those pairs' ratios.
                                   stream, when the components have stopped moving the bake.
                                   The folded rows run FOLDED_FRAMES frames a round.
     INT8 folded graph pass,       what a measured frame costs, without the learner: the folded file's
-      bake pass                   graph at the source statistics, the same without its statistics branch
+      bake pass, bake build       graph at the source statistics, the same without its statistics branch
                                   (what normalisation fed in per frame costs onnxruntime's INT8
-                                  kernels), and a bake (the same normalisation as constants)
+                                  kernels), a bake (the same normalisation as constants), and
+                                  building a bake
     torch eager faithful          exporters/unmix.py's UnMix-TNS reference in torch, eager
     sliding window W=16 / 64      the TTA-benchmark practice: W buffered frames through the network
                                   (BatchNorm on the window's statistics) for every new frame
@@ -142,13 +143,20 @@ def timer_adapted(path: Path, threads: int, images, shadow_every: int = 0, settl
 
 def timer_folded_pass(path: Path, threads: int, images, part: str):
     """One pass of the folded file through onnxruntime at the source statistics, as the agent opens it:
-    `graph` (a measured frame), `graph without statistics` (the statistics branch pruned) or `bake`."""
+    `graph` (a measured frame), `graph without statistics` (the statistics branch pruned) or `bake`;
+    or `bake build`: a bake built anew for every frame, which is what a rebuild costs."""
     import onnx
 
     from agent import contract
 
     session = open_session(path, "cpu", "onnxruntime", threads=threads, method="anchor")
     mean, var = session.normalisation
+    if part == "bake build":
+        def build() -> int:
+            for _ in images:
+                session.baker.session(mean, var)
+            return len(images)
+        return build
     feeds = {contract.NORM_MEAN: mean, contract.NORM_VAR: var}
     if part == "bake":
         runner, feeds = session.baker.session(mean, var), {}
@@ -159,7 +167,7 @@ def timer_folded_pass(path: Path, threads: int, images, part: str):
         del model.graph.output[[o.name for o in model.graph.output].index(contract.STATS)]
         pruned = onnx.utils.Extractor(model).extract_model([i.name for i in model.graph.input],
                                                            [o.name for o in model.graph.output])
-        runner = ort.InferenceSession(pruned.SerializeToString(), session._session_options(),
+        runner = ort.InferenceSession(pruned.SerializeToString(), session.session.get_session_options(),
                                       providers=["CPUExecutionProvider"])
 
     def run() -> int:
@@ -376,6 +384,7 @@ def main() -> None:
         "INT8 folded graph pass without the statistics branch": timer_folded_pass(
             paths["robust.folded/int8"], t, images, "graph without statistics"),
         "INT8 folded bake pass": timer_folded_pass(paths["robust.folded/int8"], t, images, "bake"),
+        "INT8 folded bake build": timer_folded_pass(paths["robust.folded/int8"], t, images, "bake build"),
         "torch eager faithful": timer_torch_faithful(t, images),
         "sliding window W=16": timer_sliding_window(16, t, images),
         "sliding window W=64": timer_sliding_window(64, t, images[: max(2, args.frames // 8)]),
