@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 from helpers import FailingGpuSession, quantized_weights
+from onnx import numpy_helper
 from torch import nn
 
 from agent import contract
@@ -326,6 +327,16 @@ def test_a_folded_file_without_its_statistics_output_is_refused_by_name(folded, 
         read_model_info(tmp_path / "broken.onnx")
 
 
+def test_source_statistics_of_a_type_the_agent_does_not_read_are_refused_by_layer(folded, tmp_path):
+    model = onnx.load(str(folded["int8"]))
+    layer = read_model_info(folded["int8"]).adaptation.layers[0]
+    source = next(t for t in model.graph.initializer if t.name == layer.source_mean)
+    source.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(source).astype(np.float16), source.name))
+    onnx.save(model, str(tmp_path / "half.onnx"))
+    with pytest.raises(contract.ContractError, match=f"source statistics of layer {layer.name}: .*FLOAT16"):
+        read_model_info(tmp_path / "half.onnx")
+
+
 def test_a_folded_camera_reads_its_file_and_bakes_without_the_onnx_package(folded):
     """The daemon parses the file, splits out the bake and builds bakes with protobuf alone
     (agent/onnx_protobuf.py): onnx's operator library is not loaded."""
@@ -343,8 +354,6 @@ def test_a_folded_camera_reads_its_file_and_bakes_without_the_onnx_package(folde
                                     np.array([-3, 0, 7], np.int64), np.array([[1, 255]], np.uint8),
                                     np.array([-128, 127], np.int8), np.array([True, False])])
 def test_the_protobuf_reader_reads_and_writes_tensors_as_onnx_does(values):
-    from onnx import numpy_helper
-
     from agent import onnx_protobuf as pb
 
     written = pb.from_array(values, "t")
