@@ -1,26 +1,40 @@
-"""tta-agent: the daemon, replay of recorded video, config validation and the demo."""
+"""tta-agent: the daemon, replay of recorded video, config validation, the demo and the service unit.
+
+This module imports nothing heavy at the top: `run` takes up SIGHUP and SIGTERM before numpy, onnxruntime
+or the config schema are loaded, so a reload or stop sent while the daemon starts is never fatal.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
-from .config import DEVICES, Config, ConfigError, apply_overrides, load_config, parse_config, parse_overrides
-from .contract import ContractError
-from .pipeline import build_pipeline, open_camera_session
-from .preflight import EXIT_CONFIG, check, report
-from .replay import LabelsError, format_table, plot_report, read_labels, replay, write_json
-from .sources import FileSource, SourceError
-from .state import StateError
+from .exits import EXIT_CONFIG, EXIT_DAMAGED_INPUT, EXIT_FAILURE
+from .vocabulary import DEVICES
 
 log = logging.getLogger("tta-agent")
-EXIT_DAMAGED_INPUT = 3  # replay ran to the end of what could be decoded, but the video is cut or corrupt
 
 
-def replay_config(args) -> Config:
+def operator_errors() -> tuple[type[Exception], ...]:
+    """What a user can fix (a config, a file named, a model, a source): one line and EXIT_CONFIG."""
+    from .config import ConfigError
+    from .contract import ContractError
+    from .files import FolderInUse
+    from .replay import LabelsError
+    from .sources import SourceError
+    from .state import StateError
+
+    return ConfigError, ContractError, FolderInUse, LabelsError, SourceError, StateError
+
+
+def replay_config(args):
     """What the daemon would run on this video: the --config file (or the defaults around --model) with the
     --device, --threads and --set overrides."""
+    from .config import ConfigError, apply_overrides, load_config, parse_config, parse_overrides
+
     if args.config is None and args.model is None:
         raise ConfigError("replay needs --model or --config")
     flags = {"model.path": args.model and str(args.model.resolve()), "model.device": args.device,
@@ -33,6 +47,10 @@ def replay_config(args) -> Config:
 
 
 def cmd_replay(args) -> int:
+    from .pipeline import build_pipeline, open_camera_session
+    from .replay import format_table, plot_report, read_labels, replay, write_json
+    from .sources import FileSource
+
     config = replay_config(args)
     session = open_camera_session(config)
     if args.state:
@@ -42,7 +60,7 @@ def cmd_replay(args) -> int:
     if labels:
         pipeline.raw_every = 1  # the unadapted model on every frame, to score it
     source = FileSource(args.video, paced=args.paced, loop=False, start=args.start, end=args.end)
-    summary, record = replay(pipeline, source, labels, progress=not args.quiet)
+    summary, record = replay(pipeline, source, labels, progress=not args.quiet and sys.stderr.isatty())
     print(format_table(summary))
     report_path = args.report or Path(args.video).with_suffix(".report.png")
     if plot_report(record, summary, report_path):
@@ -54,13 +72,10 @@ def cmd_replay(args) -> int:
     return EXIT_DAMAGED_INPUT if summary["truncated"] else 0
 
 
-def cmd_run(args) -> int:
-    from .daemon import run_daemon
-
-    return run_daemon(args.config)
-
-
 def cmd_validate(args) -> int:
+    from .config import load_config
+    from .preflight import check, report
+
     config = load_config(args.config)
     info, problems = check(config, probe=args.probe)
     if problems:
@@ -75,14 +90,23 @@ def cmd_demo(args) -> int:
     from .demo import DemoError, run_demo
 
     try:
-        return run_demo(args.config)
+        return run_demo(args.config, resume=args.resume)
     except DemoError as exc:
         print(f"tta-agent: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
 
+def cmd_unit(args) -> int:
+    from .unit import write_unit
+
+    path = write_unit(args.config, args.output)
+    print(f"{path}: runs {Path(sys.executable).with_name('tta-agent')} on {args.config}; then: systemctl "
+          f"daemon-reload && systemctl enable --now {path.stem}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tta-agent", description=__doc__)
+    p = argparse.ArgumentParser(prog="tta-agent", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -104,12 +128,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--save-state", type=Path, help="write the final components (.npz)")
     r.add_argument("--report", type=Path, help="PNG report (default: <video>.report.png)")
     r.add_argument("--json", type=Path, help="write the summary as JSON")
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--quiet", action="store_true", help="no progress bar and no INFO lines: the table and errors")
     r.set_defaults(func=cmd_replay)
 
     d = sub.add_parser("run", help="run the daemon")
     d.add_argument("--config", type=Path, required=True)
-    d.set_defaults(func=cmd_run)
 
     v = sub.add_parser("validate-config", help="check a config file (for ExecStartPre)")
     v.add_argument("config", type=Path)
@@ -118,23 +141,61 @@ def parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="the sample video through the agent with a live MQTT view")
     m.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
+    m.add_argument("--resume", action="store_true", help="go on from the last demo's adaptation and drift state "
+                                                         "(default: each run starts clean)")
     m.set_defaults(func=cmd_demo)
+
+    u = sub.add_parser("install-unit", help="write the systemd unit for this installation (its ExecStart runs "
+                                            "the tta-agent of the environment this command runs from)")
+    u.add_argument("--config", type=Path, default=Path("/etc/tta-agent/agent.yaml"),
+                   help="the config the service runs (default: /etc/tta-agent/agent.yaml)")
+    u.add_argument("--output", type=Path, default=Path("/etc/systemd/system/tta-agent.service"),
+                   help="where to write the unit (default: /etc/systemd/system/tta-agent.service)")
+    u.set_defaults(func=cmd_unit)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "run":
+        return run(args.config)
     try:
         return args.func(args)
-    except (ConfigError, ContractError, LabelsError, SourceError, StateError, ValueError) as exc:
-        print(f"tta-agent: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        return _refused(exc)
+
+
+def run(config: Path) -> int:
+    """The daemon. Signals are taken up before anything heavy is imported, then handed to the loop."""
+    stop, reload = threading.Event(), threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
+    try:
+        from .daemon import run_daemon
+
+        return run_daemon(config, stop, reload)
+    except Exception as exc:
+        return _refused(exc)
+
+
+def _refused(exc: Exception) -> int:
+    """An error that escaped a command: one line and EXIT_CONFIG when the user can fix it, else the
+    traceback and EXIT_FAILURE."""
+    if isinstance(exc, operator_errors()):
+        for line in str(exc).splitlines():
+            print(f"tta-agent: error: {line}", file=sys.stderr)
         return EXIT_CONFIG
-    except OSError as exc:  # a file named on the command line: missing, unreadable, a folder not writable
-        print(f"tta-agent: error: {exc.filename or ''}: {exc.strerror or exc}; check the path and its "
-              "permissions", file=sys.stderr)
+    if isinstance(exc, OSError) and exc.filename:  # a file named on the command line: missing, unreadable
+        print(f"tta-agent: error: {exc.filename}: {exc.strerror or exc}; check the path and its permissions",
+              file=sys.stderr)
         return EXIT_CONFIG
+    log.critical("failed: %s: %s (exit %d; please report this with the traceback below)", type(exc).__name__, exc,
+                 EXIT_FAILURE, exc_info=exc)
+    return EXIT_FAILURE
 
 
 if __name__ == "__main__":

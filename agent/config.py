@@ -7,28 +7,32 @@ message a user can act on. configs/*.yaml are working examples.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .model.cadence import REBAKE_DIVERGENCE, STATISTICS_EVERY
+from .vocabulary import ADAPTATION_MODES, BACKENDS, DEVICES, LAME_MODES, METHODS
 
 MAX_CONFIG_BYTES = 1 << 20
-# one vocabulary each, shared by the config, the pipeline, MQTT commands and the command line
-ADAPTATION_MODES = ("on", "frozen", "off")
-LAME_MODES = ("auto", "on", "off")
-METHODS = ("auto", "anchor", "unmix")
-DEVICES = ("auto", "cpu", "cuda")
-BACKENDS = ("auto", "onnxruntime", "torch")
 
 
 class ConfigError(ValueError):
     """Every problem of a config file, one per line, each with its key path."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+    def within(self, path: Path) -> ConfigError:
+        """The same problems, each line naming the file."""
+        return ConfigError([f"{path}: {p}" for p in self.problems])
 
 
 class Section(BaseModel):
@@ -199,6 +203,9 @@ class AdvancedMqttConfig(Section):
     predictions_every: int = Field(1, ge=1, description="publish every Nth frame's prediction")
     top_k: int = Field(3, ge=1, le=100, description="classes in each prediction")
     stats_interval_s: float = Field(10.0, ge=0.5, le=3600, description="seconds between stats messages")
+    verify_every_s: float = Field(60.0, ge=1, le=86400, description="seconds between checks that what the agent "
+                                                                    "publishes comes back from the broker (each "
+                                                                    "alert is checked as it goes)")
     max_queued: int = Field(1000, ge=10, le=1_000_000, description="paho's outgoing queue bound")
     discovery_prefix: str = Field("homeassistant", pattern=r"^[A-Za-z0-9_/-]{1,128}$",
                                   description="Home Assistant's discovery topic prefix")
@@ -275,17 +282,79 @@ def _key(part) -> str:
     return str(part) if isinstance(part, int) or re.fullmatch(r"[A-Za-z0-9_-]+", part) else repr(part)
 
 
-def _format(error: ValidationError) -> str:
+# the schema's patterns in words
+_FORMS = {r"^[A-Za-z0-9_-]{1,64}$": "1 to 64 letters, digits, _ and -",
+          r"^[A-Za-z0-9_/-]{1,128}$": "1 to 128 letters, digits, _, - and /",
+          r"^[A-Za-z0-9_.-]{1,128}$": "1 to 128 letters, digits, _, . and -"}
+# what a value must be, by pydantic's error type, in the user's words ({ctx} from the error)
+_MUST = {
+    "greater_than_equal": "must be at least {ge}", "less_than_equal": "must be at most {le}",
+    "greater_than": "must be above {gt}", "less_than": "must be below {lt}",
+    "int_parsing": "must be a whole number", "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number", "float_parsing": "must be a number", "float_type": "must be a number",
+    "bool_parsing": "must be true or false", "bool_type": "must be true or false", "string_type": "must be text",
+    "list_type": "must be a list", "model_type": "must be a section of keys", "dict_type": "must be a section of keys",
+    "model_attributes_type": "must be a section of keys", "path_type": "must be a file path",
+    "string_too_long": "must be at most {max_length} characters", "string_too_short": "must not be empty",
+    "too_short": "needs at least {min_length} item(s)", "too_long": "takes at most {max_length} item(s)",
+}
+
+
+def _format(error: ValidationError) -> list[str]:
+    """One line per problem: the key path, then what is wrong in words (no regexes, no pydantic jargon)."""
     lines = []
     for e in error.errors():
-        path = ".".join(_key(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{path}: unknown key")
-        elif e["type"] == "missing":
+        loc = tuple(e["loc"])
+        path = ".".join(_key(p) for p in loc) or "(top level)"
+        got = f" (got {e.get('input')!r:.60})"
+        kind, ctx = e["type"], e.get("ctx", {})
+        if kind == "extra_forbidden":
+            lines.append(f"{path}: unknown key{_moved(loc)}")
+        elif kind == "missing":
             lines.append(f"{path}: required key missing")
+        elif kind == "literal_error":
+            field = _field(loc)
+            choices = get_args(field.annotation) if field else ()
+            lines.append(f"{path}: must be one of {', '.join(map(str, choices)) or ctx.get('expected')}{got}")
+        elif kind == "string_pattern_mismatch":
+            lines.append(f"{path}: must be {_FORMS.get(ctx.get('pattern'), 'of another form')}{got}")
+        elif kind == "value_error":
+            lines.append(f"{path}: {str(ctx.get('error', e['msg'])).removeprefix('Value error, ')}")
+        elif kind in _MUST:
+            lines.append(f"{path}: {_MUST[kind].format(**ctx)}{got}")
         else:
-            lines.append(f"{path}: {e['msg']} (got {e.get('input')!r:.60})")
-    return "\n".join(lines)
+            lines.append(f"{path}: {e['msg']}{got}")
+    return lines
+
+
+def _field(loc: tuple):
+    """The schema's field at a key path (list indices skipped), or None."""
+    model, field = Config, None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        field = fields[part]
+        args = getattr(field.annotation, "__args__", None) or ()
+        model = next((a for a in (field.annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)),
+                     None)
+    return field
+
+
+def _moved(loc: tuple) -> str:
+    """For an unknown key that the schema has elsewhere: where it belongs."""
+    names = tuple(p for p in loc if not isinstance(p, int))
+    if names[:1] == ("advanced",) and _field(names[1:]):
+        return f"; this key is set at the top level: {'.'.join(names[1:])}"
+    if names[:1] != ("advanced",) and _field(("advanced", *names)):
+        return f"; this key is set under advanced: as advanced.{'.'.join(names)}"
+    parent = _field(loc[:-1]) if len(loc) > 1 else None
+    model = Config if parent is None else next((a for a in (parent.annotation, *getattr(
+        parent.annotation, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    close = difflib.get_close_matches(str(loc[-1]), list(getattr(model, "model_fields", {})), n=1)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def parse_config(doc: object, base: Path | None = None) -> Config:
@@ -338,16 +407,44 @@ def load_config(path: str | Path, overrides: dict[str, object] | None = None) ->
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
+    loader = _NoAliasLoader(text)
     try:
-        doc = yaml.load(text, Loader=_NoAliasLoader)
+        node = loader.get_single_node()
+        twice = _written_twice(node)
+        if twice:
+            raise ConfigError([f"{path}: {line}" for line in twice])
+        doc = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+    finally:
+        loader.dispose()
     try:
         if overrides:
             doc = apply_overrides(doc if isinstance(doc, dict) else {}, overrides)
         return parse_config(doc, path.parent)
     except ConfigError as exc:
-        raise ConfigError(f"{path}:\n{exc}") from None
+        raise exc.within(path) from None
+
+
+def _written_twice(node, path: tuple[str, ...] = ()) -> list[str]:
+    """Keys written twice in one mapping (YAML keeps the last silently: an appended `mqtt:` section would drop
+    the first one's host, user and TLS)."""
+    problems = []
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+            line = key.start_mark.line + 1
+            if name in lines:
+                problems.append(f"{'.'.join((*path, name))}: written twice (lines {lines[name]} and {line}); "
+                                "YAML would keep only the second: merge them into one")
+            else:
+                lines[name] = line
+            problems += _written_twice(value, (*path, name))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            problems += _written_twice(item, (*path, str(i)))
+    return problems
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

@@ -7,7 +7,6 @@ what can change without a restart (LAME, drift, publishing, log level).
 """
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import signal
@@ -23,14 +22,15 @@ import numpy as np
 from .config import Config, ConfigError, load_config, read_password
 from .contract import ContractError, ModelInfo, read_model_info
 from .drift import DriftEvent
-from .files import write_atomic
+from .exits import EXIT_FAILURE, EXIT_OK
+from .files import FolderInUse, FolderLock, WriteTrouble
 from .mqtt import PAHO_LOGGER, SCHEMA_VERSION, Command, MqttLink, utc
+from .persistence import StateFolder
 from .pipeline import CameraPipeline, FrameResult, build_pipeline, open_camera_session
-from .preflight import check, report
+from .preflight import check, check_model, report
 from .sdnotify import Notifier
 from .sources import FileSource, LiveSource, SourceError, open_source
 from .spool import Spool
-from .state import StateError
 
 FIRST_CONNECT_WAIT_S = 5.0
 CLASS_MIN_INTERVAL_S = 1.0
@@ -123,9 +123,21 @@ class Agent:
         self.commands: queue.Queue[Command] = queue.Queue(maxsize=100)
         state_dir = config.state.dir
         state_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = FolderLock(state_dir)  # first: nothing is read or written before this agent owns the folder
+        try:
+            self._open(config, info, broker)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, config: Config, info: ModelInfo | None, broker: tuple[str, int] | None) -> None:
+        state_dir = config.state.dir
+        self.writes = WriteTrouble()
+        self.state = StateFolder(state_dir, self.writes)
         self.info = info or read_model_info(config.model.path)
+        self.model_file = _identity(config.model.path)
         self.cameras = [self._camera(c) for c in config.cameras]
-        self.spool = Spool(state_dir / "spool", config.advanced.state.spool_max_events)
+        self.spool = Spool(state_dir / "spool", config.advanced.state.spool_max_events, SCHEMA_VERSION, self.writes)
         host, port = broker or (config.mqtt.host, config.mqtt.port)
         self.mqtt = MqttLink(config.mqtt, config.device_id, [c.name for c in self.cameras], self.spool,
                              self.commands, read_password(config.mqtt), host=host, port=port,
@@ -142,44 +154,11 @@ class Agent:
             raise ConfigError(f"http: cannot listen on {host}:{http.port}: {exc.strerror}") from None
 
     def _camera(self, cfg) -> Camera:
-        session = open_camera_session(self.config, self.info)
-        checkpoint = self._checkpoint_path(cfg.name)
-        if checkpoint.exists():
-            try:
-                session.load(checkpoint)
-                age = time.time() - checkpoint.stat().st_mtime
-                log.info("camera %s resumes adaptation from %s (%d frames, %.0f s old)", cfg.name, checkpoint,
-                         session.frames, age)
-            except StateError as exc:
-                log.error("camera %s: checkpoint ignored, starting fresh: %s", cfg.name, exc)
-        pipeline = build_pipeline(self.config, session)
+        pipeline = build_pipeline(self.config, open_camera_session(self.config, self.info))
+        since = self.state.resume(cfg.name, pipeline)
         camera = Camera(cfg.name, open_source(cfg, self.config.advanced.sources), pipeline)
-        self._resume_drift(camera)
+        camera.drift_since = since
         return camera
-
-    def _resume_drift(self, camera: Camera) -> None:
-        """A restart carries the camera's drift reference and open episode over: its end still comes."""
-        path = self._drift_path(camera.name)
-        if not path.exists():
-            return
-        try:
-            saved = json.loads(path.read_text())
-            if saved["detector"] is not None:
-                camera.pipeline.drift.restore(saved["detector"])
-            camera.drift_since = saved["since"] if camera.pipeline.drift.active else None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.error("camera %s: drift state %s ignored, learning the camera again: %s", camera.name, path, exc)
-            return
-        if camera.pipeline.drift.active:
-            log.info("camera %s: drift episode %s carried over from the last run", camera.name,
-                     camera.pipeline.drift.episode)
-
-    def _save_drift(self, camera: Camera) -> None:
-        doc = {"detector": camera.pipeline.drift.state(), "since": camera.drift_since}
-        write_atomic(self._drift_path(camera.name), lambda f: f.write(json.dumps(doc).encode()))
-
-    def _drift_path(self, camera: str) -> Path:
-        return self.config.state.dir / f"{camera}.drift.json"
 
     def _publish_drift_state(self, camera: Camera, frame: int | None, now: float) -> None:
         """The retained drift/state, always the detector's own."""
@@ -187,9 +166,6 @@ class Agent:
         self.mqtt.publish_retained(f"{camera.name}/drift/state", {
             "schema": SCHEMA_VERSION, "active": drift.active, "episode": drift.episode, "since": camera.drift_since,
             "score": round(drift.score, 2), "frame": frame, "time": utc(now)})
-
-    def _checkpoint_path(self, camera: str) -> Path:
-        return self.config.state.dir / f"{camera}.state.npz"
 
     # -- control from outside -----------------------------------------------------------------
     def request_stop(self, *_):
@@ -205,6 +181,21 @@ class Agent:
 
     # -- the main loop ------------------------------------------------------------------------
     def run(self) -> int:
+        """The main loop until a stop (or, with exit_when_done, the end of every file); a failure inside it is
+        logged with its traceback, what can be saved is saved, and the exit code says it failed."""
+        try:
+            self._loop()
+        except Exception:
+            log.critical("the main loop failed (exit %d; please report this with the traceback below)",
+                         EXIT_FAILURE, exc_info=True)
+            try:
+                self._shutdown()
+            except Exception:
+                log.exception("and shutting down after the failure failed too")
+            return EXIT_FAILURE
+        return self._shutdown()
+
+    def _loop(self) -> None:
         self.mqtt.start()
         # give the broker a moment, so a replay's first predictions are not dropped for want of a
         # connection; a broker that is down at start only delays the loop this long
@@ -232,7 +223,9 @@ class Agent:
             if self._reload.is_set():
                 self._apply_reload()
             now = time.monotonic()
+            self.mqtt.check_delivery()
             if now >= next_stats:
+                self.spool.retry()
                 self._publish_stats()
                 next_stats = now + self.config.advanced.mqtt.stats_interval_s
             if now >= next_checkpoint:
@@ -246,7 +239,6 @@ class Agent:
                 break
             if not worked:
                 self._stop.wait(0.002)
-        return self._shutdown()
 
     def _process(self, camera: Camera, frame) -> None:
         result = camera.pipeline.process(frame)
@@ -282,7 +274,7 @@ class Agent:
                 None if event.type == "end" else camera.drift_since)
             self._publish_drift_state(camera, event.frame, event.time)
             if event.type != "update":
-                self._save_drift(camera)
+                self.state.save_drift(camera.name, camera.pipeline, camera.drift_since)
         session = camera.pipeline.session
         if session.fallbacks != camera.fallbacks_seen:
             camera.fallbacks_seen = session.fallbacks
@@ -320,12 +312,16 @@ class Agent:
 
     def _apply_reload(self) -> None:
         self._reload.clear()
-        if self.config_path is None:
-            return
+        if self.config_path is not None:
+            self._reload_config()
+        self._reload_model()
+
+    def _reload_config(self) -> None:
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
-            log.error("reload refused, keeping the running config:\n%s", exc)
+            for problem in exc.problems:
+                log.error("reload refused, keeping the running config: %s", problem)
             return
         old = self.config
         new, fixed = _reloadable(old, new)
@@ -350,13 +346,40 @@ class Agent:
                          adaptation, pipeline.lame_mode)
         log.info("reloaded %s", self.config_path)
 
+    def _reload_model(self) -> None:
+        """The model file replaced on disk: a valid one is run from now on, an invalid one is refused loudly and
+        the running model kept."""
+        path, identity = self.config.model.path, _identity(self.config.model.path)
+        if identity == self.model_file:
+            return
+        info, problems = check_model(self.config)
+        pipelines = []
+        try:
+            for camera in self.cameras if info and not problems else ():
+                pipeline = build_pipeline(self.config, open_camera_session(self.config, info))
+                carried = camera.pipeline.drift.state()  # imaging statistics: they do not depend on the model
+                if carried is not None:
+                    pipeline.drift.restore(carried)
+                pipeline.set_adaptation(camera.pipeline.adaptation)
+                pipeline.lame_mode = camera.pipeline.lame_mode if pipeline.lame else "off"
+                pipelines.append(pipeline)
+        except (ContractError, SourceError, ValueError, RuntimeError) as exc:
+            problems = [str(exc)]
+        if problems or not info:
+            log.error("reload: the model file %s changed on disk and cannot be run (%s); the running model is "
+                      "kept. Put a valid model there (tta-export): as it is, a restart would refuse to start",
+                      path, "; ".join(problems))
+            return
+        for camera, pipeline in zip(self.cameras, pipelines):
+            camera.pipeline, camera.fallbacks_seen = pipeline, 0
+        self.info, self.model_file = info, identity
+        log.warning("reload: the model file %s changed on disk; running it now (%d classes, %s layout); "
+                    "adaptation starts again from its source statistics", path, len(info.labels),
+                    info.adaptation.layout)
+
     def _checkpoint(self) -> None:
         for camera in self.cameras:
-            try:
-                camera.pipeline.session.save(self._checkpoint_path(camera.name))
-                self._save_drift(camera)
-            except OSError as exc:
-                log.error("checkpoint of %s failed: %s", camera.name, exc)
+            self.state.checkpoint(camera.name, camera.pipeline, camera.drift_since)
 
     # -- health -------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -388,14 +411,18 @@ class Agent:
                      "predictions_dropped": self.mqtt.predictions_dropped, "alerts_spooled": len(self.spool),
                      "alerts_acked": self.mqtt.alerts_acked, "alerts_dropped": self.spool.dropped,
                      "commands_rejected": self.mqtt.commands_rejected,
-                     "commands_ignored": self.mqtt.commands_ignored},
+                     "commands_ignored": self.mqtt.commands_ignored, "delivery": self.mqtt.delivery},
+            "storage": {"write_failures": self.writes.failures, "failing": self.writes.reason,
+                        "alerts_in_memory": self.spool.held},
         }
 
     def degraded(self) -> list[str]:
-        """Why the agent is not fully working: a GPU fallback, a camera that is down."""
+        """Why the agent is not fully working: a GPU fallback, a camera that is down, writes that fail, a broker
+        that does not deliver what it accepts."""
         reasons = [c.pipeline.session.fallback_reason for c in self.cameras if c.pipeline.session.fallback_reason]
-        return reasons + [f"camera {c.name}: {c.source.last_error}" for c in self.cameras
-                          if not c.source.connected and not c.source.finished and c.source.last_error]
+        reasons += [f"camera {c.name}: {c.source.last_error}" for c in self.cameras
+                    if not c.source.connected and not c.source.finished and c.source.last_error]
+        return reasons + [r for r in (self.writes.reason, self.mqtt.problem) if r]
 
     def _status_line(self) -> str:
         fps = sum(c.fps for c in self.cameras)
@@ -415,9 +442,23 @@ class Agent:
             camera.source.stop()
         self._publish_stats()
         self.mqtt.stop(flush_timeout=3.0)
+        self.spool.retry()
+        if self.spool.held:
+            log.error("%d drift alert(s) were neither delivered nor written to disk (%s): they are lost with this "
+                      "stop", self.spool.held, self.writes.reason)
         if self.endpoint:
             self.endpoint.stop()
-        return 0
+        self.lock.release()
+        return EXIT_OK
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """What tells a file replaced or rewritten on disk from the one that was read: inode, size, mtime."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def set_log_level(level: str) -> None:
@@ -426,12 +467,8 @@ def set_log_level(level: str) -> None:
     logging.getLogger(PAHO_LOGGER).setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL + 1)
 
 
-def run_daemon(config_path: Path) -> int:
-    # first of all, so a SIGHUP or SIGTERM while the model loads is taken up by the loop, not fatal
-    stop, reload = threading.Event(), threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: reload.set())
+def run_daemon(config_path: Path, stop: threading.Event, reload: threading.Event) -> int:
+    """`tta-agent run`: `stop` and `reload` are set by the signal handlers the command line installed first."""
     config = load_config(config_path)
     set_log_level(config.log_level)
     log.info("starting: %s, model %s, %d camera(s)", config_path, config.model.path, len(config.cameras))
@@ -440,6 +477,6 @@ def run_daemon(config_path: Path) -> int:
         return report(config_path, problems)
     try:
         agent = Agent(config, config_path, info=info, stop=stop, reload=reload)
-    except (SourceError, ConfigError, ContractError) as exc:
+    except (SourceError, ConfigError, ContractError, FolderInUse) as exc:
         return report(config_path, [str(exc)])
     return agent.run()

@@ -43,6 +43,7 @@ class LiveView:
         self.counts[kind] += 1
         if kind == "availability":
             print(f"  [mqtt] {message.topic} = {message.payload.decode()}")
+        if kind not in ("prediction", "drift"):
             return
         doc = json.loads(message.payload)
         if kind == "prediction" and doc["frame"] % self.every == 0:
@@ -80,11 +81,22 @@ def ensure_inputs(model: Path, video: Path) -> None:
             raise DemoError(f"exporting {model} failed (its error is above)")
 
 
-def run_demo(config_path: Path) -> int:
+def clear_state(folder: Path) -> None:
+    """A demo starts clean: what the last run learnt (checkpoints, drift references, unsent alerts) goes."""
+    for pattern in ("*.state.npz", "*.drift.json", "spool/*.json"):
+        for path in folder.glob(pattern):
+            path.unlink()
+
+
+def run_demo(config_path: Path, resume: bool = False) -> int:
     config = load_config(config_path)
+    if not resume:
+        clear_state(config.state.dir)
     set_log_level(config.log_level)
+    # the embedded broker narrates its clients' comings and goings (a PUBACK that a closing subscriber never
+    # sent) at warning and error level: for debugging it, not for the demo's reader
     for noisy in ("amqtt", "transitions"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     video = Path(config.cameras[0].source)
     ensure_inputs(config.model.path, video)
     broker = None

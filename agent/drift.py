@@ -258,10 +258,48 @@ class DriftDetector:
                 "condition": self.condition, "warmup_views": self.warmup_views}
 
     def restore(self, state: dict) -> None:
+        """Go on from `state()`; a state that does not fit this detector (another version's, a damaged one)
+        raises ValueError naming what is wrong, and leaves the detector as it was."""
+        views, references, spread, level = _checked(state)
         self.reset()
-        self.views, self.references = np.asarray(state["views"], np.float64), np.asarray(state["references"])
+        self.views, self.references, self.spread, self.level = views, references, spread, level
         self._weights, self._used = np.full(len(self.views), 1 / FOLLOW), np.zeros(len(self.views))
         self._memory = np.full(len(self.views), np.inf)
-        self.spread, self.level = np.asarray(state["spread"]), np.asarray(state["level"], np.float64)
         self.episode, self.condition = state["episode"], list(state["condition"])
         self.warmup_views = int(state.get("warmup_views", len(self.views)))
+
+
+def _checked(state) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The arrays of a saved detector state, each checked against this version's shapes."""
+    if not isinstance(state, dict):
+        raise ValueError(f"a detector state is a mapping, got {type(state).__name__}")
+    missing = {"views", "references", "spread", "level", "episode", "condition"} - set(state)
+    if missing:
+        raise ValueError(f"missing {', '.join(sorted(missing))}")
+    n = len(STATISTICS)
+
+    def array(key: str, shape: tuple) -> np.ndarray:
+        try:
+            a = np.asarray(state[key], np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key} is not an array of numbers") from None
+        if a.shape != shape or not np.all(np.isfinite(a)):
+            raise ValueError(f"{key} has shape {a.shape}, this version expects {shape} of finite numbers")
+        return a
+
+    count = len(state["views"]) if isinstance(state["views"], list) else -1
+    if not 1 <= count <= MAX_VIEWS:
+        raise ValueError(f"views holds {count} views, this version keeps 1 to {MAX_VIEWS}")
+    views = array("views", (count, 2, VIEW_SIZE[0] * VIEW_SIZE[1]))
+    references = array("references", (count, n))
+    spread, level = array("spread", (n,)), array("level", (n,))
+    if not np.all(spread > 0):
+        raise ValueError("spread holds a value that is not positive")
+    if state["episode"] is not None and not isinstance(state["episode"], str):
+        raise ValueError("episode is neither an id nor null")
+    if not isinstance(state["condition"], list) or not all(isinstance(c, str) for c in state["condition"]):
+        raise ValueError("condition is not a list of words")
+    warmup = state.get("warmup_views", count)
+    if not isinstance(warmup, int) or not 1 <= warmup <= count:
+        raise ValueError(f"warmup_views {warmup!r} is not a view count")
+    return views, references, spread, level

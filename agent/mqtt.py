@@ -9,7 +9,14 @@ Topics under <prefix>/<device>:
     <camera>/class                      the answer's top class when it changes (at most 1/s), retained
     <camera>/adaptation/set             command in: on | frozen | off | reset
     <camera>/lame/set                   command in: auto | on | off
+    probe                               a random token the agent publishes and reads back (delivery check)
 Payloads are JSON with a `schema` version (agent/schemas/*.json).
+
+A broker can accept a publish and still drop it (an ACL that denies the topic acknowledges it all
+the same). So the agent reads back what it publishes: it subscribes to its own drift topics and
+probe, an alert leaves the spool only once it has come back, and a probe goes out at each connect
+and every `advanced.mqtt.verify_every_s`. What does not come back within VERIFY_TIMEOUT_S turns
+`delivery` to `failing`: logged, in stats and /metrics, and alerts wait in the spool.
 """
 from __future__ import annotations
 
@@ -21,13 +28,15 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import paho.mqtt.client as paho
 
-from .config import ADAPTATION_MODES, LAME_MODES, AdvancedMqttConfig, MqttConfig
+from .config import AdvancedMqttConfig, MqttConfig
 from .spool import Spool
+from .vocabulary import ADAPTATION_MODES, LAME_MODES
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -35,6 +44,10 @@ COMMANDS = {"adaptation": (*ADAPTATION_MODES, "reset"), "lame": LAME_MODES}
 MAX_COMMAND_BYTES = 64
 PAHO_LOGGER = "agent.mqtt.paho"  # paho's own lines; shown only at log_level debug
 TROUBLE_REPEAT_S = 60.0  # a broker problem that persists is logged again this often
+VERIFY_TIMEOUT_S = 10.0  # a publish not read back within this long is taken as not delivered
+SHORT_CONNECTION_S = 10.0  # connections closed by the broker sooner than this after it accepted them...
+TAKEOVER_COUNT = 3  # ...this many times within TAKEOVER_WINDOW_S: another client has the same client id
+TAKEOVER_WINDOW_S = 60.0
 
 
 def utc(ts: float) -> str:
@@ -101,15 +114,22 @@ class MqttLink:
         self.commands_rejected = 0
         self.commands_ignored = 0  # retained commands: a config is not overridden by a stale retained message
         self.trouble = BrokerTrouble(f"{self.host}:{self.port}")
+        self.delivery = "unverified"  # "ok" once a publish came back, "failing" once one did not
+        self.probe_topic = f"{self.base}/probe"
         self._lock = threading.Lock()
-        self._inflight: dict[int, str] = {}  # mid -> spool id, at most one alert in flight (keeps order)
+        self._alert: tuple[str, str, float] | None = None  # (spool id, payload, sent): one in flight keeps order
+        self._probe: tuple[str, float] | None = None  # (token, sent)
+        self._next_probe = 0.0
+        self._said_failing = 0.0
         self._retained: dict[str, str] = {}  # topic -> payload, re-published on reconnect
+        self._connected_at = 0.0
+        self._short: deque[float] = deque(maxlen=TAKEOVER_COUNT)  # when the broker closed young connections
+        self.client_id = self.advanced.client_id or f"tta-agent-{self.device_id}-{uuid.uuid4().hex[:8]}"
         self.client = self._client(password)
 
     def _client(self, password: str | None) -> paho.Client:
         cfg = self.cfg
-        client_id = self.advanced.client_id or f"tta-agent-{self.device_id}-{uuid.uuid4().hex[:8]}"
-        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv311)
         client.will_set(self.availability, "offline", qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.max_queued_messages_set(self.advanced.max_queued)
@@ -126,7 +146,6 @@ class MqttLink:
         client.on_connect_fail = self._on_connect_fail
         client.enable_logger(logging.getLogger(PAHO_LOGGER))
         client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
         client.on_message = self._on_message
         return client
 
@@ -152,7 +171,7 @@ class MqttLink:
         deadline = threading.Timer(timeout, done.set)
         deadline.start()
         try:
-            while not done.is_set() and len(self.spool) and self.connected.is_set():
+            while not done.is_set() and len(self.spool) and self.connected.is_set() and self.delivery != "failing":
                 done.wait(0.05)
         finally:
             deadline.cancel()
@@ -163,18 +182,23 @@ class MqttLink:
             return
         self.trouble.connected()
         self.reconnects += 1
+        self._connected_at = time.monotonic()
         log.info("connected to %s:%s", self.host, self.port)
-        client.publish(self.availability, "online", qos=1, retain=True)
-        for topic, payload in list(self._retained.items()):
-            client.publish(topic, payload, qos=1, retain=True)
+        # subscriptions first: the broker handles them before the publishes that follow, so those come back
+        client.subscribe([(f"{self.base}/+/drift", 1), (self.probe_topic, 1)])
         for camera in self.cameras:
             for kind in COMMANDS:
                 client.subscribe(f"{self.base}/{camera}/{kind}/set", qos=1)
         if self.cfg.homeassistant.enabled:
             client.subscribe(f"{self.advanced.discovery_prefix}/status", qos=1)
+        client.publish(self.availability, "online", qos=1, retain=True)
+        for topic, payload in list(self._retained.items()):
+            client.publish(topic, payload, qos=1, retain=True)
+        if self.cfg.homeassistant.enabled:
             self._publish_discovery()
         with self._lock:
-            self._inflight.clear()  # resend from the spool's head: at-least-once, in order
+            self._alert, self._probe, self._next_probe = None, None, 0.0  # resend from the head: at-least-once
+            self._send_probe(time.monotonic())
         self.connected.set()
         self._pump()
 
@@ -187,7 +211,74 @@ class MqttLink:
         self.connected.clear()
         if reason_code.value != 0 and was_connected:
             log.warning("disconnected from %s:%s (%s); reconnecting", self.host, self.port, reason_code)
-            self.trouble.failed(f"connection lost ({reason_code})")
+            now = time.monotonic()
+            if now - self._connected_at < SHORT_CONNECTION_S:
+                self._short.append(now)
+            if self.taken_over:
+                self.trouble.failed(self._takeover_reason())
+            else:
+                self.trouble.failed(f"connection lost ({reason_code})")
+
+    @property
+    def taken_over(self) -> bool:
+        """The broker keeps closing young connections: MQTT 3.1.1's way of saying that another client connected
+        with this client id (each new connection of either client closes the other's)."""
+        return len(self._short) == TAKEOVER_COUNT and time.monotonic() - self._short[0] < TAKEOVER_WINDOW_S
+
+    def _takeover_reason(self) -> str:
+        return (f"closed this agent's connection {TAKEOVER_COUNT} times within {TAKEOVER_WINDOW_S:.0f} s, each "
+                f"soon after accepting it: another client is most likely connected with the same client id "
+                f"{self.client_id!r}; give each box its own advanced.mqtt.client_id, or leave it unset")
+
+    @property
+    def problem(self) -> str | None:
+        """Why MQTT is degraded while connected, or None."""
+        if self.taken_over:
+            return f"mqtt: the broker {self.trouble.where} {self._takeover_reason()}"
+        if self.delivery == "failing":
+            return f"mqtt: the broker {self.trouble.where} does not deliver what this agent publishes ({self._acl})"
+        return None
+
+    # -- delivery, read back -----------------------------------------------------------------
+    @property
+    def _acl(self) -> str:
+        user = f"user {self.cfg.username!r}" if self.cfg.username else "this agent's user"
+        return f"check its ACL: {user} must be allowed to write and read {self.base}/#"
+
+    def _send_probe(self, now: float) -> None:
+        token = uuid.uuid4().hex
+        self.client.publish(self.probe_topic, token, qos=1)
+        self._probe = (token, now)
+        self._next_probe = now + self.advanced.verify_every_s
+
+    def _came_back(self) -> None:
+        """Something this agent published was delivered back to it (called under the lock)."""
+        if self.delivery == "failing":
+            log.warning("broker %s delivers what this agent publishes again; %d alert(s) in the spool go out",
+                        self.trouble.where, len(self.spool))
+        self.delivery = "ok"
+
+    def check_delivery(self) -> None:
+        """From the main loop: a probe when one is due, and `failing` for what did not come back in time."""
+        if not self.connected.is_set():
+            return
+        now = time.monotonic()
+        with self._lock:
+            late = [sent for sent in (self._probe and self._probe[1], self._alert and self._alert[2])
+                    if sent and now - sent > VERIFY_TIMEOUT_S]
+            if late:
+                if self.delivery != "failing" or now - self._said_failing >= TROUBLE_REPEAT_S:
+                    log.error("broker %s acknowledges what this agent publishes but does not deliver it: messages "
+                              "on %s/# are being dropped; %s (configs/mosquitto-acl.conf). Drift alerts stay in "
+                              "the spool (%d) until delivery works", self.trouble.where, self.base, self._acl,
+                              len(self.spool))
+                    self._said_failing = now
+                self.delivery = "failing"
+                if self._probe and now - self._probe[1] > VERIFY_TIMEOUT_S:
+                    self._probe = None
+                    self._next_probe = now + VERIFY_TIMEOUT_S
+            if self._probe is None and now >= self._next_probe:
+                self._send_probe(now)
 
     # -- alerts through the spool ------------------------------------------------------------
     def publish_drift(self, camera: str, event: dict) -> None:
@@ -196,22 +287,34 @@ class MqttLink:
 
     def _pump(self) -> None:
         with self._lock:
-            if self._inflight or not self.connected.is_set():
+            if self._alert or not self.connected.is_set():
                 return
             head = self.spool.peek()
             if head is None:
                 return
             message_id, topic, payload = head
-            info = self.client.publish(topic, json.dumps(payload), qos=1)
+            text = json.dumps(payload)
+            info = self.client.publish(topic, text, qos=1)
             if info.rc == paho.MQTT_ERR_SUCCESS or info.rc == paho.MQTT_ERR_NO_CONN:
-                self._inflight[info.mid] = message_id
+                self._alert = (message_id, text, time.monotonic())
 
-    def _on_publish(self, client, userdata, mid, reason_code, properties):
+    def _echo(self, topic: str, payload: bytes) -> None:
+        """One of this agent's own alerts or probes, delivered back: the alert leaves the spool."""
+        delivered = False
         with self._lock:
-            message_id = self._inflight.pop(mid, None)
-        if message_id is not None:
-            self.spool.remove(message_id)
-            self.alerts_acked += 1
+            text = payload.decode("utf-8", "replace")
+            if topic == self.probe_topic:
+                if self._probe and self._probe[0] == text:
+                    self._probe = None
+                    self._came_back()
+                    if self._alert and time.monotonic() - self._alert[2] > VERIFY_TIMEOUT_S:
+                        self._alert, delivered = None, True  # lost on the way while delivery failed: again
+            elif self._alert and self._alert[1] == text:
+                self.spool.remove(self._alert[0])
+                self.alerts_acked += 1
+                self._alert, delivered = None, True
+                self._came_back()
+        if delivered:
             self._pump()
 
     # -- predictions, state, stats -----------------------------------------------------------
@@ -239,6 +342,9 @@ class MqttLink:
     # -- commands in -------------------------------------------------------------------------
     def _on_message(self, client, userdata, message):
         try:
+            if message.topic == self.probe_topic or message.topic.endswith("/drift"):
+                self._echo(message.topic, message.payload)
+                return
             if self.cfg.homeassistant.enabled and message.topic == f"{self.advanced.discovery_prefix}/status":
                 if message.payload == b"online":
                     self._publish_discovery()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import ADAPTATION_MODES, LAME_MODES, layout_problem
+from .config import layout_problem
 from .contract import ContractError, ModelInfo, read_model_info
 from .drift import DriftDetector, DriftEvent, Observation, observe
 from .gate import AdaptationGate, CollapseGuard
@@ -28,6 +28,7 @@ from .model.providers import physical_cores
 from .model.sessions import open_session
 from .preprocess import FrameError, Preprocessor
 from .sources import Frame
+from .vocabulary import ADAPTATION_MODES, LAME_MODES
 
 if TYPE_CHECKING:
     from .config import Config

@@ -15,11 +15,11 @@ import cv2
 
 from .config import Config, ConfigError, layout_problem, read_password
 from .contract import ContractError, ModelInfo, read_model_info
+from .exits import EXIT_CONFIG
 from .model.sessions import resolve_method
 from .sources import redact, source_kind, source_problem
 
 PROBE_TIMEOUT_S = 10.0
-EXIT_CONFIG = 2  # the config, a file it names, the model or a source is wrong: nothing ran
 
 
 def report(config_path: Path, problems: list[str]) -> int:
@@ -31,8 +31,7 @@ def report(config_path: Path, problems: list[str]) -> int:
 
 def check(config: Config, probe: bool = False) -> tuple[ModelInfo | None, list[str]]:
     """(the model's contract if it loads, every problem found). With `probe`, each camera is opened too."""
-    problems: list[str] = []
-    info = _model(config, problems)
+    info, problems = check_model(config)
     try:
         read_password(config.mqtt)
     except ConfigError as exc:
@@ -46,6 +45,12 @@ def check(config: Config, probe: bool = False) -> tuple[ModelInfo | None, list[s
         if problem:
             problems.append(f"cameras.{i}.source: {problem}")
     return info, problems
+
+
+def check_model(config: Config) -> tuple[ModelInfo | None, list[str]]:
+    """(the model's contract if it loads, the problems that stop it from running under this config)."""
+    problems: list[str] = []
+    return _model(config, problems), problems
 
 
 def _model(config: Config, problems: list[str]) -> ModelInfo | None:

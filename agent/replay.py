@@ -78,6 +78,7 @@ class ReplayRecord:
     drift_score: list[float] = field(default_factory=list)
     # the unadapted model, UnMix-TNS before LAME, and what the agent answered (published as `adapted`)
     correct: dict[str, list[bool]] = field(default_factory=lambda: {"unadapted": [], "adapted": [], "answer": []})
+    scored: list[int] = field(default_factory=list)  # the frames `correct` and `conditions` are about
     conditions: list[str] = field(default_factory=list)
     events: list[DriftEvent] = field(default_factory=list)
 
@@ -88,6 +89,7 @@ class ReplayRecord:
         if result.drift:
             self.events.append(result.drift)
         if label is not None and result.raw is not None:
+            self.scored.append(result.frame)
             self.conditions.append(label.condition)
             self.correct["unadapted"].append(int(np.argmax(result.raw)) in label.accepted)
             self.correct["adapted"].append(int(np.argmax(result.adapted)) in label.accepted)
@@ -104,8 +106,9 @@ def replay(pipeline: CameraPipeline, source: FileSource, labels: dict[int, Frame
             bar.update(pipeline.counters.processed + pipeline.counters.rejected_total - bar.n)
             record.add(result, labels.get(result.frame) if labels else None)
             if result.drift:
-                bar.write(f"frame {result.frame}: drift {result.drift.type} (score {result.drift.score:.1f}, "
-                          f"layers {', '.join(t['layer'] for t in result.drift.top_layers)})")
+                line = (f"frame {result.frame}: drift {result.drift.type} (score {result.drift.score:.1f}, "
+                        f"layers {', '.join(t['layer'] for t in result.drift.top_layers)})")
+                bar.write(line) if progress else log.info(line)
             if bar.n % 10 == 0:
                 bar.set_postfix(fps=f"{bar.format_dict['rate'] or 0:.1f}", drift=pipeline.drift.active,
                                 rejected=pipeline.counters.rejected_total)
@@ -170,26 +173,29 @@ def plot_report(record: ReplayRecord, summary: dict, path: str | Path) -> Path |
         log.warning("matplotlib is not installed (pip install 'tta-agent[demo]'): no PNG report")
         return None
     panels = 3 if record.conditions else 2
-    fig, axes = plt.subplots(panels, 1, figsize=(10, 2.6 * panels), sharex=True)
+    fig, axes = plt.subplots(panels, 1, figsize=(10, 2.8 * panels), sharex=True)
     frames = np.asarray(record.frames)
     ax = iter(axes)
     if record.conditions:
         a = next(ax)
-        window = 30
-        for name, values in record.correct.items():
-            v = np.asarray(values, float)
-            smooth = np.convolve(v, np.ones(window) / window, mode="same")
-            a.plot(frames, 100 * smooth, label=f"{name} ({100 * v.mean():.1f}%)")
-        a.set_ylabel(f"accuracy, {window}-frame mean (%)")
-        a.legend(loc="lower left", fontsize=8)
-        _shade_conditions(a, frames, record.conditions)
+        scored = np.asarray(record.scored)
+        for name, style in ACCURACY_LINES.items():
+            v = np.asarray(record.correct[name], float)
+            a.plot(scored, 100 * trailing_mean(v, ACCURACY_WINDOW), label=f"{name} ({100 * v.mean():.1f}%)", **style)
+        a.set_ylabel(f"accuracy, mean of the\nlast {ACCURACY_WINDOW} frames (%)")
+        a.set_ylim(-3, 118)  # the band above 100 holds the condition names, clear of the curves
+        a.set_yticks(range(0, 101, 25))
+        a.legend(loc="lower left", fontsize=8, ncol=3, framealpha=0.9)
+        _shade_conditions(a, scored, record.conditions)
     a = next(ax)
     a.plot(frames, record.drift_score, lw=0.8, color="tab:purple")
     a.set_ylabel("drift score (spreads)")
+    a.set_ylim(0, max(max(record.drift_score, default=1.0), 1.0) * 1.35)  # room for the event names
     for event in record.events:
         a.axvline(event.frame, color={"start": "red", "update": "orange", "end": "green"}[event.type], ls="--",
                   lw=1)
-        a.annotate(event.type, (event.frame, a.get_ylim()[1]), fontsize=7, rotation=90, va="top")
+        a.text(event.frame, 0.97, f" {event.type}", transform=a.get_xaxis_transform(), fontsize=7, rotation=90,
+               va="top", ha="right")
     a = next(ax)
     a.plot(frames, record.latency_ms, lw=0.6, color="tab:gray")
     a.set_ylabel("latency (ms)")
@@ -201,13 +207,27 @@ def plot_report(record: ReplayRecord, summary: dict, path: str | Path) -> Path |
     return Path(path)
 
 
+# the unadapted line wide and pale underneath, so that it shows where the others run on it
+ACCURACY_LINES = {"unadapted": {"color": "0.6", "lw": 3.2}, "adapted": {"color": "tab:blue", "lw": 1.3},
+                  "answer": {"color": "tab:red", "lw": 1.1, "ls": (0, (4, 2))}}
+ACCURACY_WINDOW = 30
+
+
+def trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Each frame's mean over itself and the frames before it, at most `window`: no edge pulled towards 0."""
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(ends - window, 0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
 def _shade_conditions(ax, frames, conditions) -> None:
     start = 0
     for i in range(1, len(conditions) + 1):
         if i == len(conditions) or conditions[i] != conditions[start]:
             if conditions[start] != "clean":
                 ax.axvspan(frames[start], frames[i - 1], alpha=0.12, color="k")
-                ax.text(frames[start], 2, conditions[start], fontsize=8)
+                ax.text(frames[start], 104, f" {conditions[start]}", fontsize=8, va="bottom")
             start = i
 
 

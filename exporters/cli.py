@@ -117,8 +117,10 @@ BUILDERS = {"efficientnet-lite0": _efficientnet, "fashion-mnist": _fashion_mnist
 
 
 def _check_writable(path: Path) -> None:
-    if not path.parent.is_dir():
-        raise ExportError(f"output folder {path.parent} does not exist")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"output folder {path.parent} cannot be made: {exc.strerror}") from None
     if not os.access(path.parent, os.W_OK):
         raise ExportError(f"output folder {path.parent} is not writable")
 

@@ -343,14 +343,15 @@ def test_no_onnxruntime_telemetry_warning_where_the_cache_is_not_writable(tmp_pa
     assert result.stderr == "", result.stderr
 
 
-def test_export_prints_our_lines_only(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "exporters.cli", "fashion-mnist", "--out", str(tmp_path / "m.onnx"),
+def test_export_prints_our_lines_only_and_makes_its_output_folder(tmp_path):
+    out = tmp_path / "models" / "m.onnx"  # the README's command on a fresh clone: models/ is not there yet
+    result = subprocess.run([sys.executable, "-m", "exporters.cli", "fashion-mnist", "--out", str(out),
                              "--calib-frames", "64", "--holdout-frames", "64"], cwd=ROOT, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip() and "calibrating" not in line]
     assert lines == ["tta-export: exporting 9 adapted layers, folded layout, mode robust, K=16"], lines
-    assert json.loads(result.stdout)["int8"].endswith("m.onnx")
+    assert json.loads(result.stdout)["int8"] == str(out) and out.is_file()
 
 
 def test_debug_log_level_says_what_each_frame_did(tmp_path, broker, fmnist, video):

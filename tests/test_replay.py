@@ -222,6 +222,6 @@ def test_replay_overrides_lay_keys_over_the_config_and_name_bad_ones(tmp_path):
     assert config.cameras[0].source.endswith("v.mp4")
     for bad, message in ((["--set", "lame.windw=3"], "lame.windw: unknown key"),
                          (["--set", "lame"], "an override is KEY=VALUE"),
-                         (["--set", "lame.mode=maybe"], "lame.mode: Input should be")):
+                         (["--set", "lame.mode=maybe"], "lame.mode: must be one of auto, on, off")):
         with pytest.raises(ConfigError, match=message):
             replay_config(parser().parse_args(["replay", "v.mp4", "--model", "x.onnx", *bad]))

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import contract
-from ..config import DEVICES
 from ..contract import ModelInfo, read_model_info
 from ..onnxruntime_quiet import ort
+from ..vocabulary import DEVICES
 from .adaptive import Checkpoints
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import contract
-from ..config import BACKENDS
 from ..contract import ModelInfo, read_model_info
+from ..vocabulary import BACKENDS
 from .cadence import STATISTICS_EVERY
 from .folded_session import FoldedSession
 from .graph_session import GraphSession
