@@ -74,6 +74,12 @@ class AgentMetrics:
                                   value=mqtt.alerts_acked)
         yield CounterMetricFamily("tta_alerts_dropped", "drift alerts dropped from a full spool",
                                   value=spool.dropped)
+        yield GaugeMetricFamily("tta_mqtt_delivery_failing", "1 while the broker does not deliver what the agent "
+                                "publishes (read back): an ACL that drops it", value=float(mqtt.delivery == "failing"))
+        yield CounterMetricFamily("tta_write_failures", "writes to state.dir that failed (a full disk)",
+                                  value=agent.writes.failures)
+        yield GaugeMetricFamily("tta_alerts_in_memory", "drift alerts the disk could not take, held in memory",
+                                value=spool.held)
         yield CounterMetricFamily("tta_commands_rejected", "MQTT commands refused", value=mqtt.commands_rejected)
         yield GaugeMetricFamily("tta_degraded", "1 when stats say degraded", value=float(bool(agent.degraded())))
         provider = InfoMetricFamily("tta_provider", "the execution provider each camera runs on",

@@ -76,8 +76,11 @@ class FolderLock:
             raise FolderInUse(f"state.dir: {folder} is in use by another tta-agent (PID {holder}); stop that one "
                               f"first (systemctl stop tta-agent, or kill {holder}), or give this one a state.dir "
                               "of its own") from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        try:  # the PID is for the message above; a full disk must not stop the agent that holds the lock
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
 
     def release(self) -> None:
         if self._fd is not None:

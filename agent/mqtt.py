@@ -386,24 +386,26 @@ class MqttLink:
 
     def _publish_discovery(self) -> None:
         """Home Assistant MQTT discovery per camera: a class sensor, a drift binary sensor and a source
-        connectivity sensor (with the camera's stats, `last_error` among them, as attributes)."""
+        connectivity sensor (with the camera's stats, `last_error` among them, as attributes). The topics carry
+        the device id as Home Assistant's node id, so one ACL pattern (`homeassistant/+/%u/#`) covers every box."""
         prefix = self.advanced.discovery_prefix
         device = {"identifiers": [f"tta-agent-{self.device_id}"], "name": f"tta-agent {self.device_id}",
                   "manufacturer": "tta-agent", "model": "streaming test-time adaptation"}
         for camera in sorted(self.cameras):
             uid = f"tta_{self.device_id}_{camera}"
+            node = f"{self.device_id}/{camera}"
             configs = {
-                f"{prefix}/sensor/{uid}_class/config": {
+                f"{prefix}/sensor/{node}_class/config": {
                     "name": f"{camera} class", "unique_id": f"{uid}_class",
                     "state_topic": f"{self.base}/{camera}/class",
                     "value_template": "{{ value_json.label }}",
                 },
-                f"{prefix}/binary_sensor/{uid}_drift/config": {
+                f"{prefix}/binary_sensor/{node}_drift/config": {
                     "name": f"{camera} drift", "unique_id": f"{uid}_drift", "device_class": "problem",
                     "state_topic": f"{self.base}/{camera}/drift/state",
                     "value_template": "{{ 'ON' if value_json.active else 'OFF' }}",
                 },
-                f"{prefix}/binary_sensor/{uid}_source/config": {
+                f"{prefix}/binary_sensor/{node}_source/config": {
                     "name": f"{camera} source", "unique_id": f"{uid}_source", "device_class": "connectivity",
                     "state_topic": f"{self.base}/stats",
                     "value_template": f"{{{{ 'ON' if value_json.cameras['{camera}'].connected else 'OFF' }}}}",

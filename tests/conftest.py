@@ -24,7 +24,7 @@ def _export(tmp_path_factory, name: str, *extra: str) -> dict[str, Path]:
     return {"int8": out, "fp32": folder / f"{name}.fp32.onnx", "state": state}
 
 
-SYSTEM_MODULES = {"test_demo", "test_faults", "test_mqtt", "test_operations"}
+SYSTEM_MODULES = {"test_demo", "test_faults", "test_mqtt", "test_operations", "test_unattended"}
 MODEL_FIXTURES = {"effnet", "fmnist", "fmnist_folded", "effnet_faithful", "fmnist_faithful"}
 
 
