@@ -17,6 +17,7 @@ from typing import Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .gate import MARGIN
 from .model.cadence import REBAKE_DIVERGENCE, STATISTICS_EVERY
 from .vocabulary import ADAPTATION_MODES, BACKENDS, DEVICES, LAME_MODES, METHODS
 
@@ -74,8 +75,11 @@ class GateConfig(Section):
 
 class GuardConfig(Section):
     enabled: bool = Field(True, description="reset and pause adaptation when its predictions collapse")
-    window: int = Field(50, ge=10, le=100_000, description="frames with an unadapted pass compared at a time")
-    diversity: float = Field(0.5, gt=0, le=1, description="fire below this share of the unadapted class entropy")
+    window: int = Field(50, ge=10, le=100_000, description="frames with an unadapted pass (every raw_every-th) "
+                                                           "compared at a time")
+    margin: float = Field(MARGIN, gt=0, le=100, description="fire when the adapted answers are further from the "
+                                                           "camera's usual answers than the unadapted ones on the "
+                                                           "same frames by more than this (KL, nats)")
     hold: int = Field(500, ge=0, le=10_000_000, description="frames without adaptation after firing")
 
 
@@ -407,23 +411,29 @@ def load_config(path: str | Path, overrides: dict[str, object] | None = None) ->
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
-    loader = _NoAliasLoader(text)
     try:
-        node = loader.get_single_node()
-        twice = _written_twice(node)
-        if twice:
-            raise ConfigError([f"{path}: {line}" for line in twice])
-        doc = loader.construct_document(node) if node is not None else None
+        doc, twice = _parse_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
-    finally:
-        loader.dispose()
+    if twice:
+        raise ConfigError([f"{path}: {line}" for line in twice])
     try:
         if overrides:
             doc = apply_overrides(doc if isinstance(doc, dict) else {}, overrides)
         return parse_config(doc, path.parent)
     except ConfigError as exc:
         raise exc.within(path) from None
+
+
+def _parse_yaml(text: str) -> tuple[object, list[str]]:
+    """The document, and the keys written twice in it (when any, the document is not built)."""
+    loader = _NoAliasLoader(text)
+    try:
+        node = loader.get_single_node()
+        twice = _written_twice(node)
+        return (None if twice or node is None else loader.construct_document(node)), twice
+    finally:
+        loader.dispose()
 
 
 def _written_twice(node, path: tuple[str, ...] = ()) -> list[str]:
