@@ -58,7 +58,7 @@ def cmd_replay(args) -> int:
     labels = read_labels(args.labels, session.info.labels) if args.labels else None
     pipeline = build_pipeline(config, session)
     if labels:
-        pipeline.raw_every = 1  # the unadapted model on every frame, to score it
+        pipeline.score_unadapted = True  # the unadapted model on every frame, to score it: nothing else changes
     source = FileSource(args.video, paced=args.paced, loop=False, start=args.start, end=args.end)
     summary, record = replay(pipeline, source, labels, progress=not args.quiet and sys.stderr.isatty())
     print(format_table(summary))

@@ -108,6 +108,8 @@ def run_demo(config_path: Path, resume: bool = False) -> int:
         host, port = "127.0.0.1", broker.port
     record = ReplayRecord()
     agent = Agent(config, config_path, broker=(host, port))
+    for camera in agent.cameras:
+        camera.pipeline.score_unadapted = True  # the unadapted model on every frame, so the summary can compare
     labels = read_labels(sidecar_path(video), agent.info.labels) if sidecar_path(video).exists() else {}
     agent.sinks.append(lambda camera, result: record.add(result, labels.get(result.frame)))
     view = LiveView(host, port, config.mqtt.prefix)

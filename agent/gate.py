@@ -25,6 +25,10 @@ import numpy as np
 
 from .contract import ShiftReference
 
+USUAL_MEMORY = 200  # compared frames: the camera's usual answers follow its scene over this many
+PSEUDO_COUNT = 0.5  # per class: no class is impossible in the camera's usual answers
+MARGIN = 1.386  # nats (log 4): as if the adapted answers had gathered on a quarter of the classes the unadapted give
+
 
 class AdaptationGate:
     def __init__(self, reference: ShiftReference, low: float = 0.5, high: float = 1.5, smoothing: float = 0.05,
@@ -67,33 +71,54 @@ class AdaptationGate:
 
 
 class CollapseGuard:
-    """Stops adaptation that has gone wrong, without labels: when the adapted model's top-1 over the
-    last `window` compared frames (those with an unadapted pass too) spreads over far fewer classes
-    than the unadapted model's on the same frames (marginal entropy below `diversity` times), the
-    components have collapsed onto a few classes. The pipeline then resets them and pauses
-    adaptation for `hold` frames."""
+    """Stops adaptation that has gone wrong, without labels. Every `raw_every`-th frame runs the unadapted model
+    too (the same frames in the daemon and in replay). On those frames the guard asks which answers fit what
+    this camera usually answers (`usual`: its compared frames outside drift episodes, at strength 0), the
+    adapted ones or the unadapted ones on the same frames: over the last `window` compared frames, the
+    divergence (KL, nats) of each one's top-1 distribution from the usual one. A fixed camera's adapted answers
+    legitimately gather on the class its usual conditions show while the unadapted ones scatter under noise or
+    fog: they fit better, and nothing happens. Answers piling onto classes the camera does not usually give,
+    further from its usual answers than the unadapted model's by more than `margin`, are a collapse: the
+    pipeline resets the components and pauses adaptation for `hold` frames. With no usual answers yet, every
+    class is as usual as another, and the test is how much more concentrated the adapted answers are."""
 
-    def __init__(self, classes: int, window: int = 50, diversity: float = 0.5, hold: int = 500):
-        self.classes, self.window, self.diversity, self.hold = classes, window, diversity, hold
+    def __init__(self, classes: int, window: int = 50, margin: float = MARGIN, hold: int = 500,
+                 memory: int = USUAL_MEMORY):
+        self.classes, self.window, self.margin, self.hold = classes, window, margin, hold
+        self.decay = 1.0 - 1.0 / memory
         self.fired = 0
+        self.usual_answers = np.zeros(classes)  # forgetting counts of the unadapted top-1 in usual conditions
         self.reset()
 
     def reset(self) -> None:
+        """A fresh window (the camera's usual answers are kept: they are not what collapsed)."""
         self._adapted: deque[int] = deque(maxlen=self.window)
         self._raw: deque[int] = deque(maxlen=self.window)
 
-    def _entropy(self, top1: deque[int]) -> float:
-        p = np.bincount(list(top1), minlength=self.classes) / len(top1)
-        p = p[p > 0]
-        return float(-(p * np.log(p)).sum())
+    def usual(self, raw: np.ndarray) -> None:
+        """A compared frame in the camera's usual conditions (its answer is the unadapted model's)."""
+        self.usual_answers *= self.decay
+        self.usual_answers[int(np.argmax(raw))] += 1.0
+
+    def divergence(self) -> tuple[float, float]:
+        """(adapted, unadapted): how far each one's answers over the window are from the camera's usual ones."""
+        usual = (self.usual_answers + PSEUDO_COUNT) / (self.usual_answers.sum() + PSEUDO_COUNT * self.classes)
+
+        def kl(top1: deque[int]) -> float:
+            p = np.bincount(list(top1), minlength=self.classes) / len(top1)
+            seen = p > 0
+            return float((p[seen] * np.log(p[seen] / usual[seen])).sum())
+
+        return kl(self._adapted), kl(self._raw)
 
     def update(self, adapted: np.ndarray, raw: np.ndarray) -> bool:
-        """One compared frame; True when adaptation must stop (the guard then starts afresh)."""
+        """One compared adapted frame; True when adaptation must stop (the window then starts afresh)."""
         self._adapted.append(int(np.argmax(adapted)))
         self._raw.append(int(np.argmax(raw)))
         if len(self._adapted) < self.window:
             return False
-        collapsed = self._entropy(self._adapted) < self.diversity * self._entropy(self._raw)
+        adapted_kl, raw_kl = self.divergence()
+        collapsed = adapted_kl > raw_kl + self.margin
         if collapsed:
             self.fired += 1
             self.reset()

@@ -91,6 +91,7 @@ class CameraPipeline:
         self.correlation = CorrelationMonitor(len(session.info.labels))
         self.drift = drift or DriftDetector(layers=session.info.layer_names)
         self.raw_every = raw_every
+        self.score_unadapted = False  # replay with labels: the unadapted model on every frame, to score it only
         self.gate = gate
         self.guard = guard
         self.paused = 0  # frames left without adaptation after the guard fired
@@ -118,7 +119,7 @@ class CameraPipeline:
         g = a.gate
         self.gate = AdaptationGate(info.shift_reference, g.low, g.high, g.smoothing, g.shadow_every, g.margin) \
             if g.enabled and not self.anchored else None
-        self.guard = CollapseGuard(len(info.labels), a.guard.window, a.guard.diversity, a.guard.hold) \
+        self.guard = CollapseGuard(len(info.labels), a.guard.window, a.guard.margin, a.guard.hold) \
             if a.guard.enabled else None
         self.set_adaptation(config.adaptation.mode)
 
@@ -147,8 +148,15 @@ class CameraPipeline:
         if self.adaptation == "off" or self.paused:
             return 0.0
         if self.anchored:
-            return float(self.drift.active and self.drift.fixed)
+            return float(self.drift.active and self.drift.fixed and not self.drift.returned)
         return 1.0 if self.gate is None else self.gate.strength
+
+    @property
+    def learns(self) -> bool:
+        """Whether this frame may update the session. The camera anchor's unadapted frames teach its reference,
+        the camera's usual conditions: never while a drift episode is open (a moving camera's, one paused by
+        the guard, or one whose condition has just cleared)."""
+        return self.adaptation == "on" and not (self.anchored and self.drift.active and self.strength == 0)
 
     @property
     def lame_active(self) -> bool:
@@ -205,21 +213,19 @@ class CameraPipeline:
                 log.warning("frame %d rejected: %s", frame.index, exc)
             return None
         strength = self.strength
-        out = self.session.step(image, strength=strength, update=self.adaptation == "on")
+        out = self.session.step(image, strength=strength, update=self.learns)
         adapted = softmax(out.logits)
         unadapted = out if strength == 0 else None
         gate_shadow = self.gate is not None and self.gate.needs_shadow(frame.index)
-        if unadapted is None and (gate_shadow or (self.raw_every and frame.index % self.raw_every == 0)):
+        compared = bool(self.raw_every) and frame.index % self.raw_every == 0
+        if unadapted is None and (gate_shadow or compared or self.score_unadapted):
             unadapted = self.session.step(image, strength=0.0, measure=gate_shadow, update=False)
         if unadapted is not None and unadapted.shift is not None and self.gate is not None:
             self.gate.update(unadapted.shift, frame.index)
         raw = None if unadapted is None else softmax(unadapted.logits)
         self.paused = max(0, self.paused - 1)
-        if self.guard is not None and strength > 0 and raw is not None and self.guard.update(adapted, raw):
-            log.warning("frame %d: adapted predictions collapsed onto few classes; components reset, adaptation "
-                        "paused for %d frames", frame.index, self.guard.hold)
-            self.session.reset()
-            self.paused = self.guard.hold
+        if self.guard is not None and compared:
+            self._guard(frame.index, strength, adapted, raw)
         self.correlation.update(int(np.argmax(adapted)))
         measured = out.shift is not None
         event = self.drift.update(observation, frame.index, frame.captured,
@@ -228,6 +234,18 @@ class CameraPipeline:
         result = FrameResult(frame.index, frame.captured, 0.0, adapted, adapted, raw, strength, None, False,
                              float(out.shift.mean()) if measured else None, self.drift.score, event)
         return _Inferred(result, out.features, self.lame_active, start)
+
+    def _guard(self, index: int, strength: float, adapted: np.ndarray, raw: np.ndarray) -> None:
+        """The collapse guard, fed on the unadapted cadence's frames alone: the same in the daemon and in replay."""
+        if strength == 0:
+            if not self.drift.active:
+                self.guard.usual(raw)
+        elif self.guard.update(adapted, raw):
+            log.warning("frame %d: adapted answers collapsed onto classes neither the unadapted model nor this "
+                        "camera's usual answers support; components reset, adaptation paused for %d frames", index,
+                        self.guard.hold)
+            self.session.reset()
+            self.paused = self.guard.hold
 
     def _layer_z(self, shift: np.ndarray) -> np.ndarray:
         """Per-layer shift in the source's clean spreads (the exporter's reference), for drift payloads."""

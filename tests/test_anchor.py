@@ -77,21 +77,29 @@ def fixed_camera(tmp_path_factory):
     return path
 
 
-def test_a_fixed_camera_is_anchored_during_its_drift_episode_only(fmnist_folded, fixed_camera):
+def test_a_fixed_camera_is_anchored_while_its_condition_lasts_only(fmnist_folded, fixed_camera):
+    """Noise from frame 150 to 269: anchored from the episode's start until a few frames after the noise
+    clears, though the episode itself ends only 30 calm frames later; the reference learns nothing meanwhile."""
     config = parse_config({"model": {"path": str(fmnist_folded["int8"]), "device": "cpu"},
                            "cameras": [{"name": "shelf", "source": str(fixed_camera)}],
                            "advanced": {"model": {"threads": 1}}})
     pipeline = build_pipeline(config)
     session = pipeline.session
     assert isinstance(session, FoldedSession) and isinstance(session.learner, CameraAnchor) and pipeline.anchored
-    results = list(pipeline.stream(FileSource(fixed_camera).frames()))
+    results, reference = [], []
+    for frame in FileSource(fixed_camera).frames():
+        results.append(pipeline.process(frame))
+        reference.append(session.learner.reference_frames)
     strength = np.array([r.strength for r in results])
     starts = [r.frame for r in results if r.drift and r.drift.type == "start"]
     ends = [r.frame for r in results if r.drift and r.drift.type == "end"]
     assert pipeline.drift.fixed and starts and ends and 150 <= starts[0] < ends[0]
+    assert reference[starts[0]] == reference[ends[0] - 1]  # nothing of the episode taught the reference
     assert not strength[: starts[0] + 1].any()  # learning the camera: the unadapted model
-    assert strength[starts[0] + 1: ends[0] + 1].all()  # the episode: anchored
-    assert not strength[ends[0] + 1:].any()
+    assert strength[starts[0] + 1: 270].all()  # the condition: anchored
+    returned = 270 + int(np.argmin(strength[270:]))
+    assert returned <= 273 and not strength[returned:].any(), strength[265:280]  # back within a few frames
+    assert ends[0] > returned + 20
     assert session.learner.reference_frames >= 100
     during = [r for r in results if starts[0] + 10 < r.frame <= ends[0]]
     moved = [float(np.abs(r.adapted - r.raw).max()) for r in during if r.raw is not None]
@@ -156,3 +164,62 @@ def test_a_drift_episode_is_followed_every_frame_then_answered_from_a_bake(fmnis
     assert baked > 0 and not session.cadence.following
     session.step(frames[270], strength=0.0)
     assert session.cadence.following
+
+
+def _pipeline(model, camera, **advanced):
+    return build_pipeline(parse_config({"model": {"path": str(model), "device": "cpu"},
+                                        "cameras": [{"name": "shelf", "source": str(camera)}],
+                                        "advanced": {"model": {"threads": 1}, **advanced}}))
+
+
+def test_scoring_the_unadapted_model_on_every_frame_changes_no_answer(fmnist_folded, fixed_camera):
+    """Replay with labels runs the unadapted model on every frame to score it; what the camera answers, the
+    guard's feed and what the anchor learns must be what the daemon (every 30th frame) gets."""
+    daemon, scored = _pipeline(fmnist_folded["int8"], fixed_camera), _pipeline(fmnist_folded["int8"], fixed_camera)
+    scored.score_unadapted = True
+    for frame in FileSource(fixed_camera).frames():
+        a, b = daemon.process(frame), scored.process(frame)
+        assert b.raw is not None
+        np.testing.assert_array_equal(a.adapted, b.adapted, err_msg=f"frame {frame.index}")
+        assert a.strength == b.strength
+    assert daemon.session.learner.reference_frames == scored.session.learner.reference_frames
+    np.testing.assert_array_equal(daemon.guard.usual_answers, scored.guard.usual_answers)
+
+
+def test_the_guard_catches_a_real_collapse_of_the_anchor(fmnist_folded, tmp_path):
+    """The light dims (a drift episode; the anchor gives back the camera's usual class where the unadapted model
+    does not), then adaptation goes wrong: from frame 250 the adapted pass answers a class this camera never
+    gives (a stand-in for a broken learner: none can be made to collapse on purpose). The guard fires, resets
+    and pauses adaptation; the dimmed frames before it never fired it."""
+    import cv2
+
+    from agent.model.adaptive import StepOutput
+
+    path = tmp_path / "dimmed.avi"
+    fmnist_video(path, [("clean", 150)])
+    frames = [f.image for f in FileSource(path).frames()]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 50, frames[0].shape[1::-1])
+    for i in range(450):
+        image = frames[i % len(frames)]
+        writer.write(image if i < 150 else (image * 0.7).astype(np.uint8))
+    writer.release()
+    pipeline = _pipeline(fmnist_folded["int8"], path, adaptation={"raw_every": 3, "guard": {"window": 10}})
+    session, step = pipeline.session, pipeline.session.step
+    broken = {"from": 10**9}
+
+    def collapsing(image, strength=1.0, update=True, measure=False):
+        out = step(image, strength=strength, update=update, measure=measure)
+        if strength > 0 and session.frames >= broken["from"]:
+            return StepOutput(np.eye(len(out.logits), dtype=np.float32)[9] * 20, out.features, out.shift)
+        return out
+
+    session.step = collapsing
+    results = []
+    for frame in FileSource(path).frames():
+        if frame.index == 250:
+            broken["from"] = session.frames
+            assert pipeline.guard.fired == 0 and pipeline.drift.active and results[-1].strength == 1.0
+        results.append(pipeline.process(frame))
+    assert pipeline.guard.fired == 1
+    fired = next(r.frame for r in results if r.frame > 250 and r.strength == 0)
+    assert fired < 300 and all(r.strength == 0 for r in results[fired:])

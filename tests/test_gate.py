@@ -110,19 +110,39 @@ def test_efficientnet_on_ordinary_photos_agrees_with_the_unadapted_model(effnet)
     assert np.mean([r.strength == 0.0 for r in results]) >= 0.95
 
 
-def test_guard_fires_when_adapted_predictions_collapse_onto_one_class():
+def test_guard_fires_when_adapted_answers_pile_onto_one_class_of_a_shuffled_stream():
+    """A stream whose usual answers spread over every class: adapted answers gathering on one fire it."""
     guard = CollapseGuard(classes=10, window=20)
     rng = np.random.default_rng(0)
+    for c in rng.integers(0, 10, 100):
+        guard.usual(np.eye(10)[c])
     healthy = [guard.update(np.eye(10)[c], np.eye(10)[c]) for c in rng.integers(0, 10, 100)]
     assert not any(healthy) and guard.fired == 0
     collapsed = [guard.update(np.eye(10)[3], np.eye(10)[c]) for c in rng.integers(0, 10, 40)]
     assert any(collapsed) and guard.fired >= 1
 
 
+def test_guard_leaves_a_fixed_camera_whose_adapted_answers_gather_on_its_usual_class():
+    """A fixed camera in heavy noise: the unadapted answers scatter, the adapted ones stay on the class the camera
+    shows in its usual conditions (all the old entropy test saw was a collapse). Answers piling onto a class the
+    camera never shows, where the unadapted model still gives its usual class, are one."""
+    guard = CollapseGuard(classes=10, window=20)
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        guard.usual(np.eye(10)[5])
+    working = [guard.update(np.eye(10)[5 if rng.random() < 0.7 else 1], np.eye(10)[c])
+               for c in rng.integers(0, 10, 200)]
+    assert not any(working)
+    adapted, unadapted = guard.divergence()
+    assert adapted < unadapted
+    collapsed = [guard.update(np.eye(10)[2], np.eye(10)[5 if rng.random() < 0.8 else 7]) for _ in range(40)]
+    assert any(collapsed) and guard.fired >= 1
+
+
 def test_a_firing_guard_resets_the_components_and_pauses_adaptation(fmnist):
     images, _ = fm.load_split("t10k")
     session = GraphSession(fmnist["int8"], threads=1)
-    guard = CollapseGuard(len(session.info.labels), window=10, diversity=1.0, hold=30)  # fires at any doubt
+    guard = CollapseGuard(len(session.info.labels), window=10, margin=1e-6, hold=30)  # fires at any doubt
     pipeline = CameraPipeline(session, raw_every=1, guard=guard)
     results = [pipeline.process(Frame(i, image, 0.0)) for i, image in enumerate(images[:60])]
     assert guard.fired >= 1

@@ -114,7 +114,8 @@ class FoldedSession(OnnxSession):
         beside, self._previous = not adapted and self._previous > 0, strength
         if not adapted and update:
             self.cadence.restart()  # back in its usual conditions: the next episode is followed from its start
-        frames = self.cadence.next(adapted, asked=measure or self.baker is None)
+        # an unadapted pass beside an adapted frame (the unadapted cadence, replay's scoring) leaves the cadence alone
+        frames = 0 if beside and not measure else self.cadence.next(adapted, asked=measure or self.baker is None)
         normalisation = self._normalisation(strength)
         image = np.ascontiguousarray(image, np.float32)
         bake = None if frames else self._bake_for(strength, normalisation, beside)
