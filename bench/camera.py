@@ -4,6 +4,8 @@
     python -m bench.camera --layouts folded --severities 3 --views 0 3 6 9 12 15 18 21 --condition-frames 160 \
         --set advanced.adaptation.folded.statistics_every=11 --name camera.cadence-11
                                        (a cadence on longer conditions: docs/decisions.md)
+    python -m bench.camera --layouts folded --return-frames 120 --name camera.return
+                                       (each fixed camera's condition clears: what the camera answers after)
 
 Views: 24 crops of 13 real photos that install offline (3 of scikit-image's, 10 of Debian's
 opencv-doc), each one whose clean FP32 top-1 is confident and sensible (VIEWS; the table lists
@@ -12,7 +14,9 @@ has seen), then its conditions change; that history is run once, checkpointed as
 checkpoints (components and drift state), and each condition starts from it. Streams, all
 through the agent's own pipeline as the daemon builds it from the default config
 (agent.pipeline.build_pipeline; LAME `auto`, gate and guard on, unadapted every 30th):
-  fixed      a camera watching one view (a few pixels of shake): CONDITION_FRAMES frames per view, 24 views
+  fixed      a camera watching one view (a few pixels of shake): CONDITION_FRAMES frames per view, 24 views;
+             with --return-frames R, R clean frames of the same view follow (scored apart: the first
+             AFTER_RETURN frames after the condition clears, and the clean frames after those)
   pan        a camera panning over six of the photos in turn, 24 frames each
   continual  one view clean, then fog, night, contrast (severity 3), then clean, SEGMENT frames each (8 views)
 Conditions: the 15 ImageNet-C corruptions of the reference implementation (PyPI imagecorruptions)
@@ -59,6 +63,7 @@ CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", 
                "jpeg_compression")
 CONDITIONS = CORRUPTIONS + ("night",)
 CONTINUAL = (("fog", 3), ("night", 3), ("contrast", 3), ("clean", 0))
+AFTER_RETURN = 30  # frames right after a condition clears, scored on their own
 # (photo, zoom of the shorter side, centre x, centre y as fractions of the free room): clean FP32 top-1
 VIEWS = {
     ("skimage:coffee", 1.0, 0.5, 0.5): "espresso", ("skimage:coffee", 0.6, 0.2, 0.2): "espresso",
@@ -82,6 +87,7 @@ CONTINUAL_CAMERAS = range(0, len(VIEWS), len(VIEWS) // CONTINUAL_VIEWS)
 # set from the command line before the worker processes fork: the fixed views, and the adapting agent's overrides
 FIXED_VIEWS = list(range(len(VIEWS)))
 OVERRIDES: dict[str, object] = {}
+RETURN_FRAMES = 0
 PANS = ("skimage:coffee", "skimage:camera", "opencv:squirrel_cls.jpg", "opencv:chicky_512.png", "opencv:fruits.jpg",
         "opencv:sudoku.png")
 NIGHT = {1: (0.6, 4.0), 2: (0.45, 7.0), 3: (0.35, 10.0), 4: (0.25, 14.0), 5: (0.18, 18.0)}  # light, noise sd
@@ -228,10 +234,12 @@ def run_task(task) -> dict:
     elif kind == "pan":
         cameras = [("pan", pan_stream(condition, severity, scenes))]
     else:
-        cameras = [(str(v), view_stream(v, condition, severity, CONDITION_FRAMES, scenes, 1000 * severity))
-                   for v in FIXED_VIEWS]
+        back = RETURN_FRAMES if condition != "clean" else 0
+        cameras = [(str(v), view_stream(v, condition, severity, CONDITION_FRAMES, scenes, 1000 * severity)
+                    + view_stream(v, "clean", 0, back, scenes, 0)) for v in FIXED_VIEWS]
     truth = labels["pan" if kind == "pan" else "fixed"]
     correct = {"unadapted": [], "adapted": [], "answer": []}
+    phase = []  # "during" the condition, "return" (its first AFTER_RETURN clean frames after), "after"
     strength = []
     fired = 0
     for camera, frames in cameras:
@@ -246,20 +254,33 @@ def run_task(task) -> dict:
             correct["adapted"].append(bool(np.argmax(result.adapted) == y))
             correct["answer"].append(bool(np.argmax(result.probs) == y))
             strength.append(result.strength)
+            after = i - CONDITION_FRAMES if kind == "fixed" else -1
+            phase.append("during" if after < 0 else "return" if after < AFTER_RETURN else "after")
         fired += agent.guard.fired if agent.guard else 0
     return {"model": model.name, "kind": kind, "condition": condition, "severity": severity, "correct": correct,
-            "strength": strength, "guard_fired": fired}
+            "strength": strength, "phase": phase, "guard_fired": fired}
 
 
 def _mean(values) -> float:
     return 100 * float(np.mean(values)) if len(values) else float("nan")
 
 
-def _row(runs: list[dict], condition: str, severity: int) -> tuple[dict, float]:
-    """Accuracy of each answer and mean strength over the fixed and pan streams of one condition."""
+def _row(runs: list[dict], condition: str, severity: int, phase: str = "during") -> tuple[dict, float]:
+    """Accuracy of each answer and mean strength over the fixed and pan streams of one condition, on the frames
+    of one phase (pans are all "during")."""
     rs = [r for r in runs if r["condition"] == condition and r["severity"] == severity and r["kind"] != "continual"]
-    acc = {m: _mean(sum((r["correct"][m] for r in rs), [])) for m in ("unadapted", "adapted", "answer")}
-    return acc, float(np.mean(sum((r["strength"] for r in rs), [])))
+
+    def picked(r, values):
+        phases = r.get("phase") or ["during"] * len(values)
+        return [v for v, p in zip(values, phases) if p == phase or (r["kind"] == "pan" and phase == "during")]
+
+    acc = {m: _mean(sum((picked(r, r["correct"][m]) for r in rs), [])) for m in ("unadapted", "adapted", "answer")}
+    strengths = sum((picked(r, r["strength"]) for r in rs), [])
+    return acc, float(np.mean(strengths)) if strengths else float("nan")
+
+
+def _fired(runs: list[dict], condition: str, severity: int) -> int:
+    return sum(r.get("guard_fired", 0) for r in runs if r["condition"] == condition and r["severity"] == severity)
 
 
 def markdown(runs: list[dict], layouts: dict[str, Path], severities: list[int], minutes: float) -> str:
@@ -275,12 +296,12 @@ def markdown(runs: list[dict], layouts: dict[str, Path], severities: list[int], 
     for layout in layouts:
         mine = [r for r in runs if r["layout"] == layout]
         lines += [f"## {layout} layout", "",
-                  "| condition | severity | unadapted | adapted | answer | answer - unadapted | strength |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| condition | severity | unadapted | adapted | answer | answer - unadapted | strength | guard "
+                  "fired |", "|---|---|---|---|---|---|---|---|"]
 
         acc, strength = _row(mine, "clean", 0)
         lines.append(f"| clean | - | {acc['unadapted']:.1f} | {acc['adapted']:.1f} | {acc['answer']:.1f} | "
-                     f"{acc['answer'] - acc['unadapted']:+.1f} | {strength:.2f} |")
+                     f"{acc['answer'] - acc['unadapted']:+.1f} | {strength:.2f} | {_fired(mine, 'clean', 0)} |")
         for severity in severities:
             means = []
             for condition in [c for c in CONDITIONS if any(r["condition"] == c for r in mine)]:
@@ -288,11 +309,14 @@ def markdown(runs: list[dict], layouts: dict[str, Path], severities: list[int], 
                 if condition in CORRUPTIONS:
                     means.append(acc)
                 lines.append(f"| {condition} | {severity} | {acc['unadapted']:.1f} | {acc['adapted']:.1f} | "
-                             f"{acc['answer']:.1f} | {acc['answer'] - acc['unadapted']:+.1f} | {strength:.2f} |")
+                             f"{acc['answer']:.1f} | {acc['answer'] - acc['unadapted']:+.1f} | {strength:.2f} | "
+                             f"{_fired(mine, condition, severity)} |")
             m = {k: float(np.mean([a[k] for a in means])) for k in means[0]}
             gain = m["answer"] - m["unadapted"]
             lines.append(f"| **mean of {len(means)}** | {severity} | **{m['unadapted']:.1f}** | "
-                         f"**{m['adapted']:.1f}** | **{m['answer']:.1f}** | **{gain:+.1f}** | |")
+                         f"**{m['adapted']:.1f}** | **{m['answer']:.1f}** | **{gain:+.1f}** | | |")
+        if RETURN_FRAMES:
+            lines += _return_table(mine, severities)
         cont = next((r for r in mine if r["kind"] == "continual"), None)
         if cont:
             lines += ["", f"Continual streams ({CONTINUAL_VIEWS} cameras, each resumed from its clean history; "
@@ -313,8 +337,31 @@ def markdown(runs: list[dict], layouts: dict[str, Path], severities: list[int], 
     return "\n".join(lines)
 
 
+def _return_table(runs: list[dict], severities: list[int]) -> list[str]:
+    """The fixed cameras once each condition has cleared: its first AFTER_RETURN clean frames, then the rest."""
+    lines = ["", f"After the condition clears (fixed cameras, {RETURN_FRAMES} clean frames each; the first "
+             f"{AFTER_RETURN} are the return, the rest clean after it): accuracy of the answer and of the unadapted "
+             "model, and the answer's mean strength.", "",
+             "| condition | severity | return: unadapted | return: answer | difference | strength | after: unadapted "
+             "| after: answer | difference |", "|---|---|---|---|---|---|---|---|---|"]
+    fixed = [r for r in runs if r["kind"] == "fixed"]
+    for severity in severities:
+        diffs = []
+        for condition in [c for c in CONDITIONS if any(r["condition"] == c for r in fixed)]:
+            back, strength = _row(fixed, condition, severity, "return")
+            after, _ = _row(fixed, condition, severity, "after")
+            diffs.append((back["answer"] - back["unadapted"], after["answer"] - after["unadapted"]))
+            lines.append(f"| {condition} | {severity} | {back['unadapted']:.1f} | {back['answer']:.1f} | "
+                         f"{diffs[-1][0]:+.1f} | {strength:.2f} | {after['unadapted']:.1f} | {after['answer']:.1f} | "
+                         f"{diffs[-1][1]:+.1f} |")
+        worst = (min(d[0] for d in diffs), min(d[1] for d in diffs))
+        lines.append(f"| **mean of {len(diffs)}** (worst) | {severity} | | | **{np.mean([d[0] for d in diffs]):+.1f}** "
+                     f"({worst[0]:+.1f}) | | | | **{np.mean([d[1] for d in diffs]):+.1f}** ({worst[1]:+.1f}) |")
+    return lines
+
+
 def main() -> None:
-    global CONDITION_FRAMES, FIXED_VIEWS, OVERRIDES
+    global CONDITION_FRAMES, FIXED_VIEWS, OVERRIDES, RETURN_FRAMES
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=Path("models"),
                         help="folder with efficientnet_lite0.onnx, efficientnet_lite0.fp32.onnx and "
@@ -326,11 +373,14 @@ def main() -> None:
     parser.add_argument("--views", type=int, nargs="+", choices=range(len(VIEWS)), default=FIXED_VIEWS,
                         help="the fixed cameras (indices into VIEWS)")
     parser.add_argument("--condition-frames", type=int, default=CONDITION_FRAMES, help="frames per fixed camera")
+    parser.add_argument("--return-frames", type=int, default=0,
+                        help="clean frames after each fixed camera's condition, scored apart")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the adapting agent's config")
     parser.add_argument("--name", default="camera", help="results file stem")
     args = parser.parse_args()
     CONDITION_FRAMES, FIXED_VIEWS, OVERRIDES = args.condition_frames, args.views, parse_overrides(args.set)
+    RETURN_FRAMES = args.return_frames
     files = {"graph": args.models / "efficientnet_lite0.onnx", "folded": args.models / "efficientnet_lite0_folded.onnx"}
     layouts = {k: files[k] for k in args.layouts}
     for path in [*layouts.values(), args.models / "efficientnet_lite0.fp32.onnx"]:

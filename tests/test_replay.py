@@ -225,3 +225,13 @@ def test_replay_overrides_lay_keys_over_the_config_and_name_bad_ones(tmp_path):
                          (["--set", "lame.mode=maybe"], "lame.mode: must be one of auto, on, off")):
         with pytest.raises(ConfigError, match=message):
             replay_config(parser().parse_args(["replay", "v.mp4", "--model", "x.onnx", *bad]))
+
+
+def test_the_reports_rolling_accuracy_has_no_edge_pulled_towards_zero():
+    """A clean stream the model gets right starts at 100%, not at 50% (a centred mean padded with zeros did)."""
+    from agent.replay import trailing_mean
+
+    right = np.ones(100)
+    np.testing.assert_allclose(trailing_mean(right, 30), 1.0)
+    steps = trailing_mean(np.array([1.0, 0.0, 1.0, 1.0]), 2)
+    np.testing.assert_allclose(steps, [1.0, 0.5, 0.5, 1.0])
