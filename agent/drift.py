@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 
 import cv2
@@ -40,7 +39,6 @@ VIEW_SIZE = (24, 18)
 MAX_VIEWS = 64  # views a camera remembers (a patrolling camera's presets, a pan's stretches)
 FOLLOW = 1 / 500  # per frame: how fast a view and its statistics follow a scene whose content slowly changes
 NEW_VIEW_MEMORY = 50  # frames: a view learnt after the warm-up (a pan's stretch) averages only its latest frames
-RETURN_FRAMES = 2  # frames in a row back at the usual statistics that say a condition has cleared
 
 
 @dataclass
@@ -114,7 +112,6 @@ class DriftDetector:
         self.warmup_views = 0  # views the warm-up saw: 1 for a fixed camera, more for a panning or patrolling one
         self._new_view: list[Observation] = []  # a run of frames that agree with each other, with no known view
         self.level = np.zeros(len(STATISTICS))  # smoothed signed distance per statistic, in spreads
-        self._recent: deque[float] = deque(maxlen=RETURN_FRAMES)  # each frame's largest distance, unsmoothed
         self.episode: str | None = None
         self.condition: list[str] = []
         self._calm = self._since_update = self._differs = self._frames = 0
@@ -133,11 +130,17 @@ class DriftDetector:
     def score(self) -> float:
         return float(np.abs(self.level).max())
 
-    @property
-    def returned(self) -> bool:
-        """An episode is open but its last few frames are back at the usual statistics: the condition has
-        cleared, though the episode ends only once the score has stayed low for `end_frames`."""
-        return self.episode is not None and len(self._recent) == RETURN_FRAMES and max(self._recent) < self.end_level
+    def looks_usual(self, observation: Observation) -> bool:
+        """Whether this frame, unsmoothed, shows a known view at its usual statistics (every one within
+        `end_level` spreads). During an episode that says the condition has cleared on this very frame,
+        though the episode ends only once the smoothed score has stayed low for `end_frames`."""
+        if self.spread is None or not len(self.views):
+            return False
+        similarity = np.einsum("nkd,kd->nk", self.views, observation.view).max(1)
+        view = int(np.argmax(similarity))
+        if similarity[view] < self.view_similarity:
+            return False
+        return bool(np.abs((observation.statistics - self.references[view]) / self.spread).max() < self.end_level)
 
     def update(self, observation: Observation, frame: int, now: float | None = None,
                layer_z: np.ndarray | None = None) -> DriftEvent | None:
@@ -155,7 +158,6 @@ class DriftDetector:
             return None
         z = (observation.statistics - self.references[view]) / self.spread
         self.level += self.smoothing * (z - self.level)
-        self._recent.append(float(np.abs(z).max()))
         now = time.time() if now is None else now
         if self.episode is None:
             self._follow(view, observation)

@@ -96,6 +96,7 @@ class CameraPipeline:
         self.guard = guard
         self.paused = 0  # frames left without adaptation after the guard fired
         self.anchored = False  # the session's learner is the camera anchor (configure)
+        self.looks_usual = False  # the latest frame showed the camera's usual imaging statistics
         self.adaptation = "on"
         self.counters = PipelineCounters()
 
@@ -148,7 +149,7 @@ class CameraPipeline:
         if self.adaptation == "off" or self.paused:
             return 0.0
         if self.anchored:
-            return float(self.drift.active and self.drift.fixed and not self.drift.returned)
+            return float(self.drift.active and self.drift.fixed and not self.looks_usual)
         return 1.0 if self.gate is None else self.gate.strength
 
     @property
@@ -212,6 +213,7 @@ class CameraPipeline:
             if self.counters.rejected[str(exc)] == 1:
                 log.warning("frame %d rejected: %s", frame.index, exc)
             return None
+        self.looks_usual = self.anchored and self.drift.looks_usual(observation)
         strength = self.strength
         out = self.session.step(image, strength=strength, update=self.learns)
         adapted = softmax(out.logits)
