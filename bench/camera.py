@@ -6,6 +6,9 @@
                                        (a cadence on longer conditions: docs/decisions.md)
     python -m bench.camera --layouts folded --return-frames 120 --name camera.return
                                        (each fixed camera's condition clears: what the camera answers after)
+    python -m bench.camera --layouts folded --conditions shot_noise --severities 5 --views 0 12 \
+        --condition-frames 6000 --return-frames 120 --name camera.long
+                                       (ten minutes at 10 frames/s: the gain to the last frame, the guard)
 
 Views: 24 crops of 13 real photos that install offline (3 of scikit-image's, 10 of Debian's
 opencv-doc), each one whose clean FP32 top-1 is confident and sensible (VIEWS; the table lists
@@ -64,6 +67,7 @@ CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", 
 CONDITIONS = CORRUPTIONS + ("night",)
 CONTINUAL = (("fog", 3), ("night", 3), ("contrast", 3), ("clean", 0))
 AFTER_RETURN = 30  # frames right after a condition clears, scored on their own
+LONG = 1000  # conditions of at least this many frames are also reported over time
 # (photo, zoom of the shorter side, centre x, centre y as fractions of the free room): clean FP32 top-1
 VIEWS = {
     ("skimage:coffee", 1.0, 0.5, 0.5): "espresso", ("skimage:coffee", 0.6, 0.2, 0.2): "espresso",
@@ -315,6 +319,8 @@ def markdown(runs: list[dict], layouts: dict[str, Path], severities: list[int], 
             gain = m["answer"] - m["unadapted"]
             lines.append(f"| **mean of {len(means)}** | {severity} | **{m['unadapted']:.1f}** | "
                          f"**{m['adapted']:.1f}** | **{m['answer']:.1f}** | **{gain:+.1f}** | | |")
+        if CONDITION_FRAMES >= LONG:
+            lines += _over_time(mine)
         if RETURN_FRAMES:
             lines += _return_table(mine, severities)
         cont = next((r for r in mine if r["kind"] == "continual"), None)
@@ -335,6 +341,25 @@ def markdown(runs: list[dict], layouts: dict[str, Path], severities: list[int], 
     lines += [f"| {name} | {zoom}, {fx}, {fy} | {label} |" for (name, zoom, fx, fy), label in VIEWS.items()]
     lines += ["", f"Pans: {', '.join(PANS)}.", ""]
     return "\n".join(lines)
+
+
+def _over_time(runs: list[dict]) -> list[str]:
+    """A long condition in sixths, per fixed camera: does the gain last to its last frame?"""
+    lines = ["", f"Over each condition ({CONDITION_FRAMES} frames, in sixths), per fixed camera: unadapted / answer "
+             "accuracy and mean strength.", "",
+             "| condition | severity | camera | " + " | ".join(f"sixth {k + 1}" for k in range(6)) + " |",
+             "|---|---|---|" + "---|" * 6]
+    for r in runs:
+        if r["kind"] != "fixed" or r["condition"] == "clean":
+            continue
+        per = len(r["strength"]) // len(FIXED_VIEWS)
+        for c, view in enumerate(FIXED_VIEWS):
+            cells = []
+            for part in np.array_split(np.arange(c * per, c * per + CONDITION_FRAMES), 6):
+                u, a = (100 * np.mean(np.asarray(r["correct"][m])[part]) for m in ("unadapted", "answer"))
+                cells.append(f"{u:.0f} / {a:.0f} ({np.mean(np.asarray(r['strength'])[part]):.2f})")
+            lines.append(f"| {r['condition']} | {r['severity']} | {view} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _return_table(runs: list[dict], severities: list[int]) -> list[str]:
