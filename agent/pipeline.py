@@ -243,8 +243,8 @@ class CameraPipeline:
             if not self.drift.active:
                 self.guard.usual(raw)
         elif self.guard.update(adapted, raw):
-            log.warning("frame %d: adapted answers collapsed onto classes neither the unadapted model nor this "
-                        "camera's usual answers support; components reset, adaptation paused for %d frames", index,
+            log.warning("frame %d: the adapted answers left this camera's usual answers far more than the unadapted "
+                        "model's did (a collapse); components reset, adaptation paused for %d frames", index,
                         self.guard.hold)
             self.session.reset()
             self.paused = self.guard.hold
