@@ -18,6 +18,13 @@ Conditions keep the view (a fogged, darkened, blurred or noisy hall is still the
 scored, and `view_frames` such frames in a row that agree with each other (a panning camera's
 next scene) become a new view with their own statistics instead of raising an alert. While an
 episode is open no new view is learnt.
+
+A camera installed at night learns night as its usual conditions. Its reference is provisional
+while it looks like night (dark, or colourless as an infrared image is): an episode whose frames
+are lit where the reference is dark, or coloured where it is grey, `RELEARN_FRAMES` frames in a row, ends
+(reason `relearnt`) and the detector learns the camera's usual conditions again from the frames
+that follow. A reference learnt by day is never replaced this way (a grey camera's scene stays
+colourless, and its colour never comes).
 """
 from __future__ import annotations
 
@@ -39,6 +46,11 @@ VIEW_SIZE = (24, 18)
 MAX_VIEWS = 64  # views a camera remembers (a patrolling camera's presets, a pan's stretches)
 FOLLOW = 1 / 500  # per frame: how fast a view and its statistics follow a scene whose content slowly changes
 NEW_VIEW_MEMORY = 50  # frames: a view learnt after the warm-up (a pan's stretch) averages only its latest frames
+# a provisional (night's) reference: grey levels and colourfulness on the log scales of `observe`
+DARK = np.log(64 + 1)  # a reference darker than this is night's, a frame brighter than it is lit
+COLOURLESS, COLOURED = np.log(2 + 4), np.log(8 + 4)  # an infrared reference, a frame in colour
+RELEARN_FRAMES = 100  # lit, coloured frames in a row that replace a provisional reference
+RELEARNT = "relearnt"  # the reason of the end that replaces a provisional reference
 
 
 @dataclass
@@ -114,7 +126,7 @@ class DriftDetector:
         self.level = np.zeros(len(STATISTICS))  # smoothed signed distance per statistic, in spreads
         self.episode: str | None = None
         self.condition: list[str] = []
-        self._calm = self._since_update = self._differs = self._frames = 0
+        self._calm = self._since_update = self._differs = self._frames = self._better = 0
         self._layer_z: np.ndarray | None = None
 
     @property
@@ -125,6 +137,20 @@ class DriftDetector:
     def fixed(self) -> bool:
         """A fixed camera: its warm-up showed one view (later views, passers-by standing still, do not count)."""
         return self.warmup_views == 1
+
+    @property
+    def provisional(self) -> bool:
+        """Whether the usual conditions learnt look like night's (dark, or an infrared camera's grey): the
+        camera was installed in them, and better ones replace them when they come."""
+        if self.spread is None:
+            return False
+        brightness, colour = self.references[:, 0], self.references[:, 3]
+        return bool(np.any(brightness < DARK) or np.any(colour < COLOURLESS))
+
+    def _looks_better(self, observation: Observation, view: int) -> bool:
+        """A frame lit where the view's reference is dark, or in colour where it is grey."""
+        (brightness, colour), (b0, c0) = observation.statistics[[0, 3]], self.references[view, [0, 3]]
+        return bool((b0 < DARK and brightness >= DARK) or (c0 < COLOURLESS and colour >= COLOURED))
 
     @property
     def score(self) -> float:
@@ -164,7 +190,7 @@ class DriftDetector:
             if self.score > self.threshold:
                 self.episode = uuid.uuid4().hex[:12]
                 self.condition = self._condition()
-                self._calm = self._since_update = self._differs = 0
+                self._calm = self._since_update = self._differs = self._better = 0
                 return self._event("start", "changed", frame, now)
             return None
         self._since_update += 1
@@ -172,6 +198,11 @@ class DriftDetector:
         if self._calm >= self.end_frames:
             event = self._event("end", "cleared", frame, now)
             self.episode, self.condition = None, []
+            return event
+        self._better = self._better + 1 if self._looks_better(observation, view) else 0
+        if self._better >= RELEARN_FRAMES:
+            event = self._event("end", RELEARNT, frame, now)
+            self.reset()
             return event
         condition = self._condition()
         self._differs = self._differs + 1 if condition and set(condition) != set(self.condition) else 0

@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import layout_problem
 from .contract import ContractError, ModelInfo, read_model_info
-from .drift import DriftDetector, DriftEvent, Observation, observe
+from .drift import RELEARNT, DriftDetector, DriftEvent, Observation, observe
 from .gate import AdaptationGate, CollapseGuard
 from .lame import CorrelationMonitor, Lame
 from .model.adaptive import AdaptiveModel
@@ -232,6 +232,10 @@ class CameraPipeline:
         measured = out.shift is not None
         event = self.drift.update(observation, frame.index, frame.captured,
                                   self._layer_z(out.shift) if measured else None)
+        if event is not None and event.reason == RELEARNT:
+            log.warning("frame %d: this camera's usual conditions were learnt in the dark or in infrared and it now "
+                        "sees better light; learning them again from the frames that follow", frame.index)
+            self.reset()
         self.counters.processed += 1
         result = FrameResult(frame.index, frame.captured, 0.0, adapted, adapted, raw, strength, None, False,
                              float(out.shift.mean()) if measured else None, self.drift.score, event)

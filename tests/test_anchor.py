@@ -223,3 +223,37 @@ def test_the_guard_catches_a_real_collapse_of_the_anchor(fmnist_folded, tmp_path
     assert pipeline.guard.fired == 1
     fired = next(r.frame for r in results if r.frame > 250 and r.strength == 0)
     assert fired < 300 and all(r.strength == 0 for r in results[fired:])
+
+
+def test_a_camera_installed_at_night_forgets_night_as_its_reference_once_the_day_comes(fmnist_folded, tmp_path):
+    """Its first frames are dark: the drift detector's provisional reference; a hundred lit frames in a row
+    replace it, and the anchor learns its reference again from the day (docs/decisions.md)."""
+    import cv2
+
+    from agent.drift import RELEARN_FRAMES, RELEARNT
+    from agent.samples import photo
+
+    path = tmp_path / "night-then-day.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (160, 120))
+    rng = np.random.default_rng(0)
+    scene = cv2.resize(photo("coffee"), (160, 120)).astype(np.float32)
+    for t in range(500):
+        frame = scene + rng.normal(0, 2, scene.shape)
+        if t < 200:
+            frame = 0.25 * frame + rng.normal(0, 10, scene.shape)
+        writer.write(np.clip(frame, 0, 255).astype(np.uint8))
+    writer.release()
+    config = parse_config({"model": {"path": str(fmnist_folded["int8"]), "device": "cpu"},
+                           "cameras": [{"name": "yard", "source": str(path)}],
+                           "advanced": {"model": {"threads": 1}}})
+    pipeline = build_pipeline(config)
+    results, reference = [], []
+    for frame in FileSource(path).frames():
+        results.append(pipeline.process(frame))
+        reference.append(pipeline.session.learner.reference_frames)
+    relearnt = [r.frame for r in results if r.drift and r.drift.reason == RELEARNT]
+    start = next(r.frame for r in results if r.drift and r.drift.type == "start")
+    assert 200 <= start <= 210 and relearnt == [start + RELEARN_FRAMES]
+    assert reference[relearnt[0]] == 0 < reference[-1]  # forgotten, then learnt from the day
+    assert not any(r.strength for r in results[relearnt[0] + 1:])  # the day is the camera's usual now
+    assert not pipeline.drift.active and not pipeline.drift.provisional

@@ -1,13 +1,14 @@
 """The drift detector on its own (numpy and OpenCV only): a still camera with passers-by raises
 nothing, a changed condition starts an episode that names it and ends once the camera is back, a
-panning camera's scene switches raise nothing, and an episode carries over a restart."""
+panning camera's scene switches raise nothing, an episode carries over a restart, and a camera installed
+at night or in infrared learns its usual conditions again once the day comes."""
 from __future__ import annotations
 
 import cv2
 import numpy as np
 import pytest
 
-from agent.drift import DriftDetector, observe
+from agent.drift import RELEARN_FRAMES, RELEARNT, DriftDetector, observe
 from agent.samples import photo, photo_stream
 
 
@@ -42,6 +43,41 @@ def test_night_starts_an_episode_that_names_it_and_ends_when_the_light_is_back()
     assert start.episode == end.episode and end.reason == "cleared"
     assert "darker" in start.condition and start.score > start.threshold == 6.0
     assert start.statistics["brightness"] < 0
+
+
+def infrared(frames):
+    """The IR-cut filter lifted: a grey, flat picture."""
+    for t, f in frames:
+        grey = 0.6 * cv2.cvtColor(f, cv2.COLOR_BGR2GRAY).astype(np.float32) + 40
+        yield t, cv2.cvtColor(np.clip(grey, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+
+
+@pytest.mark.parametrize("born", ["dark", "infrared"])
+def test_a_camera_installed_at_night_learns_the_day_as_usual_once_it_comes(born):
+    rng = np.random.default_rng(3)
+    frames = list(hall(1300, rng, dark=range(0, 300) if born == "dark" else range(700, 900)))
+    if born == "infrared":
+        frames = list(infrared(frames[:300])) + frames[300:]
+    detector = DriftDetector()
+    found = events(detector, frames)
+    relearnt = [e for e in found if e.reason == RELEARNT]
+    assert len(relearnt) == 1 and relearnt[0].type == "end", found
+    first = found[0]
+    assert first.type == "start" and 300 <= first.frame <= 310 and relearnt[0].episode == first.episode
+    assert relearnt[0].frame == first.frame + RELEARN_FRAMES
+    assert not detector.provisional
+    later = [e for e in found if e.frame > relearnt[0].frame]  # the day is usual now, night a condition
+    if born == "dark":
+        assert later == []
+    else:
+        assert [e.type for e in later if e.type != "update"] == ["start", "end"]
+        assert later[0].frame >= 700 and "less colour" in later[0].condition
+
+
+def test_a_camera_installed_by_day_keeps_its_reference_through_the_night():
+    detector = DriftDetector()
+    found = events(detector, hall(1000, np.random.default_rng(4), dark=range(200, 700)))
+    assert [e.reason for e in found if e.type == "end"] == ["cleared"] and not detector.provisional
 
 
 def test_scene_switches_of_a_panning_camera_raise_nothing():
