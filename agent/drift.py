@@ -20,11 +20,12 @@ next scene) become a new view with their own statistics instead of raising an al
 episode is open no new view is learnt.
 
 A camera installed at night learns night as its usual conditions. Its reference is provisional
-while it looks like night (dark, or colourless as an infrared image is): an episode whose frames
-are lit where the reference is dark, or coloured where it is grey, `RELEARN_FRAMES` frames in a row, ends
-(reason `relearnt`) and the detector learns the camera's usual conditions again from the frames
-that follow. A reference learnt by day is never replaced this way (a grey camera's scene stays
-colourless, and its colour never comes).
+while it looks like night (dark, or colourless as an infrared image is). An episode whose frames
+are lit where the reference is dark, or coloured region by region where it is grey (sensor noise
+colours a grey scene pixel by pixel only), `RELEARN_FRAMES` frames in a row, ends with reason
+`relearnt`, and the detector learns the camera's usual conditions again from the frames that
+follow. A reference learnt by day is never replaced: it is neither dark nor grey, or (a grey
+scene) its colour never comes.
 """
 from __future__ import annotations
 
@@ -43,12 +44,13 @@ DIRECTIONS = {("brightness", -1): "darker", ("brightness", 1): "brighter",
               ("colour", -1): "less colour", ("colour", 1): "more colour"}
 WORK_WIDTH = 192  # pixels: the grey copy the statistics are measured on
 VIEW_SIZE = (24, 18)
+TINT_SIZE = (12, 9)
 MAX_VIEWS = 64  # views a camera remembers (a patrolling camera's presets, a pan's stretches)
 FOLLOW = 1 / 500  # per frame: how fast a view and its statistics follow a scene whose content slowly changes
 NEW_VIEW_MEMORY = 50  # frames: a view learnt after the warm-up (a pan's stretch) averages only its latest frames
 # a provisional (night's) reference: grey levels and colourfulness on the log scales of `observe`
 DARK = np.log(64 + 1)  # a reference darker than this is night's, a frame brighter than it is lit
-COLOURLESS, COLOURED = np.log(2 + 4), np.log(8 + 4)  # an infrared reference, a frame in colour
+COLOURLESS, COLOURED = np.log(3 + 4), np.log(8 + 4)  # an infrared reference, a frame in colour
 RELEARN_FRAMES = 100  # lit, coloured frames in a row that replace a provisional reference
 RELEARNT = "relearnt"  # the reason of the end that replaces a provisional reference
 
@@ -58,6 +60,7 @@ class Observation:
     """One frame as the drift detector sees it."""
     statistics: np.ndarray  # (4,) log brightness, contrast, sharpness, colourfulness
     view: np.ndarray  # (2, 432) unit-norm, zero-mean intensity and edge thumbnails
+    tint: float = 0.0  # log colourfulness of a TINT_SIZE thumbnail, where pixel noise has averaged out
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -75,13 +78,17 @@ def observe(image: np.ndarray) -> Observation:
     grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
     mean, std = cv2.meanStdDev(grey)
     sharpness = cv2.mean(cv2.convertScaleAbs(cv2.Laplacian(grey, cv2.CV_16S)))[0]
-    b, g, r = cv2.split(small.astype(np.int16))
-    colour = np.abs(r - g).mean() + np.abs(((r + g) >> 1) - b).mean()
+    colour, tint = (_colourfulness(x) for x in (small, cv2.resize(small, TINT_SIZE, interpolation=cv2.INTER_AREA)))
     statistics = np.log(np.array([mean[0, 0] + 1, std[0, 0] + 1, sharpness + 0.5, colour + 4]))
     grey = grey.astype(np.float32)
     edges = cv2.magnitude(cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1))
     view = np.stack([_unit(cv2.resize(x, VIEW_SIZE, interpolation=cv2.INTER_AREA)) for x in (grey, edges)])
-    return Observation(statistics, view)
+    return Observation(statistics, view, float(np.log(tint + 4)))
+
+
+def _colourfulness(image: np.ndarray) -> float:
+    b, g, r = cv2.split(image.astype(np.int16))
+    return float(np.abs(r - g).mean() + np.abs(((r + g) >> 1) - b).mean())
 
 
 @dataclass
@@ -148,9 +155,10 @@ class DriftDetector:
         return bool(np.any(brightness < DARK) or np.any(colour < COLOURLESS))
 
     def _looks_better(self, observation: Observation, view: int) -> bool:
-        """A frame lit where the view's reference is dark, or in colour where it is grey."""
-        (brightness, colour), (b0, c0) = observation.statistics[[0, 3]], self.references[view, [0, 3]]
-        return bool((b0 < DARK and brightness >= DARK) or (c0 < COLOURLESS and colour >= COLOURED))
+        """A frame lit where the view's reference is dark, or in colour where it is grey (its colour measured on a
+        coarse thumbnail: sensor noise gives a grey scene colour pixel by pixel, not region by region)."""
+        brightness, (b0, c0) = observation.statistics[0], self.references[view, [0, 3]]
+        return bool((b0 < DARK and brightness >= DARK) or (c0 < COLOURLESS and observation.tint >= COLOURED))
 
     @property
     def score(self) -> float:

@@ -80,6 +80,18 @@ def test_a_camera_installed_by_day_keeps_its_reference_through_the_night():
     assert [e.reason for e in found if e.type == "end"] == ["cleared"] and not detector.provisional
 
 
+def test_noise_on_a_grey_scene_does_not_replace_its_reference():
+    """Sensor noise gives a grey scene colour, but it is a condition, not a better light."""
+    rng = np.random.default_rng(5)
+    scene = cv2.resize(photo("camera"), (320, 240)).astype(np.float32)
+    frames = [(t, np.clip(scene + rng.normal(0, 2 if t < 150 else 25, scene.shape), 0, 255).astype(np.uint8))
+              for t in range(450)]
+    detector = DriftDetector()
+    found = events(detector, frames)
+    assert detector.provisional and found and found[0].type == "start" and "more colour" in found[0].condition
+    assert all(e.reason != RELEARNT for e in found) and detector.active
+
+
 def test_scene_switches_of_a_panning_camera_raise_nothing():
     detector = DriftDetector()
     assert events(detector, enumerate(f for _, f in photo_stream(30))) == []
