@@ -19,13 +19,13 @@ scored, and `view_frames` such frames in a row that agree with each other (a pan
 next scene) become a new view with their own statistics instead of raising an alert. While an
 episode is open no new view is learnt.
 
-A camera installed at night learns night as its usual conditions. Its reference is provisional
-while it looks like night (dark, or colourless as an infrared image is). An episode whose frames
-are lit where the reference is dark, or coloured region by region where it is grey (sensor noise
-colours a grey scene pixel by pixel only), `RELEARN_FRAMES` frames in a row, ends with reason
-`relearnt`, and the detector learns the camera's usual conditions again from the frames that
-follow. A reference learnt by day is never replaced: it is neither dark nor grey, or (a grey
-scene) its colour never comes.
+A camera installed at night in infrared learns the infrared picture as its usual conditions. Its
+reference is provisional while it is colourless: an episode whose frames are coloured region by
+region (sensor noise colours a grey scene pixel by pixel only) `RELEARN_FRAMES` frames in a row
+ends with reason `relearnt`, and the detector learns the camera's usual conditions again from the
+frames that follow. A reference learnt by day is never replaced: it is in colour, or (a grey scene)
+its colour never comes. Darkness alone is not read this way: noise or a brightness change lights a
+dark scene as the day does.
 """
 from __future__ import annotations
 
@@ -48,8 +48,7 @@ TINT_SIZE = (12, 9)
 MAX_VIEWS = 64  # views a camera remembers (a patrolling camera's presets, a pan's stretches)
 FOLLOW = 1 / 500  # per frame: how fast a view and its statistics follow a scene whose content slowly changes
 NEW_VIEW_MEMORY = 50  # frames: a view learnt after the warm-up (a pan's stretch) averages only its latest frames
-# a provisional (night's) reference: grey levels and colourfulness on the log scales of `observe`
-DARK = np.log(64 + 1)  # a reference darker than this is night's, a frame brighter than it is lit
+# a provisional (infrared) reference: colourfulness on the log scale of `observe`
 COLOURLESS, COLOURED = np.log(3 + 4), np.log(8 + 4)  # an infrared reference, a frame in colour
 RELEARN_FRAMES = 100  # lit, coloured frames in a row that replace a provisional reference
 RELEARNT = "relearnt"  # the reason of the end that replaces a provisional reference
@@ -147,18 +146,14 @@ class DriftDetector:
 
     @property
     def provisional(self) -> bool:
-        """Whether the usual conditions learnt look like night's (dark, or an infrared camera's grey): the
-        camera was installed in them, and better ones replace them when they come."""
-        if self.spread is None:
-            return False
-        brightness, colour = self.references[:, 0], self.references[:, 3]
-        return bool(np.any(brightness < DARK) or np.any(colour < COLOURLESS))
+        """Whether the usual conditions learnt are colourless (an infrared night's, or a grey scene's): colour,
+        when it comes, replaces them."""
+        return self.spread is not None and bool(np.any(self.references[:, 3] < COLOURLESS))
 
     def _looks_better(self, observation: Observation, view: int) -> bool:
-        """A frame lit where the view's reference is dark, or in colour where it is grey (its colour measured on a
-        coarse thumbnail: sensor noise gives a grey scene colour pixel by pixel, not region by region)."""
-        brightness, (b0, c0) = observation.statistics[0], self.references[view, [0, 3]]
-        return bool((b0 < DARK and brightness >= DARK) or (c0 < COLOURLESS and observation.tint >= COLOURED))
+        """A frame in colour where the view's reference is grey (measured on a coarse thumbnail: sensor noise
+        gives a grey scene colour pixel by pixel, not region by region)."""
+        return bool(self.references[view, 3] < COLOURLESS and observation.tint >= COLOURED)
 
     @property
     def score(self) -> float:

@@ -233,8 +233,8 @@ class CameraPipeline:
         event = self.drift.update(observation, frame.index, frame.captured,
                                   self._layer_z(out.shift) if measured else None)
         if event is not None and event.reason == RELEARNT:
-            log.warning("frame %d: this camera's usual conditions were learnt in the dark or in infrared and it now "
-                        "sees better light; learning them again from the frames that follow", frame.index)
+            log.warning("frame %d: this camera's usual conditions were learnt in infrared and it now sees colour; "
+                        "learning them again from the frames that follow", frame.index)
             self.reset()
         self.counters.processed += 1
         result = FrameResult(frame.index, frame.captured, 0.0, adapted, adapted, raw, strength, None, False,

@@ -19,8 +19,6 @@ the drift episodes and the collapse guard's firings. Writes bench/results/daynig
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 import zlib
@@ -31,13 +29,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.contract import read_model_info
 from agent.pipeline import build_pipeline
 from agent.sources import Frame
 
 from .camera import NIGHT, VARIANTS, _config, apply, clean_scenes
 from .footage import read_footage
-from .provenance import commit, machine
+from .provenance import camera_arguments, camera_models, commit, gather, machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = (("day", 150), ("corruption", 100), ("day after", 150), ("dusk", 100), ("infrared", 200), ("dawn", 100))
@@ -197,30 +194,19 @@ def markdown(runs: list[dict], days: int, minutes: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=Path, default=Path("models"),
-                        help="folder with efficientnet_lite0_folded.onnx and efficientnet_lite0.fp32.onnx")
     parser.add_argument("--days", type=int, default=3)
     parser.add_argument("--cameras", nargs="+", default=["footage", *map(str, PHOTO_VIEWS)])
     parser.add_argument("--born", nargs="+", choices=("day", "night"), default=["day", "night"])
-    parser.add_argument("--workers", type=int, default=os.cpu_count())
-    parser.add_argument("--name", default="daynight", help="results file stem")
+    camera_arguments(parser, "daynight")
     args = parser.parse_args()
-    model, fp32 = args.models / "efficientnet_lite0_folded.onnx", args.models / "efficientnet_lite0.fp32.onnx"
-    for path in (model, fp32):
-        read_model_info(path)  # a clear error before minutes of work
+    model, fp32 = camera_models(args)
     started = time.time()
     with ProcessPoolExecutor(args.workers) as pool:
         labels = dict(zip(args.cameras, pool.map(labels_fp32, [(fp32, c) for c in args.cameras])))
         tasks = [(model, c, b, args.days, labels[c]) for b in args.born for c in args.cameras]
-        runs = []
-        RESULTS.mkdir(exist_ok=True)
-        for run in pool.map(run_task, tasks):
-            runs.append(run)
-            (RESULTS / f"{args.name}.json").write_text(json.dumps(runs))
-            rows = run["rows"]
-            print(f"{run['camera']} born by {run['born']}: unadapted {_acc(rows, 'unadapted'):.1f} answer "
-                  f"{_acc(rows, 'answer'):.1f}, reference at the end {run['reference_end']} "
-                  f"({time.time() - started:.0f} s)", flush=True)
+        runs = gather(pool.map(run_task, tasks), RESULTS / f"{args.name}.json", lambda run: (
+            f"{run['camera']} born by {run['born']}: unadapted {_acc(run['rows'], 'unadapted'):.1f} answer "
+            f"{_acc(run['rows'], 'answer'):.1f}, reference at the end {run['reference_end']}"))
     table = markdown(runs, args.days, (time.time() - started) / 60)
     (RESULTS / f"{args.name}.md").write_text(table)
     print(table)

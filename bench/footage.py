@@ -17,8 +17,6 @@ Writes bench/results/footage.md and footage.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -28,12 +26,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.contract import read_model_info
 from agent.pipeline import build_pipeline
 from agent.sources import Frame
 
 from .camera import AFTER_RETURN, CORRUPTIONS, _config, apply
-from .provenance import commit, machine
+from .provenance import camera_arguments, camera_models, commit, gather, machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VIDEO = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")
@@ -148,28 +145,21 @@ def markdown(runs: list[dict], severities: list[int], minutes: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=Path, default=Path("models"),
-                        help="folder with efficientnet_lite0_folded.onnx and efficientnet_lite0.fp32.onnx")
     parser.add_argument("--severities", type=int, nargs="+", default=[3, 5], choices=range(1, 6))
     parser.add_argument("--conditions", nargs="+", choices=CORRUPTIONS + ("night",), default=list(CONDITIONS))
-    parser.add_argument("--workers", type=int, default=os.cpu_count())
-    parser.add_argument("--name", default="footage", help="results file stem")
+    camera_arguments(parser, "footage")
     args = parser.parse_args()
-    model, fp32 = args.models / "efficientnet_lite0_folded.onnx", args.models / "efficientnet_lite0.fp32.onnx"
-    for path in (model, fp32):
-        read_model_info(path)  # a clear error before minutes of work
+    model, fp32 = camera_models(args)
     started = time.time()
     labels = labels_fp32(fp32, read_footage())
     tasks = [(model, "clean", 0, labels)] + [(model, c, s, labels) for s in args.severities for c in args.conditions]
-    runs = []
-    RESULTS.mkdir(exist_ok=True)
+
+    def describe(run: dict) -> str:
+        u, x, s = _phase(run, "during")
+        return f"{run['condition']} s{run['severity']}: unadapted {u:.1f} answer {x:.1f} strength {s:.2f}"
+
     with ProcessPoolExecutor(args.workers) as pool:
-        for i, run in enumerate(pool.map(run_task, tasks)):
-            runs.append(run)
-            (RESULTS / f"{args.name}.json").write_text(json.dumps(runs))
-            u, x, s = _phase(run, "during")
-            print(f"{i + 1}/{len(tasks)} {run['condition']} s{run['severity']}: unadapted {u:.1f} answer {x:.1f} "
-                  f"strength {s:.2f} ({time.time() - started:.0f} s)", flush=True)
+        runs = gather(pool.map(run_task, tasks), RESULTS / f"{args.name}.json", describe)
     table = markdown(runs, args.severities, (time.time() - started) / 60)
     (RESULTS / f"{args.name}.md").write_text(table)
     print(table)

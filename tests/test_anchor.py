@@ -225,22 +225,24 @@ def test_the_guard_catches_a_real_collapse_of_the_anchor(fmnist_folded, tmp_path
     assert fired < 300 and all(r.strength == 0 for r in results[fired:])
 
 
-def test_a_camera_installed_at_night_forgets_night_as_its_reference_once_the_day_comes(fmnist_folded, tmp_path):
-    """Its first frames are dark: the drift detector's provisional reference; a hundred lit frames in a row
-    replace it, and the anchor learns its reference again from the day (docs/decisions.md)."""
+def test_a_camera_installed_in_infrared_forgets_it_as_its_reference_once_the_day_comes(fmnist_folded, tmp_path):
+    """Its first frames are an infrared night's (grey): the drift detector's provisional reference; a hundred
+    frames in colour in a row replace it, and the anchor learns its reference again from the day."""
     import cv2
 
     from agent.drift import RELEARN_FRAMES, RELEARNT
     from agent.samples import photo
 
-    path = tmp_path / "night-then-day.avi"
+    path = tmp_path / "infrared-then-day.avi"
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (160, 120))
     rng = np.random.default_rng(0)
     scene = cv2.resize(photo("coffee"), (160, 120)).astype(np.float32)
     for t in range(500):
         frame = scene + rng.normal(0, 2, scene.shape)
         if t < 200:
-            frame = 0.25 * frame + rng.normal(0, 10, scene.shape)
+            grey = cv2.cvtColor(np.clip(frame, 0, 255).astype(np.uint8), cv2.COLOR_BGR2GRAY).astype(np.float32)
+            frame = cv2.cvtColor(np.clip(0.6 * grey + 40 + rng.normal(0, 6, grey.shape), 0, 255).astype(np.uint8),
+                                 cv2.COLOR_GRAY2BGR).astype(np.float32)
         writer.write(np.clip(frame, 0, 255).astype(np.uint8))
     writer.release()
     config = parse_config({"model": {"path": str(fmnist_folded["int8"]), "device": "cpu"},
