@@ -163,13 +163,27 @@ class DriftDetector:
         """Whether this frame, unsmoothed, shows a known view at its usual statistics (every one within
         `end_level` spreads). During an episode that says the condition has cleared on this very frame,
         though the episode ends only once the smoothed score has stayed low for `end_frames`."""
+        z = self._distance(observation)
+        return z is not None and bool(np.abs(z).max() < self.end_level)
+
+    def in_condition(self, observation: Observation) -> bool:
+        """During an episode, whether this frame, unsmoothed, is nearer the episode's condition (the smoothed
+        distance) than the usual statistics: not a frame the condition is leaving (a dawn almost back at day)
+        or has turned into another (infrared giving way to a grey dawn) faster than the smoothing follows."""
+        z = self._distance(observation)
+        if not self.active or z is None:
+            return self.active
+        return bool(np.linalg.norm(z - self.level) < np.linalg.norm(z))
+
+    def _distance(self, observation: Observation) -> np.ndarray | None:
+        """The frame's signed distance from the usual statistics of the known view it shows, in spreads."""
         if self.spread is None or not len(self.views):
-            return False
+            return None
         similarity = np.einsum("nkd,kd->nk", self.views, observation.view).max(1)
         view = int(np.argmax(similarity))
         if similarity[view] < self.view_similarity:
-            return False
-        return bool(np.abs((observation.statistics - self.references[view]) / self.spread).max() < self.end_level)
+            return None
+        return (observation.statistics - self.references[view]) / self.spread
 
     def update(self, observation: Observation, frame: int, now: float | None = None,
                layer_z: np.ndarray | None = None) -> DriftEvent | None:

@@ -22,7 +22,7 @@ from .contract import ContractError, ModelInfo, read_model_info
 from .drift import RELEARNT, DriftDetector, DriftEvent, Observation, observe
 from .gate import AdaptationGate, CollapseGuard
 from .lame import CorrelationMonitor, Lame
-from .model.adaptive import AdaptiveModel
+from .model.adaptive import AdaptiveModel, StepOutput
 from .model.anchor import CameraAnchor
 from .model.providers import physical_cores
 from .model.sessions import open_session
@@ -215,9 +215,15 @@ class CameraPipeline:
             return None
         self.looks_usual = self.anchored and self.drift.looks_usual(observation)
         strength = self.strength
-        out = self.session.step(image, strength=strength, update=self.learns)
-        adapted = softmax(out.logits)
+        # a frame the anchor's condition does not fit (leaving it, or turned into another) is answered unadapted,
+        # and measured adapted so that the condition's statistics follow it
+        leaving = strength > 0 and self.anchored and not self.drift.in_condition(observation)
+        out = self.session.step(image, strength=strength, update=self.learns, measure=leaving)
         unadapted = out if strength == 0 else None
+        if leaving:
+            unadapted = self.session.step(image, strength=0.0, update=False)
+            out, strength = StepOutput(unadapted.logits, unadapted.features, out.shift), 0.0
+        adapted = softmax(out.logits)
         gate_shadow = self.gate is not None and self.gate.needs_shadow(frame.index)
         compared = bool(self.raw_every) and frame.index % self.raw_every == 0
         if unadapted is None and (gate_shadow or compared or self.score_unadapted):

@@ -80,6 +80,24 @@ def test_a_camera_installed_by_day_keeps_its_reference_through_the_night():
     assert [e.reason for e in found if e.type == "end"] == ["cleared"] and not detector.provisional
 
 
+def test_a_frame_the_condition_has_turned_away_from_is_not_in_it():
+    """Infrared (grey) from frame 200, a dark colour dawn from 400, day from 500: the first dawn frames are not
+    in the episode's condition until its smoothed distance has followed them; nor are frames back at day."""
+    rng = np.random.default_rng(7)
+    frames = list(hall(600, rng, dark=range(400, 500)))
+    frames = frames[:200] + list(infrared(frames[200:400])) + frames[400:]
+    detector, inside = DriftDetector(), {}
+    for t, f in frames:
+        observation = observe(f)
+        inside[t] = detector.in_condition(observation)
+        detector.update(observation, t, now=float(t))
+    assert not any(inside[t] for t in range(100, 200))  # no episode
+    assert all(inside[t] for t in range(230, 400))  # a steady condition
+    assert not any(inside[t] for t in range(400, 402))  # infrared turned into a dark dawn at once
+    assert all(inside[t] for t in range(430, 500))  # followed
+    assert not any(inside[t] for t in range(500, 600) if detector.active)  # day again
+
+
 def test_noise_on_a_grey_scene_does_not_replace_its_reference():
     """Sensor noise gives a grey scene colour, but it is a condition, not a better light."""
     rng = np.random.default_rng(5)
