@@ -134,6 +134,7 @@ class DriftDetector:
         self.condition: list[str] = []
         self._calm = self._since_update = self._differs = self._frames = self._better = 0
         self._layer_z: np.ndarray | None = None
+        self._relearning = False  # this warm-up follows a relearn: robust to a condition that comes during it
 
     @property
     def active(self) -> bool:
@@ -220,6 +221,7 @@ class DriftDetector:
         if self._better >= RELEARN_FRAMES:
             event = self._event("end", RELEARNT, frame, now)
             self.reset()
+            self._relearning = True
             return event
         condition = self._condition()
         self._differs = self._differs + 1 if condition and set(condition) != set(self.condition) else 0
@@ -242,10 +244,23 @@ class DriftDetector:
             self.references[view] += (observation.statistics - self.references[view]) / w
         self._warm.append((observation.statistics, view))
         if len(self._warm) >= self.warmup:
+            if self._relearning:
+                self._robust_references()
             deviations = np.stack([s - self.references[v] for s, v in self._warm])
-            self.spread = np.maximum(np.sqrt((deviations ** 2).mean(0)), self.min_spread)
+            spread = (1.4826 * np.median(np.abs(deviations), 0) if self._relearning
+                      else np.sqrt((deviations ** 2).mean(0)))
+            self.spread = np.maximum(spread, self.min_spread)
+            self._relearning = False
             self.warmup_views = len(self.views)
             self._warm = []
+
+    def _robust_references(self) -> None:
+        """A relearn's warm-up starts whenever colour came, maybe with a condition close behind (the morning's fog):
+        each view's usual statistics are the median of its frames, and the spread their median deviation."""
+        for v in range(len(self.views)):
+            mine = [s for s, w in self._warm if w == v]
+            if mine:
+                self.references[v] = np.median(mine, 0)
 
     def _match(self, view: np.ndarray) -> int | None:
         """The known view this frame shows, if any. Either thumbnail agreeing is enough: fog's haze moves

@@ -68,6 +68,19 @@ def test_a_camera_installed_in_infrared_learns_the_day_as_usual_once_colour_come
     assert later[0].frame >= 700 and "darker" in later[0].condition
 
 
+def test_a_condition_during_the_relearn_is_not_learnt_as_usual():
+    """Colour comes at 300, the relearn at 400 and, 60 frames into its warm-up, a dark spell of 30 frames: the
+    day is learnt as usual all the same, and the next dark spell starts an episode."""
+    rng = np.random.default_rng(8)
+    frames = list(hall(900, rng, dark=[*range(460, 490), *range(700, 800)]))
+    frames = list(infrared(frames[:300])) + frames[300:]
+    found = events(DriftDetector(), frames)
+    relearnt = [e.frame for e in found if e.reason == RELEARNT]
+    assert relearnt and relearnt[0] < 460
+    later = [e for e in found if e.type == "start" and e.frame > relearnt[0]]
+    assert later and 700 <= later[0].frame <= 710 and "darker" in later[0].condition
+
+
 def test_darkness_alone_is_not_taken_for_a_better_light():
     """Noise or a brightness change lights a dark scene as the day does: a dark reference stays."""
     found = events(DriftDetector(), hall(600, np.random.default_rng(6), dark=range(0, 300)))
