@@ -1,7 +1,7 @@
 """Stateful torch UnMix-TNS (Tomar et al., ICLR 2024) for one frame at a time, in two modes.
 
 These are the references the exported graphs are checked against, and the layers a torch
-backend runs. `UnMixTNS2d` follows the paper's formulas (DESIGN.md) line by line;
+backend runs. `UnMixTNS2d` follows the paper's formulas line by line;
 `RobustUnMixTNS2d` is the single-instance variant the benchmark chose (bench/quality.py).
 """
 from __future__ import annotations
