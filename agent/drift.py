@@ -52,6 +52,7 @@ NEW_VIEW_MEMORY = 50  # frames: a view learnt after the warm-up (a pan's stretch
 COLOURLESS, COLOURED = np.log(3 + 4), np.log(8 + 4)  # an infrared reference, a frame in colour
 RELEARN_FRAMES = 100  # lit, coloured frames in a row that replace a provisional reference
 RELEARNT = "relearnt"  # the reason of the end that replaces a provisional reference
+RECENT = 0.5  # per frame: how fast `in_condition`'s distance of the last frames follows
 
 
 @dataclass
@@ -135,6 +136,7 @@ class DriftDetector:
         self._calm = self._since_update = self._differs = self._frames = self._better = 0
         self._layer_z: np.ndarray | None = None
         self._relearning = False  # this warm-up follows a relearn: robust to a condition that comes during it
+        self._recent: np.ndarray | None = None  # during an episode, the last frames' distance (`in_condition`)
 
     @property
     def active(self) -> bool:
@@ -170,21 +172,31 @@ class DriftDetector:
     def in_condition(self, observation: Observation) -> bool:
         """During an episode, whether this frame, unsmoothed, is nearer the episode's condition (the smoothed
         distance) than the usual statistics: not a frame the condition is leaving (a dawn almost back at day)
-        or has turned into another (infrared giving way to a grey dawn) faster than the smoothing follows."""
-        z = self._distance(observation)
-        if not self.active or z is None:
+        or has turned into another (infrared giving way to a grey dawn) faster than the smoothing follows, nor
+        one that looks better than provisional usual statistics (colour after an infrared installation)."""
+        view = self._view(observation)
+        if not self.active or view is None:
             return self.active
-        return bool(np.linalg.norm(z - self.level) < np.linalg.norm(z))
+        z = self._recent_distance((observation.statistics - self.references[view]) / self.spread)
+        return bool(np.linalg.norm(z - self.level) < np.linalg.norm(z)) and not self._looks_better(observation, view)
+
+    def _recent_distance(self, z: np.ndarray) -> np.ndarray:
+        """The distance of the last frames (this one half the weight): one frame of a condition that varies from
+        frame to frame (frost's random ice) may sit nearer the usual statistics, two in a row rarely do."""
+        return z if self._recent is None else self._recent + RECENT * (z - self._recent)
 
     def _distance(self, observation: Observation) -> np.ndarray | None:
         """The frame's signed distance from the usual statistics of the known view it shows, in spreads."""
+        view = self._view(observation)
+        return None if view is None else (observation.statistics - self.references[view]) / self.spread
+
+    def _view(self, observation: Observation) -> int | None:
+        """The known view this frame shows, once warm (without marking it seen: `_match` does that)."""
         if self.spread is None or not len(self.views):
             return None
         similarity = np.einsum("nkd,kd->nk", self.views, observation.view).max(1)
         view = int(np.argmax(similarity))
-        if similarity[view] < self.view_similarity:
-            return None
-        return (observation.statistics - self.references[view]) / self.spread
+        return view if similarity[view] >= self.view_similarity else None
 
     def update(self, observation: Observation, frame: int, now: float | None = None,
                layer_z: np.ndarray | None = None) -> DriftEvent | None:
@@ -202,6 +214,7 @@ class DriftDetector:
             return None
         z = (observation.statistics - self.references[view]) / self.spread
         self.level += self.smoothing * (z - self.level)
+        self._recent = self._recent_distance(z) if self.episode is not None else None
         now = time.time() if now is None else now
         if self.episode is None:
             self._follow(view, observation)

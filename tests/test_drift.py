@@ -94,11 +94,12 @@ def test_a_camera_installed_by_day_keeps_its_reference_through_the_night():
 
 
 def test_a_frame_the_condition_has_turned_away_from_is_not_in_it():
-    """Infrared (grey) from frame 200, a dark colour dawn from 400, day from 500: the first dawn frames are not
+    """Infrared (grey) from frame 200, a dim colour dawn from 400, day from 500: the first dawn frames are not
     in the episode's condition until its smoothed distance has followed them; nor are frames back at day."""
     rng = np.random.default_rng(7)
-    frames = list(hall(600, rng, dark=range(400, 500)))
-    frames = frames[:200] + list(infrared(frames[200:400])) + frames[400:]
+    frames = list(hall(600, rng))
+    dawn = [(t, np.clip(0.6 * f.astype(np.float32), 0, 255).astype(np.uint8)) for t, f in frames[400:500]]
+    frames = frames[:200] + list(infrared(frames[200:400])) + dawn + frames[500:]
     detector, inside = DriftDetector(), {}
     for t, f in frames:
         observation = observe(f)
@@ -106,9 +107,26 @@ def test_a_frame_the_condition_has_turned_away_from_is_not_in_it():
         detector.update(observation, t, now=float(t))
     assert not any(inside[t] for t in range(100, 200))  # no episode
     assert all(inside[t] for t in range(230, 400))  # a steady condition
-    assert not any(inside[t] for t in range(400, 402))  # infrared turned into a dark dawn at once
+    assert not any(inside[t] for t in range(401, 406))  # infrared turned into a dim dawn at once
     assert all(inside[t] for t in range(430, 500))  # followed
-    assert not any(inside[t] for t in range(500, 600) if detector.active)  # day again
+    assert not any(inside[t] for t in range(501, 600) if detector.active)  # day again
+
+
+def test_frost_that_varies_from_frame_to_frame_stays_in_its_condition():
+    """Each frame a different crop of ice: one may sit nearer the usual statistics than the episode's, two in
+    a row rarely do."""
+    rng = np.random.default_rng(9)
+    frames = list(hall(400, rng))
+    for t in range(150, 400):
+        frost = frames[t][1].astype(np.float32)
+        ice = rng.uniform(0.1, 0.6)  # how much of the frame the ice covers this frame
+        frames[t] = (t, np.clip((1 - ice) * frost + ice * 230, 0, 255).astype(np.uint8))
+    detector, outside = DriftDetector(), 0
+    for t, f in frames:
+        observation = observe(f)
+        outside += detector.active and t >= 200 and not detector.in_condition(observation)
+        detector.update(observation, t, now=float(t))
+    assert detector.active and outside <= 5
 
 
 def test_noise_on_a_grey_scene_does_not_replace_its_reference():
