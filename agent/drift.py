@@ -52,7 +52,6 @@ NEW_VIEW_MEMORY = 50  # frames: a view learnt after the warm-up (a pan's stretch
 COLOURLESS, COLOURED = np.log(3 + 4), np.log(8 + 4)  # an infrared reference, a frame in colour
 RELEARN_FRAMES = 100  # lit, coloured frames in a row that replace a provisional reference
 RELEARNT = "relearnt"  # the reason of the end that replaces a provisional reference
-RECENT = 0.5  # per frame: how fast `in_condition`'s distance of the last frames follows
 
 
 @dataclass
@@ -136,7 +135,6 @@ class DriftDetector:
         self._calm = self._since_update = self._differs = self._frames = self._better = 0
         self._layer_z: np.ndarray | None = None
         self._relearning = False  # this warm-up follows a relearn: robust to a condition that comes during it
-        self._recent: np.ndarray | None = None  # during an episode, the last frames' distance (`in_condition`)
 
     @property
     def active(self) -> bool:
@@ -177,13 +175,8 @@ class DriftDetector:
         view = self._view(observation)
         if not self.active or view is None:
             return self.active
-        z = self._recent_distance((observation.statistics - self.references[view]) / self.spread)
+        z = (observation.statistics - self.references[view]) / self.spread
         return bool(np.linalg.norm(z - self.level) < np.linalg.norm(z)) and not self._looks_better(observation, view)
-
-    def _recent_distance(self, z: np.ndarray) -> np.ndarray:
-        """The distance of the last frames (this one half the weight): one frame of a condition that varies from
-        frame to frame (frost's random ice) may sit nearer the usual statistics, two in a row rarely do."""
-        return z if self._recent is None else self._recent + RECENT * (z - self._recent)
 
     def _distance(self, observation: Observation) -> np.ndarray | None:
         """The frame's signed distance from the usual statistics of the known view it shows, in spreads."""
@@ -214,7 +207,6 @@ class DriftDetector:
             return None
         z = (observation.statistics - self.references[view]) / self.spread
         self.level += self.smoothing * (z - self.level)
-        self._recent = self._recent_distance(z) if self.episode is not None else None
         now = time.time() if now is None else now
         if self.episode is None:
             self._follow(view, observation)

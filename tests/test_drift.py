@@ -107,26 +107,9 @@ def test_a_frame_the_condition_has_turned_away_from_is_not_in_it():
         detector.update(observation, t, now=float(t))
     assert not any(inside[t] for t in range(100, 200))  # no episode
     assert all(inside[t] for t in range(230, 400))  # a steady condition
-    assert not any(inside[t] for t in range(401, 406))  # infrared turned into a dim dawn at once
+    assert not any(inside[t] for t in range(400, 406))  # infrared turned into a dim dawn at once
     assert all(inside[t] for t in range(430, 500))  # followed
     assert not any(inside[t] for t in range(501, 600) if detector.active)  # day again
-
-
-def test_frost_that_varies_from_frame_to_frame_stays_in_its_condition():
-    """Each frame a different crop of ice: one may sit nearer the usual statistics than the episode's, two in
-    a row rarely do."""
-    rng = np.random.default_rng(9)
-    frames = list(hall(400, rng))
-    for t in range(150, 400):
-        frost = frames[t][1].astype(np.float32)
-        ice = rng.uniform(0.1, 0.6)  # how much of the frame the ice covers this frame
-        frames[t] = (t, np.clip((1 - ice) * frost + ice * 230, 0, 255).astype(np.uint8))
-    detector, outside = DriftDetector(), 0
-    for t, f in frames:
-        observation = observe(f)
-        outside += detector.active and t >= 200 and not detector.in_condition(observation)
-        detector.update(observation, t, now=float(t))
-    assert detector.active and outside <= 5
 
 
 def test_noise_on_a_grey_scene_does_not_replace_its_reference():
