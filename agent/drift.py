@@ -1,9 +1,8 @@
 """Drift alerts: a change of the camera's imaging conditions, told apart from a change of what it sees.
 
 A drift alert means the light, weather, focus, noise or lens changed, not that people walked
-through the scene. Every frame gives four imaging statistics (log brightness, contrast,
-sharpness, colourfulness, on a small grey copy of the frame) and a coarse picture of the view
-(normalised 24x18 thumbnails of intensity and of edge strength). The detector remembers the
+through the scene. Every frame gives four imaging statistics and a coarse picture of the view
+(agent/imaging.py). The detector remembers the
 views the camera shows (one for a fixed camera; a patrolling or panning camera's scenes) with
 each view's usual statistics. A warm-up of `warmup` frames learns them and the spread of frames
 around their own view's statistics (at least `min_spread`, so a still camera's tiny spread does
@@ -33,61 +32,23 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 
-STATISTICS = ("brightness", "contrast", "sharpness", "colour")
+from .imaging import STATISTICS, VIEW_SIZE, Observation
+
 # the words a subscriber reads for a statistic that fell (-1) or rose (+1)
 DIRECTIONS = {("brightness", -1): "darker", ("brightness", 1): "brighter",
               ("contrast", -1): "lower contrast", ("contrast", 1): "higher contrast",
               ("sharpness", -1): "blurrier", ("sharpness", 1): "noisier",
               ("colour", -1): "less colour", ("colour", 1): "more colour"}
-WORK_WIDTH = 192  # pixels: the grey copy the statistics are measured on
-VIEW_SIZE = (24, 18)
-TINT_SIZE = (12, 9)
 MAX_VIEWS = 64  # views a camera remembers (a patrolling camera's presets, a pan's stretches)
 FOLLOW = 1 / 500  # per frame: how fast a view and its statistics follow a scene whose content slowly changes
 NEW_VIEW_MEMORY = 50  # frames: a view learnt after the warm-up (a pan's stretch) averages only its latest frames
-# a provisional (infrared) reference: colourfulness on the log scale of `observe`
+# a provisional (infrared) reference: colourfulness on the log scale of `imaging.observe`
 COLOURLESS, COLOURED = np.log(3 + 4), np.log(8 + 4)  # an infrared reference, a frame in colour
 RELEARN_FRAMES = 100  # lit, coloured frames in a row that replace a provisional reference
 RELEARNT = "relearnt"  # the reason of the end that replaces a provisional reference
-
-
-@dataclass
-class Observation:
-    """One frame as the drift detector sees it."""
-    statistics: np.ndarray  # (4,) log brightness, contrast, sharpness, colourfulness
-    view: np.ndarray  # (2, 432) unit-norm, zero-mean intensity and edge thumbnails
-    tint: float = 0.0  # log colourfulness of a TINT_SIZE thumbnail, where pixel noise has averaged out
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    v = v.ravel() - v.mean()
-    return v / max(float(np.linalg.norm(v)), 1e-6)
-
-
-def observe(image: np.ndarray) -> Observation:
-    """A camera frame (BGR or grey uint8, any size) -> its imaging statistics and view."""
-    if image.ndim == 2:
-        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    h, w = image.shape[:2]
-    size = (WORK_WIDTH, max(1, round(h * WORK_WIDTH / w)))
-    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
-    mean, std = cv2.meanStdDev(grey)
-    sharpness = cv2.mean(cv2.convertScaleAbs(cv2.Laplacian(grey, cv2.CV_16S)))[0]
-    colour, tint = (_colourfulness(x) for x in (small, cv2.resize(small, TINT_SIZE, interpolation=cv2.INTER_AREA)))
-    statistics = np.log(np.array([mean[0, 0] + 1, std[0, 0] + 1, sharpness + 0.5, colour + 4]))
-    grey = grey.astype(np.float32)
-    edges = cv2.magnitude(cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1))
-    view = np.stack([_unit(cv2.resize(x, VIEW_SIZE, interpolation=cv2.INTER_AREA)) for x in (grey, edges)])
-    return Observation(statistics, view, float(np.log(tint + 4)))
-
-
-def _colourfulness(image: np.ndarray) -> float:
-    b, g, r = cv2.split(image.astype(np.int16))
-    return float(np.abs(r - g).mean() + np.abs(((r + g) >> 1) - b).mean())
+USUAL, APART, CONDITION = "usual", "apart", "condition"  # DriftDetector.fit
 
 
 @dataclass
@@ -160,36 +121,25 @@ class DriftDetector:
     def score(self) -> float:
         return float(np.abs(self.level).max())
 
-    def looks_usual(self, observation: Observation) -> bool:
-        """Whether this frame, unsmoothed, shows a known view at its usual statistics (every one within
-        `end_level` spreads). During an episode that says the condition has cleared on this very frame,
-        though the episode ends only once the smoothed score has stayed low for `end_frames`."""
-        z = self._distance(observation)
-        return z is not None and bool(np.abs(z).max() < self.end_level)
-
-    def in_condition(self, observation: Observation) -> bool:
-        """During an episode, whether this frame, unsmoothed, is nearer the episode's condition (the smoothed
-        distance) than the usual statistics: not a frame the condition is leaving (a dawn almost back at day)
-        or has turned into another (infrared giving way to a grey dawn) faster than the smoothing follows, nor
-        one that looks better than provisional usual statistics (colour after an infrared installation)."""
-        view = self._view(observation)
-        if not self.active or view is None:
-            return self.active
-        z = (observation.statistics - self.references[view]) / self.spread
-        return bool(np.linalg.norm(z - self.level) < np.linalg.norm(z)) and not self._looks_better(observation, view)
-
-    def _distance(self, observation: Observation) -> np.ndarray | None:
-        """The frame's signed distance from the usual statistics of the known view it shows, in spreads."""
-        view = self._view(observation)
-        return None if view is None else (observation.statistics - self.references[view]) / self.spread
-
-    def _view(self, observation: Observation) -> int | None:
-        """The known view this frame shows, once warm (without marking it seen: `_match` does that)."""
-        if self.spread is None or not len(self.views):
+    def fit(self, observation: Observation) -> str | None:
+        """During an episode, where this frame, unsmoothed, stands against the known view it shows (None outside
+        episodes). USUAL: every statistic within `end_level` spreads of the usual ones, the condition has cleared
+        on this very frame (the episode ends only once the smoothed score has stayed low for `end_frames`).
+        APART: nearer the usual statistics than the episode's smoothed distance (a dawn almost back at day,
+        infrared turned at once into a dim dawn, faster than the smoothing follows), or in colour where the
+        usual statistics are an infrared installation's. CONDITION otherwise, and for a frame of no known view."""
+        if not self.active:
             return None
         similarity = np.einsum("nkd,kd->nk", self.views, observation.view).max(1)
         view = int(np.argmax(similarity))
-        return view if similarity[view] >= self.view_similarity else None
+        if similarity[view] < self.view_similarity:
+            return CONDITION
+        z = (observation.statistics - self.references[view]) / self.spread
+        if np.abs(z).max() < self.end_level:
+            return USUAL
+        if np.linalg.norm(z - self.level) >= np.linalg.norm(z) or self._looks_better(observation, view):
+            return APART
+        return CONDITION
 
     def update(self, observation: Observation, frame: int, now: float | None = None,
                layer_z: np.ndarray | None = None) -> DriftEvent | None:

@@ -19,8 +19,9 @@ import numpy as np
 
 from .config import layout_problem
 from .contract import ContractError, ModelInfo, read_model_info
-from .drift import RELEARNT, DriftDetector, DriftEvent, Observation, observe
+from .drift import APART, RELEARNT, USUAL, DriftDetector, DriftEvent
 from .gate import AdaptationGate, CollapseGuard
+from .imaging import Observation, observe
 from .lame import CorrelationMonitor, Lame
 from .model.adaptive import AdaptiveModel, StepOutput
 from .model.anchor import CameraAnchor
@@ -213,11 +214,12 @@ class CameraPipeline:
             if self.counters.rejected[str(exc)] == 1:
                 log.warning("frame %d rejected: %s", frame.index, exc)
             return None
-        self.looks_usual = self.anchored and self.drift.looks_usual(observation)
+        fit = self.drift.fit(observation) if self.anchored else None
+        self.looks_usual = fit == USUAL
         strength = self.strength
         # a frame the anchor's condition does not fit (leaving it, or turned into another) is answered unadapted,
         # and measured adapted so that the condition's statistics follow it
-        leaving = strength > 0 and self.anchored and not self.drift.in_condition(observation)
+        leaving = strength > 0 and fit == APART
         out = self.session.step(image, strength=strength, update=self.learns, measure=leaving)
         unadapted = out if strength == 0 else None
         if leaving:

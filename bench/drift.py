@@ -13,7 +13,7 @@ implementation (`imagecorruptions`), abrupt at severities 2-5 or faded in over 5
 camera panning over scikit-image's photos, 20 to 150 frames a scene, with no change.
 
 The detector reads the camera frame, not the model's output (agent/drift.py), so both layouts
-raise the same alerts; frames go through agent.drift.observe exactly as CameraPipeline does, with
+raise the same alerts; frames go through agent.imaging.observe exactly as CameraPipeline does, with
 the config's defaults (agent.config.DriftConfig).
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ import cv2
 import numpy as np
 
 from agent.config import DriftConfig
-from agent.drift import DriftDetector, observe
+from agent.drift import DriftDetector
+from agent.imaging import observe
 from agent.samples import PHOTOS, photo_stream
 
 from .provenance import commit, machine

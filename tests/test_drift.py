@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.drift import RELEARN_FRAMES, RELEARNT, DriftDetector, observe
+from agent.drift import APART, CONDITION, RELEARN_FRAMES, RELEARNT, DriftDetector
+from agent.imaging import observe
 from agent.samples import photo, photo_stream
 
 
@@ -100,16 +101,16 @@ def test_a_frame_the_condition_has_turned_away_from_is_not_in_it():
     frames = list(hall(600, rng))
     dawn = [(t, np.clip(0.6 * f.astype(np.float32), 0, 255).astype(np.uint8)) for t, f in frames[400:500]]
     frames = frames[:200] + list(infrared(frames[200:400])) + dawn + frames[500:]
-    detector, inside = DriftDetector(), {}
+    detector, fit = DriftDetector(), {}
     for t, f in frames:
         observation = observe(f)
-        inside[t] = detector.in_condition(observation)
+        fit[t] = detector.fit(observation)
         detector.update(observation, t, now=float(t))
-    assert not any(inside[t] for t in range(100, 200))  # no episode
-    assert all(inside[t] for t in range(230, 400))  # a steady condition
-    assert not any(inside[t] for t in range(400, 406))  # infrared turned into a dim dawn at once
-    assert all(inside[t] for t in range(430, 500))  # followed
-    assert not any(inside[t] for t in range(501, 600) if detector.active)  # day again
+    assert not any(fit[t] for t in range(100, 200))  # no episode
+    assert all(fit[t] == CONDITION for t in range(230, 400))  # a steady condition
+    assert all(fit[t] == APART for t in range(400, 406))  # infrared turned into a dim dawn at once
+    assert all(fit[t] == CONDITION for t in range(430, 500))  # followed
+    assert not any(fit[t] == CONDITION for t in range(501, 600) if detector.active)  # day again
 
 
 def test_noise_on_a_grey_scene_does_not_replace_its_reference():
