@@ -34,11 +34,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from datetime import date
 from pathlib import Path
 
 import cv2
@@ -50,7 +48,7 @@ from agent.pipeline import build_pipeline
 from agent.samples import photo
 from agent.sources import Frame
 
-from .provenance import commit, machine
+from .provenance import measured
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
@@ -288,11 +286,10 @@ def _fired(runs: list[dict], condition: str, severity: int) -> int:
 
 
 def markdown(runs: list[dict], layouts: dict[str, Path], severities: list[int], minutes: float) -> str:
-    command = " ".join(["python -m bench.camera", *sys.argv[1:]])
     lines = ["# Camera benchmark: EfficientNet-Lite0 INT8, real photos, ImageNet-C", "",
-             f"`{command}` on {machine()}, commit {commit()}, {date.today().isoformat()}, "
-             f"{minutes:.0f} min. Default agent config (`advanced.adaptation.method: auto`, `lame: auto`, guard "
-             f"on). Every camera first ran {LEAD_IN} clean frames (a pan: one clean pass), checkpointed; each "
+             f"{measured('bench.camera', minutes)} Default agent config (`advanced.adaptation.method: auto`, "
+             f"`lame: auto`, guard on). Every camera first ran {LEAD_IN} clean frames (a pan: one clean pass), "
+             "checkpointed; each "
              "condition resumes from that. Labels: the FP32 model's top-1 on the clean frame. Accuracy in %, over the "
              f"{len(FIXED_VIEWS)} fixed cameras ({CONDITION_FRAMES} frames each) and the panning one "
              f"({len(PANS) * FRAMES_PER_VIEW} frames) in each condition; strength: the mean adaptation strength "

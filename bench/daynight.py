@@ -19,11 +19,9 @@ the drift episodes and the collapse guard's firings. Writes bench/results/daynig
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
-from datetime import date
 from pathlib import Path
 
 import cv2
@@ -34,7 +32,7 @@ from agent.sources import Frame
 
 from .camera import NIGHT, VARIANTS, _config, apply, clean_scenes
 from .footage import read_footage
-from .provenance import camera_arguments, camera_models, commit, gather, machine
+from .provenance import camera_arguments, camera_models, gather, measured
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = (("day", 150), ("corruption", 100), ("day after", 150), ("dusk", 100), ("infrared", 200), ("dawn", 100))
@@ -141,10 +139,9 @@ def _acc(rows: list[dict], key: str) -> float:
 
 
 def markdown(runs: list[dict], days: int, minutes: float) -> str:
-    command = " ".join(["python -m bench.daynight", *sys.argv[1:]])
     cameras = sorted({r["camera"] for r in runs}, key=lambda c: (c != "footage", c))
     lines = ["# Day and night: EfficientNet-Lite0 INT8, fixed cameras through compressed days", "",
-             f"`{command}` on {machine()}, commit {commit()}, {date.today().isoformat()}, {minutes:.0f} min. "
+             f"{measured('bench.daynight', minutes)} "
              f"Default agent config (folded layout, camera anchor, LAME auto, guard on). Cameras: {', '.join(cameras)} "
              "(footage: vtest.avi looped; numbers: bench.camera's fixed photo views). A day: "
              + ", ".join(f"{n} {k}" for n, k in PHASES) + f" frames; the corruption is {', '.join(CORRUPTIONS)} at "

@@ -17,10 +17,8 @@ Writes bench/results/footage.md and footage.json.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from datetime import date
 from pathlib import Path
 
 import cv2
@@ -30,7 +28,7 @@ from agent.pipeline import build_pipeline
 from agent.sources import Frame
 
 from .camera import AFTER_RETURN, CORRUPTIONS, _config, apply
-from .provenance import camera_arguments, camera_models, commit, gather, machine
+from .provenance import camera_arguments, camera_models, gather, measured
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VIDEO = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")
@@ -101,9 +99,8 @@ def _summary(gains: np.ndarray, k: int) -> str:
 
 
 def markdown(runs: list[dict], severities: list[int], minutes: float) -> str:
-    command = " ".join(["python -m bench.footage", *sys.argv[1:]])
     lines = ["# Real footage: EfficientNet-Lite0 INT8 on a fixed indoor camera (vtest.avi), conditions on and off", "",
-             f"`{command}` on {machine()}, commit {commit()}, {date.today().isoformat()}, {minutes:.0f} min. Default "
+             f"{measured('bench.footage', minutes)} Default "
              f"agent config (folded layout, camera anchor, LAME auto, guard on). Frames 0-{LEAD - 1} clean, "
              f"{LEAD}-{LEAD + CONDITION - 1} under the condition, then {TAIL} clean; people walk through the hall "
              "throughout. Labels: the FP32 model's top-1 on the clean frame. Accuracy in %, unadapted / answer; "

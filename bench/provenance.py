@@ -7,8 +7,10 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
+from datetime import date
 from pathlib import Path
 
 
@@ -58,3 +60,9 @@ def camera_models(args: argparse.Namespace) -> tuple[Path, Path]:
     for path in (model, fp32):
         read_model_info(path)
     return model, fp32
+
+
+def measured(module: str, minutes: float) -> str:
+    """A results file's first words: the command as it was run, the machine, the commit, the date, how long."""
+    command = " ".join([f"python -m {module}", *sys.argv[1:]])
+    return f"`{command}` on {machine()}, commit {commit()}, {date.today().isoformat()}, {minutes:.0f} min."
