@@ -7,6 +7,7 @@ what can change without a restart (LAME, drift, publishing, log level).
 """
 from __future__ import annotations
 
+import faulthandler
 import logging
 import queue
 import signal
@@ -33,6 +34,7 @@ from .sources import FileSource, LiveSource, SourceError, open_source
 from .spool import Spool
 
 FIRST_CONNECT_WAIT_S = 5.0
+STOP_REPORT_S = 8.0  # a stop still running after this long prints every thread's stack (to the journal)
 CLASS_MIN_INTERVAL_S = 1.0
 # SIGHUP applies everything but what start-up alone reads: the connection, the sources, the model session
 RESTART = ("device_id", "model", "cameras", "mqtt", "state", "http")
@@ -436,6 +438,7 @@ class Agent:
 
     def _shutdown(self) -> int:
         self.notifier.stopping()
+        faulthandler.dump_traceback_later(STOP_REPORT_S)
         log.info("stopping: saving state, flushing %d spooled alert(s)", len(self.spool))
         self._checkpoint()
         for camera in self.cameras:
@@ -449,6 +452,7 @@ class Agent:
         if self.endpoint:
             self.endpoint.stop()
         self.lock.release()
+        faulthandler.cancel_dump_traceback_later()
         return EXIT_OK
 
 

@@ -48,6 +48,7 @@ VERIFY_TIMEOUT_S = 10.0  # a publish not read back within this long is taken as 
 SHORT_CONNECTION_S = 10.0  # connections closed by the broker sooner than this after it accepted them...
 TAKEOVER_COUNT = 3  # ...this many times within TAKEOVER_WINDOW_S: another client has the same client id
 TAKEOVER_WINDOW_S = 60.0
+NETWORK_STOP_WAIT_S = 3.0  # paho's loop_stop joins its thread unbounded; a stop must not wait on it forever
 
 
 def utc(ts: float) -> str:
@@ -164,7 +165,12 @@ class MqttLink:
             except (RuntimeError, ValueError):
                 pass
             self.client.disconnect()
-        self.client.loop_stop()
+        stopper = threading.Thread(target=self.client.loop_stop, name="mqtt-stop", daemon=True)
+        stopper.start()
+        stopper.join(NETWORK_STOP_WAIT_S)
+        if stopper.is_alive():  # its thread is a daemon thread: the process still exits
+            log.warning("the MQTT network thread did not stop within %.0f s; leaving it behind",
+                        NETWORK_STOP_WAIT_S)
 
     def _flush(self, timeout: float) -> None:
         done = threading.Event()

@@ -167,6 +167,17 @@ def start_daemon(config: Path, env: dict | None = None, log: Path | None = None)
                             env=environment, stdout=out, stderr=subprocess.STDOUT)
 
 
+def stopped(daemon: subprocess.Popen, timeout: float) -> int | None:
+    """The daemon's exit code, or None (after killing it) if it is still running `timeout` seconds on, so that
+    the test can show its log rather than a TimeoutExpired."""
+    try:
+        return daemon.wait(timeout)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        daemon.wait()
+        return None
+
+
 class FailingGpuSession:
     """Stands in for a CUDA session that dies mid-run: no GPU exists on the CI machine, so this is a mock
     (everything around it, the fallback and the daemon, is real)."""

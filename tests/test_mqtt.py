@@ -13,7 +13,16 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from helpers import FailingGpuSession, Mosquitto, Subscriber, agent_config, fmnist_video, start_daemon, wait_for
+from helpers import (
+    FailingGpuSession,
+    Mosquitto,
+    Subscriber,
+    agent_config,
+    fmnist_video,
+    start_daemon,
+    stopped,
+    wait_for,
+)
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "agent" / "schemas"
 
@@ -155,7 +164,7 @@ def test_tls_with_password_connects_and_a_wrong_password_does_not(tmp_path, fmni
         daemon = start_daemon(config, log=log)
         assert wait_for(lambda: len(sub.payloads("prediction")) > 10, 60), log.read_text()[-2000:]
         daemon.terminate()
-        daemon.wait(10)
+        assert stopped(daemon, 15) == 0, log.read_text()[-6000:]  # a stuck stop dumps its stacks at 8 s
         assert "s3cret-pass" not in log.read_text()
         assert not any(b"s3cret-pass" in m[1] for m in sub.messages)
         sub.stop()
@@ -168,7 +177,7 @@ def test_tls_with_password_connects_and_a_wrong_password_does_not(tmp_path, fmni
         assert log.read_text().count("refused the connection") == 1, log.read_text()[-2000:]
         assert daemon.poll() is None  # keeps processing frames, and keeps trying
         daemon.terminate()
-        assert daemon.wait(10) == 0
+        assert stopped(daemon, 15) == 0, log.read_text()[-6000:]
     finally:
         broker.stop()
 
