@@ -162,7 +162,15 @@ class CameraPipeline:
 
     @property
     def lame_active(self) -> bool:
-        return self.lame_mode == "on" or (self.lame_mode == "auto" and self.correlation.correlated)
+        return self.lame_applies(self.strength)
+
+    def lame_applies(self, strength: float) -> bool:
+        """Whether LAME corrects a frame answered at `strength`. auto: while the answers come in runs, and on an
+        anchored camera only on adapted frames: its unadapted answers are the model's own, which LAME moved
+        below unadapted on clean real footage (bench/results/footage.md)."""
+        if self.lame_mode != "auto":
+            return self.lame_mode == "on"
+        return self.correlation.correlated and not (self.anchored and strength == 0)
 
     def process(self, frame: Frame) -> FrameResult | None:
         """None when the frame is rejected (counted by reason)."""
@@ -247,7 +255,7 @@ class CameraPipeline:
         self.counters.processed += 1
         result = FrameResult(frame.index, frame.captured, 0.0, adapted, adapted, raw, strength, None, False,
                              float(out.shift.mean()) if measured else None, self.drift.score, event)
-        return _Inferred(result, out.features, self.lame_active, start)
+        return _Inferred(result, out.features, self.lame_applies(strength), start)
 
     def _guard(self, index: int, strength: float, adapted: np.ndarray, raw: np.ndarray) -> None:
         """The collapse guard, fed on the unadapted cadence's frames alone: the same in the daemon and in replay."""

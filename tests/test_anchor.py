@@ -104,6 +104,9 @@ def test_a_fixed_camera_is_anchored_while_its_condition_lasts_only(fmnist_folded
     during = [r for r in results if starts[0] + 10 < r.frame <= ends[0]]
     moved = [float(np.abs(r.adapted - r.raw).max()) for r in during if r.raw is not None]
     assert moved and max(moved) > 1e-3  # the anchored answer is not the unadapted one
+    lame = np.array([r.lame_applied for r in results])
+    assert lame[strength > 0].mean() > 0.5  # the condition's answers come in runs: LAME corrects them
+    assert not lame[strength == 0].any()  # the unadapted answers are the model's own
 
 
 def test_a_camera_that_pans_is_not_anchored(fmnist_folded, tmp_path):
