@@ -359,9 +359,9 @@ class Agent:
         try:
             for camera in self.cameras if info and not problems else ():
                 pipeline = build_pipeline(self.config, open_camera_session(self.config, info))
-                carried = camera.pipeline.drift.state()  # imaging statistics: they do not depend on the model
-                if carried is not None:
-                    pipeline.drift.restore(carried)
+                carried = camera.pipeline.drift.state()
+                if carried is not None:  # the imaging statistics do not depend on the model; the layers' departure does
+                    pipeline.drift.restore({**carried, "departure": None, "by_features": False})
                 pipeline.set_adaptation(camera.pipeline.adaptation)
                 pipeline.lame_mode = camera.pipeline.lame_mode if pipeline.lame else "off"
                 pipelines.append(pipeline)

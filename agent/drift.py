@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .departure import DepartureWatch
 from .imaging import STATISTICS, VIEW_SIZE, Observation
 
 # the words a subscriber reads for a statistic that fell (-1) or rose (+1)
@@ -49,6 +50,7 @@ COLOURLESS, COLOURED = np.log(3 + 4), np.log(8 + 4)  # an infrared reference, a 
 RELEARN_FRAMES = 100  # lit, coloured frames in a row that replace a provisional reference
 RELEARNT = "relearnt"  # the reason of the end that replaces a provisional reference
 USUAL, APART, CONDITION = "usual", "apart", "condition"  # DriftDetector.fit
+FEATURES = "model features"  # the condition word of an episode only the model's layers show (agent/departure.py)
 
 
 @dataclass
@@ -96,6 +98,8 @@ class DriftDetector:
         self._calm = self._since_update = self._differs = self._frames = self._better = 0
         self._layer_z: np.ndarray | None = None
         self._relearning = False  # this warm-up follows a relearn: robust to a condition that comes during it
+        self.departure = DepartureWatch(self.threshold)
+        self.by_features = False  # the open episode is one only the model's layers showed: their departure ends it
 
     @property
     def active(self) -> bool:
@@ -119,6 +123,11 @@ class DriftDetector:
 
     @property
     def score(self) -> float:
+        """The largest smoothed statistic distance, or the layers' departure in an episode they opened."""
+        return max(self.score_imaging, self.departure.score) if self.by_features else self.score_imaging
+
+    @property
+    def score_imaging(self) -> float:
         return float(np.abs(self.level).max())
 
     def fit(self, observation: Observation) -> str | None:
@@ -136,17 +145,22 @@ class DriftDetector:
             return CONDITION
         z = (observation.statistics - self.references[view]) / self.spread
         if np.abs(z).max() < self.end_level:
-            return USUAL
+            if not self.by_features or self.departure.score < self.end_level:
+                return USUAL
+            # the layers have not been measured back yet: leaving, if the imaging statistics had seen the condition
+            return APART if self.score_imaging >= self.end_level else CONDITION
         if np.linalg.norm(z - self.level) >= np.linalg.norm(z) or self._looks_better(observation, view):
             return APART
         return CONDITION
 
     def update(self, observation: Observation, frame: int, now: float | None = None,
-               layer_z: np.ndarray | None = None) -> DriftEvent | None:
-        """One frame; `layer_z` is the model's per-layer shift on it, when measured (for the payload)."""
+               layer_z: np.ndarray | None = None, departure: np.ndarray | None = None) -> DriftEvent | None:
+        """One frame; `layer_z` is the model's per-layer shift on it, when measured (for the payload), `departure`
+        the per-layer KL of its unadapted statistics from the camera's usual ones, when measured."""
         self._frames += 1
         if layer_z is not None:
             self._layer_z = np.asarray(layer_z, np.float64)
+        self.measure(departure)
         if self.spread is None:
             self._warm_up(observation)
             return None
@@ -160,8 +174,12 @@ class DriftDetector:
         now = time.time() if now is None else now
         if self.episode is None:
             self._follow(view, observation)
-            if self.score > self.threshold:
+            features = self.score <= self.threshold and self.departure.changed
+            if self.score > self.threshold or features:
                 self.episode = uuid.uuid4().hex[:12]
+                self.by_features = features
+                if not features:
+                    self.departure.forget_score()
                 self.condition = self._condition()
                 self._calm = self._since_update = self._differs = self._better = 0
                 return self._event("start", "changed", frame, now)
@@ -170,7 +188,7 @@ class DriftDetector:
         self._calm = self._calm + 1 if self.score < self.end_level else 0
         if self._calm >= self.end_frames:
             event = self._event("end", "cleared", frame, now)
-            self.episode, self.condition = None, []
+            self.episode, self.condition, self.by_features = None, [], False
             return event
         self._better = self._better + 1 if self._looks_better(observation, view) else 0
         if self._better >= RELEARN_FRAMES:
@@ -187,6 +205,11 @@ class DriftDetector:
             self._since_update = 0
             return self._event("update", "periodic", frame, now)
         return None
+
+    def measure(self, departure: np.ndarray | None) -> None:
+        """The model layers' departure from the camera's usual, when a frame measured it unadapted."""
+        if departure is not None:
+            self.departure.measure(departure, learn=self.episode is None)
 
     def _warm_up(self, observation: Observation) -> None:
         """Warm-up frames are taken as clean: each joins the view it shows (or starts one); the spread
@@ -266,9 +289,10 @@ class DriftDetector:
         return len(self.views) - 1
 
     def _condition(self) -> list[str]:
-        order = np.argsort(-np.abs(self.level))
-        return [DIRECTIONS[STATISTICS[i], 1 if self.level[i] > 0 else -1] for i in order
-                if abs(self.level[i]) >= self.end_level]
+        scored = [(abs(v), DIRECTIONS[s, 1 if v > 0 else -1]) for s, v in zip(STATISTICS, self.level)]
+        if self.by_features:
+            scored.append((self.departure.score, FEATURES))
+        return [word for value, word in sorted(scored, key=lambda x: -x[0]) if value >= self.end_level]
 
     def _event(self, kind: str, reason: str, frame: int, now: float) -> DriftEvent:
         top = []
@@ -285,13 +309,17 @@ class DriftDetector:
             return None
         return {"views": np.round(self.views, 4).tolist(), "references": self.references.tolist(),
                 "spread": self.spread.tolist(), "level": self.level.tolist(), "episode": self.episode,
-                "condition": self.condition, "warmup_views": self.warmup_views}
+                "condition": self.condition, "warmup_views": self.warmup_views,
+                "departure": self.departure.state(), "by_features": self.by_features}
 
     def restore(self, state: dict) -> None:
         """Go on from `state()`; a state that does not fit this detector (another version's, a damaged one)
         raises ValueError naming what is wrong, and leaves the detector as it was."""
         views, references, spread, level = _checked(state)
+        departure = DepartureWatch(self.threshold)
+        departure.restore(state.get("departure"))  # absent from an earlier version's state: learnt again
         self.reset()
+        self.departure, self.by_features = departure, bool(state.get("by_features", False))
         self.views, self.references, self.spread, self.level = views, references, spread, level
         self._weights, self._used = np.full(len(self.views), 1 / FOLLOW), np.zeros(len(self.views))
         self._memory = np.full(len(self.views), np.inf)

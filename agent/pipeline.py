@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import layout_problem
 from .contract import ContractError, ModelInfo, read_model_info
-from .drift import APART, RELEARNT, USUAL, DriftDetector, DriftEvent
+from .drift import APART, CONDITION, RELEARNT, USUAL, DriftDetector, DriftEvent
 from .gate import AdaptationGate, CollapseGuard
 from .imaging import Observation, observe
 from .lame import CorrelationMonitor, Lame
@@ -34,6 +34,7 @@ from .vocabulary import ADAPTATION_MODES, LAME_MODES
 if TYPE_CHECKING:
     from .config import Config
 
+PROBE_EVERY = 11  # frames: how often an episode only the model's layers showed measures them unadapted
 log = logging.getLogger(__name__)
 
 
@@ -223,15 +224,26 @@ class CameraPipeline:
                 log.warning("frame %d rejected: %s", frame.index, exc)
             return None
         fit = self.drift.fit(observation) if self.anchored else None
+        probe = None
+        if self.anchored and self.drift.by_features and (fit == APART or fit == CONDITION
+                                                         and frame.index % PROBE_EVERY == 0):
+            # an episode only the model's layers showed ends when they do: an unadapted pass measures them, at once
+            # on a frame that looks back to the usual
+            probe = self.session.step(image, strength=0.0, update=False, measure=True)
+            self.drift.measure(probe.departure)
+            fit = self.drift.fit(observation)
         self.looks_usual = fit == USUAL
         strength = self.strength
         # a frame the anchor's condition does not fit (leaving it, or turned into another) is answered unadapted,
         # and measured adapted so that the condition's statistics follow it
         leaving = strength > 0 and fit == APART
-        out = self.session.step(image, strength=strength, update=self.learns, measure=leaving)
-        unadapted = out if strength == 0 else None
+        if strength == 0 and probe is not None:
+            out = probe
+        else:
+            out = self.session.step(image, strength=strength, update=self.learns, measure=leaving)
+        unadapted = out if strength == 0 else probe
         if leaving:
-            unadapted = self.session.step(image, strength=0.0, update=False)
+            unadapted = probe or self.session.step(image, strength=0.0, update=False)
             out, strength = StepOutput(unadapted.logits, unadapted.features, out.shift), 0.0
         adapted = softmax(out.logits)
         gate_shadow = self.gate is not None and self.gate.needs_shadow(frame.index)
@@ -247,7 +259,8 @@ class CameraPipeline:
         self.correlation.update(int(np.argmax(adapted)))
         measured = out.shift is not None
         event = self.drift.update(observation, frame.index, frame.captured,
-                                  self._layer_z(out.shift) if measured else None)
+                                  self._layer_z(out.shift) if measured else None,
+                                  None if out is probe else out.departure)
         if event is not None and event.reason == RELEARNT:
             log.warning("frame %d: this camera's usual conditions were learnt in infrared and it now sees colour; "
                         "learning them again from the frames that follow", frame.index)

@@ -25,7 +25,7 @@ def _export(tmp_path_factory, name: str, *extra: str) -> dict[str, Path]:
 
 
 SYSTEM_MODULES = {"test_demo", "test_faults", "test_mqtt", "test_operations", "test_unattended"}
-MODEL_FIXTURES = {"effnet", "fmnist", "fmnist_folded", "effnet_faithful", "fmnist_faithful"}
+MODEL_FIXTURES = {"effnet", "effnet_folded", "fmnist", "fmnist_folded", "effnet_faithful", "fmnist_faithful"}
 
 
 def pytest_collection_modifyitems(items):
@@ -52,6 +52,12 @@ def broker(tmp_path):
 def effnet(tmp_path_factory) -> dict[str, Path]:
     """EfficientNet-Lite0 with its real ImageNet weights, FP32 and INT8, graph layout."""
     return _export(tmp_path_factory, "efficientnet-lite0", "--layout", "graph")
+
+
+@pytest.fixture(scope="session")
+def effnet_folded(tmp_path_factory) -> dict[str, Path]:
+    """EfficientNet-Lite0 with its real ImageNet weights, folded layout (the camera anchor's)."""
+    return _export(tmp_path_factory, "efficientnet-lite0-folded")
 
 
 @pytest.fixture(scope="session")

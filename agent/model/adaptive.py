@@ -17,6 +17,8 @@ class StepOutput:
     logits: np.ndarray  # (classes,)
     features: np.ndarray  # (D,)
     shift: np.ndarray | None  # (layers,); None on a frame that measured no statistics (FoldedSession)
+    # (layers,) an unadapted measured frame's KL from the camera's usual statistics (the camera anchor's reference)
+    departure: np.ndarray | None = None
 
 
 @runtime_checkable

@@ -83,6 +83,10 @@ class CameraAnchor(LayerStatistics):
             target += weight * (x - target)
         self.current_frames += frames
 
+    def departure(self, mu: np.ndarray, var_x: np.ndarray) -> np.ndarray | None:
+        """Per layer, how far a frame's unadapted statistics are from the reference (agent/departure.py)."""
+        return self.divergence(mu, var_x, *self.reference) if self.learned else None
+
     def statistics(self, mu: np.ndarray | None = None, var_x: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
         """The source statistics moved by the change from the reference to the current statistics."""

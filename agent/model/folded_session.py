@@ -123,10 +123,10 @@ class FoldedSession(OnnxSession):
             self._run_or_fall_back(lambda: self._run_graph(image, *normalisation))
         else:
             self._run_or_fall_back(lambda: self._run_bake(image, bake))
-        shift = self._learn(strength, normalisation, update, frames) if frames else None
+        shift, departure = self._learn(strength, normalisation, update, frames) if frames else (None, None)
         self.frames += adapted and update
         out = self._outputs
-        return StepOutput(out[contract.LOGITS][0].copy(), out[contract.FEATURES][0].copy(), shift)
+        return StepOutput(out[contract.LOGITS][0].copy(), out[contract.FEATURES][0].copy(), shift, departure)
 
     def _normalisation(self, strength: float) -> tuple[np.ndarray, np.ndarray]:
         """Kept until the learner or the instance term change."""
@@ -163,13 +163,14 @@ class FoldedSession(OnnxSession):
         return float(self.learner.divergence(*a, *b).mean())
 
     def _learn(self, strength: float, normalisation: tuple[np.ndarray, np.ndarray], update: bool, frames: int
-               ) -> np.ndarray:
+               ) -> tuple[np.ndarray, np.ndarray | None]:
         """A measured frame's statistics: the instance term, and the learner's update. Unadapted ones teach
-        the camera anchor its reference."""
+        the camera anchor its reference, after their departure from it is taken."""
         stats = self._outputs[contract.STATS]
         mu, var_x = stats[0].copy(), stats[1].copy()
         self._last, self._normalised = (mu, var_x), None
         anchored = isinstance(self.learner, CameraAnchor)
+        departure = self.learner.departure(mu, var_x) if anchored and strength == 0 else None
         if update and (strength > 0 or anchored):
             # each anchored measurement moves its current statistics by the same share, whatever it stands for:
             # once settled they average over more frames, as noisy as while following
@@ -180,7 +181,7 @@ class FoldedSession(OnnxSession):
             from_bake = float("inf") if bake is None else self._divergence(moved_to, (bake.mean, bake.var))
             self._stale = from_bake > self.rebake_divergence
             self.cadence.moved(self._divergence(moved_to, normalisation), from_bake)
-        return self.learner.shift(mu, var_x)
+        return self.learner.shift(mu, var_x), departure
 
     def _run_graph(self, image: np.ndarray, mean: np.ndarray, var: np.ndarray) -> None:
         binding = self.session.io_binding()
