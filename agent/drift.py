@@ -18,6 +18,10 @@ scored, and `view_frames` such frames in a row that agree with each other (a pan
 next scene) become a new view with their own statistics instead of raising an alert. While an
 episode is open no new view is learnt.
 
+With the camera anchor the model's own layers are read too (agent/departure.py): a frame's departure from
+the camera's usual layer statistics opens an episode the imaging statistics miss (compression, pixelation),
+named `model features`, which ends when the departure does.
+
 A camera installed at night in infrared learns the infrared picture as its usual conditions. Its
 reference is provisional while it is colourless: an episode whose frames are coloured region by
 region (sensor noise colours a grey scene pixel by pixel only) `RELEARN_FRAMES` frames in a row
