@@ -129,10 +129,6 @@ def fmnist_video(path: Path, segments: list[tuple[str, int]], fps: float = 50.0,
                 x = x + rng.normal(0, 70, x.shape)
             elif condition == "dark":
                 x = 0.3 * x + 40
-            elif condition.startswith("pixelate"):  # pixelate-N: blocks of N pixels (on the shelf's 112)
-                n = int(condition.split("-")[1])
-                small = cv2.resize(x.astype(np.float32), (112 // n, 112 // n), interpolation=cv2.INTER_AREA)
-                x = cv2.resize(small, (112, 112), interpolation=cv2.INTER_NEAREST)
             frame = cv2.resize(np.clip(x, 0, 255).astype(np.uint8), (size, size), interpolation=cv2.INTER_AREA)
             writer.write(cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))
             conditions.append(condition)
