@@ -142,6 +142,16 @@ def _reference():
         return gaussian(x, sigma=sigma, **kw)
 
     reference.gaussian = gaussian_multichannel
+    from skimage import util
+
+    unseeded = getattr(util.random_noise, "unseeded", util.random_noise)
+
+    def random_noise(image, rng=None, **kw):
+        # impulse noise draws from a fresh unseeded generator: seeded from numpy's global one, a run repeats
+        return unseeded(image, rng=np.random.randint(2 ** 31) if rng is None else rng, **kw)
+
+    random_noise.unseeded = unseeded
+    util.random_noise = random_noise
     from imagecorruptions import corrupt
 
     return corrupt
