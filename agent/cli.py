@@ -6,6 +6,7 @@ or the config schema are loaded, so a reload or stop sent while the daemon start
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
@@ -174,6 +175,7 @@ def run(config: Path) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: reload.set())
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1`: every thread's stack to the log, for a daemon that hangs
     try:
         from .daemon import run_daemon
 

@@ -173,6 +173,8 @@ def stopped(daemon: subprocess.Popen, timeout: float) -> int | None:
     try:
         return daemon.wait(timeout)
     except subprocess.TimeoutExpired:
+        daemon.send_signal(signal.SIGUSR1)  # its threads' stacks, into the log the test shows
+        time.sleep(1)
         daemon.kill()
         daemon.wait()
         return None
