@@ -10,7 +10,6 @@ import faulthandler
 import logging
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from .exits import EXIT_CONFIG, EXIT_DAMAGED_INPUT, EXIT_FAILURE
@@ -171,10 +170,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(config: Path) -> int:
     """The daemon. Signals are taken up before anything heavy is imported, then handed to the loop."""
-    stop, reload = threading.Event(), threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: reload.set())
+    from .flag import SignalFlag
+
+    stop, reload = SignalFlag(), SignalFlag()
+    signal.signal(signal.SIGTERM, stop.set)
+    signal.signal(signal.SIGINT, stop.set)
+    signal.signal(signal.SIGHUP, reload.set)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1`: every thread's stack to the log, for a daemon that hangs
     try:
         from .daemon import run_daemon

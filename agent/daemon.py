@@ -11,7 +11,6 @@ import faulthandler
 import logging
 import queue
 import signal
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from .contract import ContractError, ModelInfo, read_model_info
 from .drift import DriftEvent
 from .exits import EXIT_FAILURE, EXIT_OK
 from .files import FolderInUse, FolderLock, WriteTrouble
+from .flag import SignalFlag
 from .mqtt import PAHO_LOGGER, SCHEMA_VERSION, Command, MqttLink, utc
 from .persistence import StateFolder
 from .pipeline import CameraPipeline, FrameResult, build_pipeline, open_camera_session
@@ -114,13 +114,13 @@ def _reloadable(old: Config, new: Config) -> tuple[Config, list[str]]:
 class Agent:
     def __init__(self, config: Config, config_path: Path | None = None, broker: tuple[str, int] | None = None,
                  sinks: list[Callable[[str, FrameResult], None]] | None = None, info: ModelInfo | None = None,
-                 stop: threading.Event | None = None, reload: threading.Event | None = None):
+                 stop: SignalFlag | None = None, reload: SignalFlag | None = None):
         self.config = config
         self.config_path = config_path
         self.sinks = sinks or []
         self.notifier = Notifier()
-        self._stop = stop or threading.Event()
-        self._reload = reload or threading.Event()
+        self._stop = stop or SignalFlag()  # set by signal handlers: no lock (agent/flag.py)
+        self._reload = reload or SignalFlag()
         self.started = time.time()
         self.commands: queue.Queue[Command] = queue.Queue(maxsize=100)
         state_dir = config.state.dir
@@ -471,7 +471,7 @@ def set_log_level(level: str) -> None:
     logging.getLogger(PAHO_LOGGER).setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL + 1)
 
 
-def run_daemon(config_path: Path, stop: threading.Event, reload: threading.Event) -> int:
+def run_daemon(config_path: Path, stop: SignalFlag, reload: SignalFlag) -> int:
     """`tta-agent run`: `stop` and `reload` are set by the signal handlers the command line installed first."""
     config = load_config(config_path)
     set_log_level(config.log_level)
