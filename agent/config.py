@@ -114,8 +114,9 @@ class AdvancedAdaptationConfig(Section):
 
 
 class LameConfig(Section):
-    mode: Literal[LAME_MODES] = Field("auto", description="LAME output correction; auto: only while "
-                                                                  "predictions come in runs (label-correlated)")
+    mode: Literal[LAME_MODES] = Field("auto", description="LAME output correction; auto: while predictions "
+                                                                  "come in runs (label-correlated), on a fixed "
+                                                                  "camera only for the frames it adapts")
     _switch = field_validator("mode", mode="before")(_yaml_switch)
 
 
