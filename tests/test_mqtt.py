@@ -110,8 +110,12 @@ def test_every_alert_arrives_in_order_across_a_broker_outage(tmp_path, broker, f
 def test_sigterm_publishes_offline_saves_state_and_exits_quickly(tmp_path, broker, fmnist, drift_video, figures):
     sub = Subscriber(broker.port, "tta/#")
     config = agent_config(tmp_path, fmnist["int8"], drift_video, broker.port, advanced__state__checkpoint_every_s=3600)
-    daemon = start_daemon(config)
+    log = tmp_path / "agent.log"
+    daemon = start_daemon(config, log=log)
     assert wait_for(lambda: len(sub.payloads("prediction")) > 20, 60)
+    daemon.send_signal(signal.SIGUSR1)  # every thread's stack to the log, and the daemon goes on
+    assert wait_for(lambda: "most recent call first" in log.read_text(), 10), log.read_text()[-2000:]
+    assert daemon.poll() is None
     started = time.monotonic()
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(10) == 0
